@@ -1,0 +1,346 @@
+//! LoRA adapters in PEFT's format: which modules they target, how they are initialised, and
+//! reading/writing `adapter_config.json` + `adapter_model.safetensors` exactly as PEFT does.
+use crate::error::{Error, Result};
+use crate::model::decoder::{Decoder, LoraWeights};
+use crate::model::weights::{write_atomic, write_safetensors, OwnedView, SafetensorsFile};
+use crate::rng::Rng;
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// Which modules get an adapter, with PEFT's matching rules.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// a list of module names: a module matches when its path equals a name or ends with `.name`;
+    /// the single entry "all-linear" means every linear layer except the output head
+    Names(Vec<String>),
+    /// a regular expression that must match the whole module path
+    Regex(String),
+}
+
+impl TargetModules {
+    pub fn matches(&self, module_path: &str) -> Result<bool> {
+        match self {
+            TargetModules::Names(names) => Ok(names.iter().any(|n| {
+                n == "all-linear" || module_path == n || module_path.ends_with(&format!(".{n}"))
+            })),
+            TargetModules::Regex(re) => {
+                let anchored = format!("^(?:{re})$");
+                let r = regex::Regex::new(&anchored)
+                    .map_err(|e| Error::InvalidArgument(format!("target_modules regex '{re}': {e}")))?;
+                Ok(r.is_match(module_path))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub dropout: f64,
+    pub target_modules: TargetModules,
+    /// restrict to these decoder layers (PEFT `layers_to_transform`)
+    #[serde(default)]
+    pub layers: Option<Vec<usize>>,
+}
+
+impl LoraConfig {
+    pub fn scale_for_rank(&self, r: usize) -> f64 {
+        if self.use_rslora {
+            self.alpha / (r as f64).sqrt()
+        } else {
+            self.alpha / r as f64
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::InvalidArgument("LoRA rank r must be ≥ 1".into()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::InvalidArgument(format!("LoRA dropout must be in [0, 1), got {}", self.dropout)));
+        }
+        if !self.alpha.is_finite() {
+            return Err(Error::InvalidArgument("LoRA alpha must be finite".into()));
+        }
+        Ok(())
+    }
+
+    fn targets(&self, module_path: &str) -> Result<bool> {
+        if let Some(layers) = &self.layers {
+            match layer_index(module_path) {
+                Some(i) if layers.contains(&i) => {}
+                _ => return Ok(false),
+            }
+        }
+        self.target_modules.matches(module_path)
+    }
+}
+
+/// `model.layers.3.self_attn.q_proj` → 3
+fn layer_index(module_path: &str) -> Option<usize> {
+    let parts: Vec<&str> = module_path.split('.').collect();
+    parts
+        .windows(2)
+        .find(|w| matches!(w[0], "layers" | "h") && w[1].parse::<usize>().is_ok())
+        .and_then(|w| w[1].parse().ok())
+}
+
+/// PEFT's name of a LoRA weight in `adapter_model.safetensors`.
+pub fn peft_name(module_path: &str, which: char) -> String {
+    format!("base_model.model.{module_path}.lora_{which}.weight")
+}
+
+/// Add freshly initialised adapters as PEFT does: A ~ U(±1/√in) (kaiming-uniform with a=√5),
+/// B = 0, so the adapted model starts equal to the base model. Returns how many modules got one.
+pub fn attach_lora(model: &mut Decoder, cfg: &LoraConfig, rng: &mut Rng) -> Result<usize> {
+    cfg.validate()?;
+    let mut count = 0;
+    let available: Vec<String> = model.linears().iter().map(|l| l.short_name().to_string()).collect();
+    for lin in model.linears_mut() {
+        if !cfg.targets(&lin.name)? {
+            continue;
+        }
+        let (out, inp) = (lin.out_features(), lin.in_features());
+        let bound = 1.0 / (inp as f64).sqrt();
+        let a: Vec<f32> = (0..cfg.r * inp).map(|_| rng.uniform(-bound, bound) as f32).collect();
+        let dev = lin.weight.device().clone();
+        lin.lora = Some(LoraWeights {
+            a: Var::from_tensor(&Tensor::from_vec(a, (cfg.r, inp), &dev)?)?,
+            b: Var::from_tensor(&Tensor::zeros((out, cfg.r), DType::F32, &dev)?)?,
+            scale: cfg.scale_for_rank(cfg.r),
+            dropout: cfg.dropout,
+        });
+        count += 1;
+    }
+    if count == 0 {
+        let mut names = available;
+        names.sort();
+        names.dedup();
+        return Err(Error::InvalidArgument(format!(
+            "LoRA target_modules {:?} match no module of this model; available: {}",
+            cfg.target_modules,
+            names.join(", ")
+        )));
+    }
+    Ok(count)
+}
+
+/// Remove every adapter.
+pub fn detach_lora(model: &mut Decoder) {
+    for lin in model.linears_mut() {
+        lin.lora = None;
+    }
+}
+
+/// The trainable tensors under their PEFT names (A then B per module, model order).
+pub fn lora_vars(model: &Decoder) -> Vec<(String, Var)> {
+    let mut out = Vec::new();
+    for lin in model.linears() {
+        if let Some(l) = &lin.lora {
+            out.push((peft_name(&lin.name, 'A'), l.a.clone()));
+            out.push((peft_name(&lin.name, 'B'), l.b.clone()));
+        }
+    }
+    out
+}
+
+/// Read a PEFT adapter directory and attach it to `model`. Returns the adapter's config.
+pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
+    let cfg_path = dir.join("adapter_config.json");
+    if !cfg_path.exists() {
+        return Err(Error::adapter(&cfg_path, "missing: an adapter directory needs adapter_config.json"));
+    }
+    let raw: Value = crate::error::read_json(&cfg_path)?;
+    let cfg = config_from_peft(&raw, &cfg_path)?;
+    let st_path = dir.join("adapter_model.safetensors");
+    if !st_path.exists() {
+        let hint = if dir.join("adapter_model.bin").exists() {
+            " (only adapter_model.bin was found; pickle files are not read — convert it with PEFT's save_pretrained(safe_serialization=True))"
+        } else {
+            ""
+        };
+        return Err(Error::adapter(&st_path, format!("missing{hint}")));
+    }
+    let file = SafetensorsFile::open(&st_path)?;
+    // Accept names with or without PEFT's adapter name ("default") inserted.
+    let normalise = |n: &str| n.replace(".lora_A.default.weight", ".lora_A.weight").replace(".lora_B.default.weight", ".lora_B.weight");
+    let mut by_name = std::collections::HashMap::new();
+    for n in file.names() {
+        by_name.insert(normalise(n), n.clone());
+    }
+    let model_modules: Vec<String> = model.linears().iter().map(|l| l.name.clone()).collect();
+    let mut used = 0usize;
+    for lin in model.linears_mut() {
+        let a_name = peft_name(&lin.name, 'A');
+        let b_name = peft_name(&lin.name, 'B');
+        let (a_key, b_key) = (by_name.get(&a_name), by_name.get(&b_name));
+        match (a_key, b_key) {
+            (None, None) => continue,
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(Error::adapter(&st_path, format!("module '{}' has only one of lora_A / lora_B", lin.name)));
+            }
+            (Some(ak), Some(bk)) => {
+                let a = read_f32(&file, ak, &st_path)?;
+                let b = read_f32(&file, bk, &st_path)?;
+                let (ra, ina) = a.dims2()?;
+                let (outb, rb) = b.dims2()?;
+                if ina != lin.in_features() || outb != lin.out_features() || ra != rb {
+                    return Err(Error::adapter(
+                        &st_path,
+                        format!(
+                            "module '{}': lora_A is {:?} and lora_B is {:?}, but the base layer is {} → {} (expected A [r, {}] and B [{}, r])",
+                            lin.name,
+                            a.dims(),
+                            b.dims(),
+                            lin.in_features(),
+                            lin.out_features(),
+                            lin.in_features(),
+                            lin.out_features()
+                        ),
+                    ));
+                }
+                let dev = lin.weight.device().clone();
+                lin.lora = Some(LoraWeights {
+                    a: Var::from_tensor(&a.to_device(&dev)?)?,
+                    b: Var::from_tensor(&b.to_device(&dev)?)?,
+                    scale: cfg.scale_for_rank(ra),
+                    dropout: cfg.dropout,
+                });
+                used += 2;
+            }
+        }
+    }
+    let total = by_name.len();
+    if used != total {
+        let unknown: Vec<&String> = by_name
+            .keys()
+            .filter(|n| !model_modules.iter().any(|m| **n == peft_name(m, 'A') || **n == peft_name(m, 'B')))
+            .take(5)
+            .collect();
+        return Err(Error::adapter(
+            &st_path,
+            format!("{} tensors name modules the base model does not have, e.g. {:?}", total - used, unknown),
+        ));
+    }
+    if used == 0 {
+        return Err(Error::adapter(&st_path, "contains no LoRA weights"));
+    }
+    Ok(cfg)
+}
+
+fn read_f32(file: &SafetensorsFile, name: &str, path: &Path) -> Result<Tensor> {
+    let info = file.info(name).ok_or_else(|| Error::MissingWeight {
+        name: name.into(),
+        path: path.into(),
+    })?;
+    let bytes = file.bytes(name).ok_or_else(|| Error::Safetensors {
+        path: path.into(),
+        msg: format!("data of '{name}' lies outside the file"),
+    })?;
+    if info.shape.len() != 2 {
+        return Err(Error::adapter(path, format!("'{name}' must be a matrix, has shape {:?}", info.shape)));
+    }
+    Ok(crate::model::weights::bytes_to_tensor(info.dtype, &info.shape, bytes, path, name)?.to_dtype(DType::F32)?)
+}
+
+/// Parse PEFT's adapter_config.json into our config, rejecting what we cannot honour.
+pub fn config_from_peft(raw: &Value, path: &Path) -> Result<LoraConfig> {
+    let obj = raw.as_object().ok_or_else(|| Error::adapter(path, "must be a JSON object"))?;
+    let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
+    match get("peft_type").and_then(Value::as_str) {
+        Some("LORA") | None => {}
+        Some(other) => return Err(Error::adapter(path, format!("peft_type '{other}' is not supported (only LORA)"))),
+    }
+    if get("use_dora").and_then(Value::as_bool) == Some(true) {
+        return Err(Error::adapter(path, "DoRA adapters (use_dora = true) are not supported"));
+    }
+    if let Some(b) = get("bias").and_then(Value::as_str) {
+        if b != "none" {
+            return Err(Error::adapter(path, format!("bias = '{b}' is not supported (only 'none')")));
+        }
+    }
+    if get("modules_to_save").is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
+        return Err(Error::adapter(path, "modules_to_save is not supported"));
+    }
+    if get("alpha_pattern").and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+        return Err(Error::adapter(path, "alpha_pattern is not supported"));
+    }
+    let r = get("r")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| Error::adapter(path, "missing or invalid 'r'"))? as usize;
+    let alpha = get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+    let target_modules = match get("target_modules") {
+        Some(Value::String(s)) if s == "all-linear" => TargetModules::Names(vec!["all-linear".into()]),
+        Some(Value::String(s)) => TargetModules::Regex(s.clone()),
+        Some(Value::Array(a)) => TargetModules::Names(a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()),
+        _ => return Err(Error::adapter(path, "missing or invalid 'target_modules'")),
+    };
+    let layers = match get("layers_to_transform") {
+        None => None,
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as usize]),
+        Some(Value::Array(a)) => Some(a.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect()),
+        Some(v) => return Err(Error::adapter(path, format!("invalid layers_to_transform {v}"))),
+    };
+    Ok(LoraConfig {
+        r,
+        alpha,
+        use_rslora: get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+        dropout: get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+        target_modules,
+        layers,
+    })
+}
+
+/// adapter_config.json as PEFT writes it.
+pub fn config_to_peft(cfg: &LoraConfig, model: &Decoder, base_model_name: Option<&str>) -> Value {
+    let target = match &cfg.target_modules {
+        TargetModules::Names(n) if n.len() == 1 && n[0] == "all-linear" => json!("all-linear"),
+        TargetModules::Names(n) => json!(n),
+        TargetModules::Regex(r) => json!(r),
+    };
+    let fan_in_fan_out = model.linears().iter().any(|l| l.lora.is_some() && l.conv1d);
+    json!({
+        "base_model_name_or_path": base_model_name,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "layers_to_transform": cfg.layers,
+        "layers_pattern": null,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "modules_to_save": null,
+        "peft_type": "LORA",
+        "r": cfg.r,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": null,
+        "target_modules": target,
+        "task_type": "CAUSAL_LM",
+        "use_dora": false,
+        "use_rslora": cfg.use_rslora,
+    })
+}
+
+/// Write the model's adapters as a PEFT adapter directory (files written atomically).
+pub fn save_adapter(model: &Decoder, cfg: &LoraConfig, dir: &Path, base_model_name: Option<&str>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut tensors = Vec::new();
+    for (name, var) in lora_vars(model) {
+        tensors.push((name, OwnedView::from_tensor(&var.as_tensor().to_dtype(DType::F32)?)?));
+    }
+    if tensors.is_empty() {
+        return Err(Error::InvalidArgument("the model has no LoRA adapters to save".into()));
+    }
+    write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
+    let cfg_json = config_to_peft(cfg, model, base_model_name);
+    let text = serde_json::to_string_pretty(&cfg_json).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    write_atomic(&dir.join("adapter_config.json"), text.as_bytes())
+}

@@ -1,0 +1,9 @@
+//! The decoder stack: configuration, weights, differentiable ops and the generic decoder.
+pub mod config;
+pub mod decoder;
+pub mod linear;
+pub mod ops;
+pub mod weights;
+
+pub use config::{ArchConfig, Family};
+pub use decoder::{Decoder, ForwardOptions, ModelInput};

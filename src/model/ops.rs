@@ -1,0 +1,223 @@
+//! Differentiable building blocks.
+//!
+//! candle's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope` kernels have no
+//! backward and silently cut the gradient, so everything on the training path here is either
+//! composed from ops that have a backward or a custom op with an explicit `bwd`.
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
+
+use crate::model::config::Activation;
+
+/// `x · Wᵀ` for a frozen `W`: the backward returns only the input gradient.
+///
+/// candle's matmul backward always computes the gradient of both operands; for a frozen base
+/// weight that is a wasted GEMM per linear (≈⅓ of backward FLOPs) and a weight-sized buffer kept
+/// in the gradient store.
+struct FrozenMatmul;
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen-matmul: input has {k} features, weight expects {k2}");
+        }
+        let out = s1.matmul(s2, (1, m, n, k), l1, &l2.transpose(0, 1)?)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen-matmul: input has {k} features, weight expects {k2}");
+        }
+        let out = s1.matmul(s2, (1, m, n, k), l1, &l2.transpose(0, 1)?)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
+    fn bwd(&self, _x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(w)?), None))
+    }
+}
+
+/// `x · Wᵀ` over the last dimension of `x` (any rank). When `w` is a variable (full-parameter
+/// training), the stock matmul is used so that `w` gets its gradient.
+pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let in_features = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let x2 = x.reshape((rows, in_features))?;
+    let y = if w.is_variable() {
+        x2.matmul(&w.t()?)?
+    } else {
+        let x2 = x2.contiguous()?;
+        if x2.track_op() {
+            x2.apply_op2(w, FrozenMatmul)?
+        } else {
+            // Nothing upstream needs a gradient (evaluation): the plain matmul is the same work.
+            x2.matmul(&w.t()?)?
+        }
+    };
+    let mut out_dims = dims;
+    let last = out_dims.len() - 1;
+    out_dims[last] = w.dim(0)?;
+    y.reshape(out_dims)
+}
+
+pub fn activation(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+    match act {
+        Activation::Silu => x.silu(),
+        Activation::Gelu => x.gelu_erf(),
+        Activation::GeluTanh => x.gelu(),
+        Activation::Relu => x.relu(),
+    }
+}
+
+/// RMSNorm in f32 as transformers computes it: x · rsqrt(mean(x²) + ε) · w.
+/// `plus_one` is Gemma's variant, which scales by (1 + w).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, plus_one: bool) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x.broadcast_mul(&(ms + eps)?.sqrt()?.recip()?)?;
+    let w = w.to_dtype(DType::F32)?;
+    let w = if plus_one { (w + 1.0)? } else { w };
+    normed.broadcast_mul(&w)?.to_dtype(dtype)
+}
+
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
+    normed
+        .broadcast_mul(&w.to_dtype(DType::F32)?)?
+        .broadcast_add(&b.to_dtype(DType::F32)?)?
+        .to_dtype(dtype)
+}
+
+/// Numerically stable softmax over the last dimension, composed so it has a backward.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&s)
+}
+
+pub fn log_softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// Half-rotation RoPE (transformers' `rotate_half`) on the first `cos.dim(-1)*2` dimensions of
+/// each head; the rest pass through (partial rotary, GPT-NeoX / Phi).
+/// `x`: [B, H, T, D]; `cos`, `sin`: [B, 1, T, rot/2].
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let half = cos.dim(D::Minus1)?;
+    let rot = 2 * half;
+    let (x_rot, x_pass) = if rot < d {
+        (x.narrow(D::Minus1, 0, rot)?, Some(x.narrow(D::Minus1, rot, d - rot)?))
+    } else {
+        (x.clone(), None)
+    };
+    let x1 = x_rot.narrow(D::Minus1, 0, half)?;
+    let x2 = x_rot.narrow(D::Minus1, half, half)?;
+    // [x1, x2]·cos + [-x2, x1]·sin, with cos/sin duplicated across the halves
+    let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let r2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    match x_pass {
+        Some(p) => Tensor::cat(&[&r1, &r2, &p], D::Minus1),
+        None => Tensor::cat(&[&r1, &r2], D::Minus1),
+    }
+}
+
+/// Cross-entropy per position: `-log p(label)`, with `labels` i64 [N] (−100 = ignore) and
+/// `logits` [N, V]. Returns (per-position NLL [N] with zeros where ignored, mask [N] as f32).
+pub fn token_nll(logits: &Tensor, labels: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let labels_v = labels.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+    let mask: Vec<f32> = labels_v.iter().map(|&l| if l < 0 { 0.0 } else { 1.0 }).collect();
+    let safe: Vec<u32> = labels_v.iter().map(|&l| l.max(0) as u32).collect();
+    let n = safe.len();
+    let dev = logits.device();
+    let idx = Tensor::from_vec(safe, (n, 1), dev)?;
+    let mask = Tensor::from_vec(mask, n, dev)?;
+    let logp = log_softmax_last_dim(&logits)?;
+    let picked = logp.gather(&idx, 1)?.squeeze(1)?;
+    let nll = (picked.neg()? * &mask)?;
+    Ok((nll, mask))
+}
+
+/// transformers' causal-LM loss: logits[:, :-1] predict labels[:, 1:], mean over labels ≠ −100.
+pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let shift_logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
+    let shift_labels = labels.narrow(1, 1, t - 1)?.reshape(b * (t - 1))?;
+    let (nll, mask) = token_nll(&shift_logits, &shift_labels)?;
+    let count = mask.sum_all()?.to_scalar::<f32>()?;
+    if count == 0.0 {
+        candle_core::bail!("no label positions to compute a loss on");
+    }
+    nll.sum_all()? / count as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn frozen_matmul_matches_plain_matmul_and_skips_weight_grad() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::arange(0f32, 12.0, &dev)?.reshape((2, 2, 3))?.affine(0.1, -0.3)?)?;
+        let w = Tensor::new(&[[0.5f32, -1.0, 2.0], [1.5, 0.25, -0.75]], &dev)?;
+        let y = linear(x.as_tensor(), &w)?;
+        let reference = x.as_tensor().broadcast_matmul(&w.t()?)?;
+        let diff = (&y - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
+        let grads = (y.sqr()?.sum_all()?).backward()?;
+        assert!(grads.get(&w).is_none(), "frozen weight must get no gradient");
+        let gx = grads.get(x.as_tensor()).expect("input gradient");
+        // d/dx sum(y²) = 2·y·W
+        let expected = (reference * 2.0)?.broadcast_matmul(&w)?;
+        let diff = (gx - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_and_log_softmax_have_gradients() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::new(&[[1.0f32, 2.0, 3.0], [0.5, -1.0, 0.0]], &dev)?)?;
+        let y = softmax_last_dim(x.as_tensor())?;
+        let target = Tensor::new(&[[0.0f32, 1.0, 0.0], [1.0, 0.0, 0.0]], &dev)?;
+        let loss = (y.clone() * &target)?.sum_all()?;
+        let g = loss.backward()?.get(x.as_tensor()).expect("grad").clone();
+        // analytic: y ⊙ (t − Σ t⊙y)
+        let yt = (y.clone() * &target)?.sum_keepdim(1)?;
+        let expected = (y * target.broadcast_sub(&yt)?)?;
+        let diff = (g - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
+        let ls = log_softmax_last_dim(x.as_tensor())?.exp()?.sum_keepdim(1)?;
+        let diff = (ls - 1.0)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6);
+        Ok(())
+    }
+}
