@@ -1,0 +1,14 @@
+//! `unlearn`: remove knowledge from transformer language models with LoRA unlearning.
+//!
+//! The crate is layered: `model` (a differentiable decoder that reads Hugging Face checkpoints,
+//! knows nothing of training), `lora` (PEFT-format adapters), `merge`, `tokenizer` (tokenizer and
+//! chat template), `score` (per-record NLL).
+pub mod error;
+pub mod lora;
+pub mod merge;
+pub mod model;
+pub mod rng;
+pub mod score;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
