@@ -43,7 +43,7 @@ pub enum Error {
         got: Vec<usize>,
     },
 
-    #[error("{path}: adapter does not fit the base model: {msg}")]
+    #[error("{path}: invalid adapter: {msg}")]
     Adapter { path: PathBuf, msg: String },
 
     #[error("{path}: tokenizer: {msg}")]

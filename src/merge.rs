@@ -80,6 +80,8 @@ pub fn merge(model_dir: &Path, adapter_dir: &Path, out_dir: &Path, opts: &MergeO
     }
     let arch = ArchConfig::from_file(&cfg_path)?;
     let store = WeightStore::open_dir(model_dir)?;
+    // A base that does not match its own config would merge into a checkpoint nobody can load.
+    crate::model::Decoder::validate_store(&arch, &store)?;
     let lora = read_adapter(adapter_dir, &store, arch.family)?;
 
     if out_dir.exists() && std::fs::read_dir(out_dir).map(|mut d| d.next().is_some()).unwrap_or(true) {

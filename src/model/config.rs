@@ -409,7 +409,7 @@ fn parse_rope(k: &Keys, family: Family, head_dim: usize, max_pos: usize) -> Resu
         return Err(Error::config(path, format!("partial_rotary_factor must be in (0, 1], got {partial}")));
     }
     let rotary_dim = (head_dim as f64 * partial) as usize;
-    if rotary_dim == 0 || rotary_dim % 2 != 0 {
+    if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
         return Err(Error::config(path, format!("rotary dimension {rotary_dim} (head_dim {head_dim} × {partial}) must be even and > 0")));
     }
     let rope_type = nested("rope_type")

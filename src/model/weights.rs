@@ -63,6 +63,7 @@ fn describe_safetensors_error(e: &safetensors::SafeTensorError) -> String {
             "the file is shorter or longer than its header says (truncated or corrupt download?)".into()
         }
         E::HeaderTooSmall | E::InvalidHeaderLength => "the header is missing or truncated".into(),
+        E::HeaderTooLarge => "the header length is implausible (not a safetensors file, or corrupt)".into(),
         other => other.to_string(),
     }
 }
@@ -83,7 +84,7 @@ impl WeightStore {
         if index.exists() {
             Self::open_index(&index)
         } else if single.exists() {
-            Self::open_files(&[single.clone()], single)
+            Self::open_files(std::slice::from_ref(&single), single.clone())
         } else {
             Err(Error::config(
                 dir,

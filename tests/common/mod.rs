@@ -5,13 +5,15 @@ use std::path::PathBuf;
 use unlearn::model::weights::WeightStore;
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name)
 }
 
 /// Every tensor of a fixture's reference.safetensors, in its stored dtype.
 pub fn reference(name: &str) -> HashMap<String, Tensor> {
     let path = fixture(name).join("reference.safetensors");
-    let store = WeightStore::open_files(&[path.clone()], path).expect("reference.safetensors");
+    let store = WeightStore::open_files(std::slice::from_ref(&path), path.clone()).expect("reference.safetensors");
     store
         .names()
         .into_iter()
@@ -35,7 +37,12 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 pub fn scalar(t: &Tensor) -> f32 {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0]
 }
 
 pub fn cpu() -> Device {

@@ -1,0 +1,247 @@
+//! The `unlearn` command line.
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use unlearn::data::{read_examples, Example};
+use unlearn::lora::load_adapter;
+use unlearn::merge::{merge, parse_dtype, MergeOptions};
+use unlearn::model::weights::{write_atomic, WeightStore};
+use unlearn::model::{ArchConfig, Decoder, ForwardOptions};
+use unlearn::score::score_examples;
+use unlearn::tokenizer::ChatTokenizer;
+
+#[derive(Parser)]
+#[command(
+    name = "unlearn",
+    version,
+    about = "Remove knowledge from transformer language models with LoRA unlearning, and prove it.",
+    long_about = "Remove knowledge from transformer language models with LoRA unlearning, and prove it.\n\n\
+Models are Hugging Face checkpoint directories (config.json + safetensors + tokenizer files).\n\
+Supported architectures: llama, mistral, qwen2, qwen3, gemma2, phi3, gpt_neox, gpt2.\n\
+Adapters are read and written in PEFT's format (adapter_config.json + adapter_model.safetensors)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe a checkpoint: architecture, sizes, parameter count, dtype and LoRA targets.
+    Inspect {
+        /// model directory (config.json + safetensors)
+        model: PathBuf,
+        /// print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Negative log-likelihood of every record of a JSONL/JSON file, one JSON line per record.
+    ///
+    /// Records with `question` and `answer` are scored on the answer tokens plus EOS after the
+    /// chat-templated question; records with `text` are scored on all tokens. Each output line is
+    /// {"index", "tokens", "mean_nll", "sum_nll"}.
+    Score {
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT adapter directory applied on top of the model
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// JSONL file or JSON array of records
+        #[arg(long)]
+        data: PathBuf,
+        /// output JSONL file
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// truncate each example to this many tokens
+        #[arg(long)]
+        max_length: Option<usize>,
+    },
+    /// Merge a PEFT LoRA adapter into its base model and write a checkpoint transformers loads.
+    Merge {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        /// output directory (must not exist or be empty)
+        #[arg(long)]
+        out: PathBuf,
+        /// dtype of the written weights (default: the base checkpoint's)
+        #[arg(long, value_parser = ["f32", "bf16", "f16"])]
+        dtype: Option<String>,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Inspect { model, json } => inspect(&model, json),
+        Command::Score {
+            model,
+            adapter,
+            data,
+            out,
+            batch_size,
+            max_length,
+        } => score(&model, adapter.as_deref(), &data, &out, batch_size, max_length),
+        Command::Merge {
+            model,
+            adapter,
+            out,
+            dtype,
+        } => {
+            let model = model_dir(&model)?;
+            let opts = MergeOptions {
+                dtype: dtype.as_deref().map(parse_dtype).transpose()?,
+                ..Default::default()
+            };
+            let report = merge(&model, &adapter, &out, &opts)?;
+            println!(
+                "merged {} adapted modules into {} tensors ({} shard{}, {:.1} MB) → {}",
+                report.merged_modules,
+                report.tensors,
+                report.shards,
+                if report.shards == 1 { "" } else { "s" },
+                report.total_bytes as f64 / 1e6,
+                out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// A model given on the command line: a local checkpoint directory.
+fn model_dir(spec: &Path) -> Result<PathBuf> {
+    if spec.is_dir() {
+        return Ok(spec.to_path_buf());
+    }
+    if spec.exists() {
+        bail!("model '{}' is a file; give the checkpoint directory that holds config.json", spec.display());
+    }
+    bail!(
+        "model '{}' not found: give a local checkpoint directory (downloading from the Hugging Face hub is not available yet)",
+        spec.display()
+    )
+}
+
+fn inspect(spec: &Path, as_json: bool) -> Result<()> {
+    let dir = model_dir(spec)?;
+    let cfg = ArchConfig::from_file(&dir.join("config.json"))?;
+    let store = WeightStore::open_dir(&dir)?;
+    let stored_dtype = store.float_dtype().map(|d| format!("{d:?}").to_lowercase()).unwrap_or_else(|| "?".into());
+    // Loading checks that every weight is present with the right shape.
+    let model = Decoder::load(&dir, DType::F32, &Device::Cpu)?;
+    let mut targets: Vec<String> = model.linears().iter().map(|l| l.short_name().to_string()).collect();
+    let mut seen = std::collections::HashSet::new();
+    targets.retain(|t| seen.insert(t.clone()));
+    let params = model.num_parameters();
+    let window: Vec<String> = cfg
+        .sliding_window
+        .iter()
+        .map(|w| w.map_or("full".into(), |w| w.to_string()))
+        .collect();
+    let info = serde_json::json!({
+        "path": dir.display().to_string(),
+        "model_type": cfg.family.model_type(),
+        "layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "attention_heads": cfg.num_heads,
+        "kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "tied_embeddings": cfg.tie_word_embeddings,
+        "parameters": params,
+        "stored_dtype": stored_dtype,
+        "files": store.files().len(),
+        "rope": cfg.rope.as_ref().map(|r| format!("theta {} rotary_dim {} scaling {:?}", r.theta, r.rotary_dim, r.scaling)),
+        "attention_window": window,
+        "lora_targets": targets,
+    });
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    println!("model         {}", dir.display());
+    println!("architecture  {}", cfg.family.model_type());
+    println!(
+        "layers        {} (hidden {}, mlp {}, heads {}/{} kv, head_dim {})",
+        cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    );
+    println!("vocabulary    {}{}", cfg.vocab_size, if cfg.tie_word_embeddings { " (tied embeddings)" } else { "" });
+    println!("parameters    {} ({:.2} M)", params, params as f64 / 1e6);
+    println!("stored dtype  {} in {} file(s)", stored_dtype, store.files().len());
+    if let Some(r) = &cfg.rope {
+        println!("rope          theta {}, rotary dim {}, scaling {:?}", r.theta, r.rotary_dim, r.scaling);
+    }
+    println!("attention     {}", window.join(", "));
+    println!("lora targets  {}", targets.join(", "));
+    Ok(())
+}
+
+fn score(
+    model_spec: &Path,
+    adapter: Option<&Path>,
+    data: &Path,
+    out: &Path,
+    batch_size: usize,
+    max_length: Option<usize>,
+) -> Result<()> {
+    let dir = model_dir(model_spec)?;
+    let mut model = Decoder::load(&dir, DType::F32, &Device::Cpu)?;
+    if let Some(a) = adapter {
+        load_adapter(&mut model, a)?;
+    }
+    let tok = ChatTokenizer::from_dir(&dir)?;
+    let examples = read_examples(data)?;
+    let encoded = examples
+        .iter()
+        .enumerate()
+        .map(|(i, ex)| match ex {
+            Example::Qa { question, answer } => tok.encode_qa(question, answer, max_length),
+            Example::Text { text } => tok.encode_text(text, max_length),
+        }
+        .with_context(|| format!("{}: record {}", data.display(), i + 1)))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some((i, _)) = encoded.iter().enumerate().find(|(_, e)| e.num_labelled() == 0) {
+        bail!("{}: record {} has no tokens to score (empty answer or text truncated away)", data.display(), i + 1);
+    }
+    let pad = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);
+    let bar = indicatif::ProgressBar::new(encoded.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("scoring {bar:40} {pos}/{len} [{elapsed} < {eta}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let rows = score_examples(&model, &encoded, batch_size, pad, &ForwardOptions::default(), |n| bar.inc(n as u64))?;
+    bar.finish_and_clear();
+    let mut buf = Vec::new();
+    for r in &rows {
+        serde_json::to_writer(&mut buf, r)?;
+        buf.write_all(b"\n")?;
+    }
+    write_atomic(out, &buf)?;
+    let total: f64 = rows.iter().map(|r| r.sum_nll).sum();
+    let tokens: usize = rows.iter().map(|r| r.tokens).sum();
+    eprintln!(
+        "scored {} records, {} tokens, mean NLL {:.4} → {}",
+        rows.len(),
+        tokens,
+        total / tokens.max(1) as f64,
+        out.display()
+    );
+    Ok(())
+}
