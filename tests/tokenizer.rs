@@ -489,3 +489,16 @@ fn template_syntax_error_is_reported_on_use() {
     assert!(matches!(err, Error::Template { .. }), "{err:?}");
     assert!(err.to_string().contains("tokenizer_config.json"), "{err}");
 }
+
+#[test]
+fn chat_tokenizer_can_be_shared_across_threads() {
+    fn assert_send_sync_clone<T: Send + Sync + Clone>() {}
+    assert_send_sync_clone::<ChatTokenizer>();
+    let tok = load();
+    let ids = std::thread::scope(|s| {
+        s.spawn(|| tok.encode_qa(QUESTION, ANSWER, None).unwrap())
+            .join()
+            .unwrap()
+    });
+    assert_eq!(ids, tok.encode_qa(QUESTION, ANSWER, None).unwrap());
+}
