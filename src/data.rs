@@ -19,12 +19,17 @@ pub fn read_objects(path: &Path) -> Result<Vec<Map<String, Value>>> {
     let trimmed = text.trim_start();
     let mut out = Vec::new();
     if trimmed.starts_with('[') {
-        let items: Vec<Value> =
-            serde_json::from_str(&text).map_err(|e| Error::data(path, format!("invalid JSON array: {e}")))?;
+        let items: Vec<Value> = serde_json::from_str(&text)
+            .map_err(|e| Error::data(path, format!("invalid JSON array: {e}")))?;
         for (i, v) in items.into_iter().enumerate() {
             match v {
                 Value::Object(m) => out.push(m),
-                other => return Err(Error::data(path, format!("item {i} is not an object: {other}"))),
+                other => {
+                    return Err(Error::data(
+                        path,
+                        format!("item {i} is not an object: {other}"),
+                    ))
+                }
             }
         }
     } else {
@@ -36,7 +41,12 @@ pub fn read_objects(path: &Path) -> Result<Vec<Map<String, Value>>> {
                 .map_err(|e| Error::data(path, format!("line {}: invalid JSON: {e}", i + 1)))?;
             match v {
                 Value::Object(m) => out.push(m),
-                other => return Err(Error::data(path, format!("line {}: not a JSON object: {other}", i + 1))),
+                other => {
+                    return Err(Error::data(
+                        path,
+                        format!("line {}: not a JSON object: {other}", i + 1),
+                    ))
+                }
             }
         }
     }
@@ -52,7 +62,13 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
         .map_err(|e| Error::io(path, e))?
         .trim_start()
         .starts_with('[');
-    let where_ = |i: usize| if is_jsonl { format!("record {} (line-ordered)", i + 1) } else { format!("item {i}") };
+    let where_ = |i: usize| {
+        if is_jsonl {
+            format!("record {} (line-ordered)", i + 1)
+        } else {
+            format!("item {i}")
+        }
+    };
     read_objects(path)?
         .into_iter()
         .enumerate()
@@ -63,7 +79,10 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
                 (_, _, Some(text)) => Ok(Example::Text { text }),
                 _ => Err(Error::data(
                     path,
-                    format!("{}: needs string fields 'question' and 'answer', or 'text'", where_(i)),
+                    format!(
+                        "{}: needs string fields 'question' and 'answer', or 'text'",
+                        where_(i)
+                    ),
                 )),
             }
         })
@@ -78,7 +97,11 @@ mod tests {
     fn reads_jsonl_and_arrays_and_names_bad_lines() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.jsonl");
-        std::fs::write(&p, "{\"question\":\"q\",\"answer\":\"a\"}\n\n{\"text\":\"t\"}\n").unwrap();
+        std::fs::write(
+            &p,
+            "{\"question\":\"q\",\"answer\":\"a\"}\n\n{\"text\":\"t\"}\n",
+        )
+        .unwrap();
         assert_eq!(
             read_examples(&p).unwrap(),
             vec![
@@ -99,6 +122,9 @@ mod tests {
         let e = read_examples(&p).unwrap_err().to_string();
         assert!(e.contains("answer"), "{e}");
         std::fs::write(&p, "\n").unwrap();
-        assert!(read_examples(&p).unwrap_err().to_string().contains("no records"));
+        assert!(read_examples(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("no records"));
     }
 }

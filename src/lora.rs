@@ -28,8 +28,9 @@ impl TargetModules {
             })),
             TargetModules::Regex(re) => {
                 let anchored = format!("^(?:{re})$");
-                let r = regex::Regex::new(&anchored)
-                    .map_err(|e| Error::InvalidArgument(format!("target_modules regex '{re}': {e}")))?;
+                let r = regex::Regex::new(&anchored).map_err(|e| {
+                    Error::InvalidArgument(format!("target_modules regex '{re}': {e}"))
+                })?;
                 Ok(r.is_match(module_path))
             }
         }
@@ -64,7 +65,10 @@ impl LoraConfig {
             return Err(Error::InvalidArgument("LoRA rank r must be ≥ 1".into()));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::InvalidArgument(format!("LoRA dropout must be in [0, 1), got {}", self.dropout)));
+            return Err(Error::InvalidArgument(format!(
+                "LoRA dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
         }
         if !self.alpha.is_finite() {
             return Err(Error::InvalidArgument("LoRA alpha must be finite".into()));
@@ -102,14 +106,20 @@ pub fn peft_name(module_path: &str, which: char) -> String {
 pub fn attach_lora(model: &mut Decoder, cfg: &LoraConfig, rng: &mut Rng) -> Result<usize> {
     cfg.validate()?;
     let mut count = 0;
-    let available: Vec<String> = model.linears().iter().map(|l| l.short_name().to_string()).collect();
+    let available: Vec<String> = model
+        .linears()
+        .iter()
+        .map(|l| l.short_name().to_string())
+        .collect();
     for lin in model.linears_mut() {
         if !cfg.targets(&lin.name)? {
             continue;
         }
         let (out, inp) = (lin.out_features(), lin.in_features());
         let bound = 1.0 / (inp as f64).sqrt();
-        let a: Vec<f32> = (0..cfg.r * inp).map(|_| rng.uniform(-bound, bound) as f32).collect();
+        let a: Vec<f32> = (0..cfg.r * inp)
+            .map(|_| rng.uniform(-bound, bound) as f32)
+            .collect();
         let dev = lin.weight.device().clone();
         lin.lora = Some(LoraWeights {
             a: Var::from_tensor(&Tensor::from_vec(a, (cfg.r, inp), &dev)?)?,
@@ -155,7 +165,10 @@ pub fn lora_vars(model: &Decoder) -> Vec<(String, Var)> {
 pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
     let cfg_path = dir.join("adapter_config.json");
     if !cfg_path.exists() {
-        return Err(Error::adapter(&cfg_path, "missing: an adapter directory needs adapter_config.json"));
+        return Err(Error::adapter(
+            &cfg_path,
+            "missing: an adapter directory needs adapter_config.json",
+        ));
     }
     let raw: Value = crate::error::read_json(&cfg_path)?;
     let cfg = config_from_peft(&raw, &cfg_path)?;
@@ -170,7 +183,10 @@ pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
     }
     let file = SafetensorsFile::open(&st_path)?;
     // Accept names with or without PEFT's adapter name ("default") inserted.
-    let normalise = |n: &str| n.replace(".lora_A.default.weight", ".lora_A.weight").replace(".lora_B.default.weight", ".lora_B.weight");
+    let normalise = |n: &str| {
+        n.replace(".lora_A.default.weight", ".lora_A.weight")
+            .replace(".lora_B.default.weight", ".lora_B.weight")
+    };
     let mut by_name = std::collections::HashMap::new();
     for n in file.names() {
         by_name.insert(normalise(n), n.clone());
@@ -184,7 +200,10 @@ pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
         match (a_key, b_key) {
             (None, None) => continue,
             (Some(_), None) | (None, Some(_)) => {
-                return Err(Error::adapter(&st_path, format!("module '{}' has only one of lora_A / lora_B", lin.name)));
+                return Err(Error::adapter(
+                    &st_path,
+                    format!("module '{}' has only one of lora_A / lora_B", lin.name),
+                ));
             }
             (Some(ak), Some(bk)) => {
                 let a = read_f32(&file, ak, &st_path)?;
@@ -221,12 +240,20 @@ pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
     if used != total {
         let unknown: Vec<&String> = by_name
             .keys()
-            .filter(|n| !model_modules.iter().any(|m| **n == peft_name(m, 'A') || **n == peft_name(m, 'B')))
+            .filter(|n| {
+                !model_modules
+                    .iter()
+                    .any(|m| **n == peft_name(m, 'A') || **n == peft_name(m, 'B'))
+            })
             .take(5)
             .collect();
         return Err(Error::adapter(
             &st_path,
-            format!("{} tensors name modules the base model does not have, e.g. {:?}", total - used, unknown),
+            format!(
+                "{} tensors name modules the base model does not have, e.g. {:?}",
+                total - used,
+                unknown
+            ),
         ));
     }
     if used == 0 {
@@ -245,31 +272,53 @@ fn read_f32(file: &SafetensorsFile, name: &str, path: &Path) -> Result<Tensor> {
         msg: format!("data of '{name}' lies outside the file"),
     })?;
     if info.shape.len() != 2 {
-        return Err(Error::adapter(path, format!("'{name}' must be a matrix, has shape {:?}", info.shape)));
+        return Err(Error::adapter(
+            path,
+            format!("'{name}' must be a matrix, has shape {:?}", info.shape),
+        ));
     }
-    Ok(crate::model::weights::bytes_to_tensor(info.dtype, &info.shape, bytes, path, name)?.to_dtype(DType::F32)?)
+    Ok(
+        crate::model::weights::bytes_to_tensor(info.dtype, &info.shape, bytes, path, name)?
+            .to_dtype(DType::F32)?,
+    )
 }
 
 /// Parse PEFT's adapter_config.json into our config, rejecting what we cannot honour.
 pub fn config_from_peft(raw: &Value, path: &Path) -> Result<LoraConfig> {
-    let obj = raw.as_object().ok_or_else(|| Error::adapter(path, "must be a JSON object"))?;
+    let obj = raw
+        .as_object()
+        .ok_or_else(|| Error::adapter(path, "must be a JSON object"))?;
     let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
     match get("peft_type").and_then(Value::as_str) {
         Some("LORA") | None => {}
-        Some(other) => return Err(Error::adapter(path, format!("peft_type '{other}' is not supported (only LORA)"))),
+        Some(other) => {
+            return Err(Error::adapter(
+                path,
+                format!("peft_type '{other}' is not supported (only LORA)"),
+            ))
+        }
     }
     if get("use_dora").and_then(Value::as_bool) == Some(true) {
-        return Err(Error::adapter(path, "DoRA adapters (use_dora = true) are not supported"));
+        return Err(Error::adapter(
+            path,
+            "DoRA adapters (use_dora = true) are not supported",
+        ));
     }
     if let Some(b) = get("bias").and_then(Value::as_str) {
         if b != "none" {
-            return Err(Error::adapter(path, format!("bias = '{b}' is not supported (only 'none')")));
+            return Err(Error::adapter(
+                path,
+                format!("bias = '{b}' is not supported (only 'none')"),
+            ));
         }
     }
     if get("modules_to_save").is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
         return Err(Error::adapter(path, "modules_to_save is not supported"));
     }
-    if get("alpha_pattern").and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+    if get("alpha_pattern")
+        .and_then(Value::as_object)
+        .is_some_and(|m| !m.is_empty())
+    {
         return Err(Error::adapter(path, "alpha_pattern is not supported"));
     }
     let r = get("r")
@@ -277,16 +326,31 @@ pub fn config_from_peft(raw: &Value, path: &Path) -> Result<LoraConfig> {
         .ok_or_else(|| Error::adapter(path, "missing or invalid 'r'"))? as usize;
     let alpha = get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
     let target_modules = match get("target_modules") {
-        Some(Value::String(s)) if s == "all-linear" => TargetModules::Names(vec!["all-linear".into()]),
+        Some(Value::String(s)) if s == "all-linear" => {
+            TargetModules::Names(vec!["all-linear".into()])
+        }
         Some(Value::String(s)) => TargetModules::Regex(s.clone()),
-        Some(Value::Array(a)) => TargetModules::Names(a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()),
+        Some(Value::Array(a)) => TargetModules::Names(
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect(),
+        ),
         _ => return Err(Error::adapter(path, "missing or invalid 'target_modules'")),
     };
     let layers = match get("layers_to_transform") {
         None => None,
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as usize]),
-        Some(Value::Array(a)) => Some(a.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect()),
-        Some(v) => return Err(Error::adapter(path, format!("invalid layers_to_transform {v}"))),
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .filter_map(|x| x.as_u64().map(|x| x as usize))
+                .collect(),
+        ),
+        Some(v) => {
+            return Err(Error::adapter(
+                path,
+                format!("invalid layers_to_transform {v}"),
+            ))
+        }
     };
     Ok(LoraConfig {
         r,
@@ -330,17 +394,28 @@ pub fn config_to_peft(cfg: &LoraConfig, model: &Decoder, base_model_name: Option
 }
 
 /// Write the model's adapters as a PEFT adapter directory (files written atomically).
-pub fn save_adapter(model: &Decoder, cfg: &LoraConfig, dir: &Path, base_model_name: Option<&str>) -> Result<()> {
+pub fn save_adapter(
+    model: &Decoder,
+    cfg: &LoraConfig,
+    dir: &Path,
+    base_model_name: Option<&str>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tensors = Vec::new();
     for (name, var) in lora_vars(model) {
-        tensors.push((name, OwnedView::from_tensor(&var.as_tensor().to_dtype(DType::F32)?)?));
+        tensors.push((
+            name,
+            OwnedView::from_tensor(&var.as_tensor().to_dtype(DType::F32)?)?,
+        ));
     }
     if tensors.is_empty() {
-        return Err(Error::InvalidArgument("the model has no LoRA adapters to save".into()));
+        return Err(Error::InvalidArgument(
+            "the model has no LoRA adapters to save".into(),
+        ));
     }
     write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
     let cfg_json = config_to_peft(cfg, model, base_model_name);
-    let text = serde_json::to_string_pretty(&cfg_json).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let text = serde_json::to_string_pretty(&cfg_json)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     write_atomic(&dir.join("adapter_config.json"), text.as_bytes())
 }

@@ -78,7 +78,8 @@ enum Command {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -98,7 +99,14 @@ fn run(cli: Cli) -> Result<()> {
             out,
             batch_size,
             max_length,
-        } => score(&model, adapter.as_deref(), &data, &out, batch_size, max_length),
+        } => score(
+            &model,
+            adapter.as_deref(),
+            &data,
+            &out,
+            batch_size,
+            max_length,
+        ),
         Command::Merge {
             model,
             adapter,
@@ -131,7 +139,10 @@ fn model_dir(spec: &Path) -> Result<PathBuf> {
         return Ok(spec.to_path_buf());
     }
     if spec.exists() {
-        bail!("model '{}' is a file; give the checkpoint directory that holds config.json", spec.display());
+        bail!(
+            "model '{}' is a file; give the checkpoint directory that holds config.json",
+            spec.display()
+        );
     }
     bail!(
         "model '{}' not found: give a local checkpoint directory (downloading from the Hugging Face hub is not available yet)",
@@ -143,10 +154,17 @@ fn inspect(spec: &Path, as_json: bool) -> Result<()> {
     let dir = model_dir(spec)?;
     let cfg = ArchConfig::from_file(&dir.join("config.json"))?;
     let store = WeightStore::open_dir(&dir)?;
-    let stored_dtype = store.float_dtype().map(|d| format!("{d:?}").to_lowercase()).unwrap_or_else(|| "?".into());
+    let stored_dtype = store
+        .float_dtype()
+        .map(|d| format!("{d:?}").to_lowercase())
+        .unwrap_or_else(|| "?".into());
     // Loading checks that every weight is present with the right shape.
     let model = Decoder::load(&dir, DType::F32, &Device::Cpu)?;
-    let mut targets: Vec<String> = model.linears().iter().map(|l| l.short_name().to_string()).collect();
+    let mut targets: Vec<String> = model
+        .linears()
+        .iter()
+        .map(|l| l.short_name().to_string())
+        .collect();
     let mut seen = std::collections::HashSet::new();
     targets.retain(|t| seen.insert(t.clone()));
     let params = model.num_parameters();
@@ -181,13 +199,33 @@ fn inspect(spec: &Path, as_json: bool) -> Result<()> {
     println!("architecture  {}", cfg.family.model_type());
     println!(
         "layers        {} (hidden {}, mlp {}, heads {}/{} kv, head_dim {})",
-        cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim
     );
-    println!("vocabulary    {}{}", cfg.vocab_size, if cfg.tie_word_embeddings { " (tied embeddings)" } else { "" });
+    println!(
+        "vocabulary    {}{}",
+        cfg.vocab_size,
+        if cfg.tie_word_embeddings {
+            " (tied embeddings)"
+        } else {
+            ""
+        }
+    );
     println!("parameters    {} ({:.2} M)", params, params as f64 / 1e6);
-    println!("stored dtype  {} in {} file(s)", stored_dtype, store.files().len());
+    println!(
+        "stored dtype  {} in {} file(s)",
+        stored_dtype,
+        store.files().len()
+    );
     if let Some(r) = &cfg.rope {
-        println!("rope          theta {}, rotary dim {}, scaling {:?}", r.theta, r.rotary_dim, r.scaling);
+        println!(
+            "rope          theta {}, rotary dim {}, scaling {:?}",
+            r.theta, r.rotary_dim, r.scaling
+        );
     }
     println!("attention     {}", window.join(", "));
     println!("lora targets  {}", targets.join(", "));
@@ -212,21 +250,38 @@ fn score(
     let encoded = examples
         .iter()
         .enumerate()
-        .map(|(i, ex)| match ex {
-            Example::Qa { question, answer } => tok.encode_qa(question, answer, max_length),
-            Example::Text { text } => tok.encode_text(text, max_length),
-        }
-        .with_context(|| format!("{}: record {}", data.display(), i + 1)))
+        .map(|(i, ex)| {
+            match ex {
+                Example::Qa { question, answer } => tok.encode_qa(question, answer, max_length),
+                Example::Text { text } => tok.encode_text(text, max_length),
+            }
+            .with_context(|| format!("{}: record {}", data.display(), i + 1))
+        })
         .collect::<Result<Vec<_>>>()?;
-    if let Some((i, _)) = encoded.iter().enumerate().find(|(_, e)| e.num_labelled() == 0) {
-        bail!("{}: record {} has no tokens to score (empty answer or text truncated away)", data.display(), i + 1);
+    if let Some((i, _)) = encoded
+        .iter()
+        .enumerate()
+        .find(|(_, e)| e.num_labelled() == 0)
+    {
+        bail!(
+            "{}: record {} has no tokens to score (empty answer or text truncated away)",
+            data.display(),
+            i + 1
+        );
     }
     let pad = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);
     let bar = indicatif::ProgressBar::new(encoded.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("scoring {bar:40} {pos}/{len} [{elapsed} < {eta}]")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let rows = score_examples(&model, &encoded, batch_size, pad, &ForwardOptions::default(), |n| bar.inc(n as u64))?;
+    let rows = score_examples(
+        &model,
+        &encoded,
+        batch_size,
+        pad,
+        &ForwardOptions::default(),
+        |n| bar.inc(n as u64),
+    )?;
     bar.finish_and_clear();
     let mut buf = Vec::new();
     for r in &rows {

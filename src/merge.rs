@@ -6,7 +6,9 @@
 use crate::error::{Error, Result};
 use crate::lora::config_from_peft;
 use crate::model::config::{ArchConfig, Family};
-use crate::model::weights::{tmp_path, write_atomic, write_safetensors, OwnedView, SafetensorsFile, WeightStore};
+use crate::model::weights::{
+    tmp_path, write_atomic, write_safetensors, OwnedView, SafetensorsFile, WeightStore,
+};
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -61,7 +63,9 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         "f32" | "float32" => Ok(DType::F32),
         "bf16" | "bfloat16" => Ok(DType::BF16),
         "f16" | "float16" => Ok(DType::F16),
-        other => Err(Error::InvalidArgument(format!("unknown dtype '{other}' (use f32, bf16 or f16)"))),
+        other => Err(Error::InvalidArgument(format!(
+            "unknown dtype '{other}' (use f32, bf16 or f16)"
+        ))),
     }
 }
 
@@ -73,10 +77,18 @@ fn torch_dtype_name(d: DType) -> &'static str {
     }
 }
 
-pub fn merge(model_dir: &Path, adapter_dir: &Path, out_dir: &Path, opts: &MergeOptions) -> Result<MergeReport> {
+pub fn merge(
+    model_dir: &Path,
+    adapter_dir: &Path,
+    out_dir: &Path,
+    opts: &MergeOptions,
+) -> Result<MergeReport> {
     let cfg_path = model_dir.join("config.json");
     if !cfg_path.exists() {
-        return Err(Error::config(&cfg_path, "missing: a model directory needs config.json"));
+        return Err(Error::config(
+            &cfg_path,
+            "missing: a model directory needs config.json",
+        ));
     }
     let arch = ArchConfig::from_file(&cfg_path)?;
     let store = WeightStore::open_dir(model_dir)?;
@@ -84,7 +96,11 @@ pub fn merge(model_dir: &Path, adapter_dir: &Path, out_dir: &Path, opts: &MergeO
     crate::model::Decoder::validate_store(&arch, &store)?;
     let lora = read_adapter(adapter_dir, &store, arch.family)?;
 
-    if out_dir.exists() && std::fs::read_dir(out_dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+    if out_dir.exists()
+        && std::fs::read_dir(out_dir)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
         return Err(Error::InvalidArgument(format!(
             "output directory {} already exists and is not empty",
             out_dir.display()
@@ -92,7 +108,10 @@ pub fn merge(model_dir: &Path, adapter_dir: &Path, out_dir: &Path, opts: &MergeO
     }
     // Everything is written into a temporary sibling directory and renamed at the end, so an
     // interrupted merge never leaves a directory that looks like a checkpoint.
-    let parent = out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = out_dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let staging = tmp_path(out_dir);
     if staging.exists() {
@@ -169,7 +188,11 @@ fn write_merged(
                     merged += 1;
                     let delta = (pair.b.matmul(&pair.a)? * pair.scale)?;
                     let w = stored.to_dtype(DType::F32)?;
-                    let delta = if w.dims() == delta.dims() { delta } else { delta.t()? };
+                    let delta = if w.dims() == delta.dims() {
+                        delta
+                    } else {
+                        delta.t()?
+                    };
                     (w + delta)?.to_dtype(target_dtype)?
                 }
                 None => stored.to_dtype(target_dtype)?,
@@ -180,17 +203,30 @@ fn write_merged(
         write_safetensors(&staging.join(&file), &views)?;
     }
     if n_shards > 1 {
-        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        let text = serde_json::to_string_pretty(&index).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        write_atomic(&staging.join("model.safetensors.index.json"), text.as_bytes())?;
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let text = serde_json::to_string_pretty(&index)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        write_atomic(
+            &staging.join("model.safetensors.index.json"),
+            text.as_bytes(),
+        )?;
     }
     // config.json: unchanged, except the dtype when the user asked for another one.
     let mut config: serde_json::Value = crate::error::read_json(cfg_path)?;
     if let (Some(d), Some(obj)) = (opts.dtype, config.as_object_mut()) {
-        let key = if obj.contains_key("torch_dtype") { "torch_dtype" } else { "dtype" };
-        obj.insert(key.into(), serde_json::Value::String(torch_dtype_name(d).into()));
+        let key = if obj.contains_key("torch_dtype") {
+            "torch_dtype"
+        } else {
+            "dtype"
+        };
+        obj.insert(
+            key.into(),
+            serde_json::Value::String(torch_dtype_name(d).into()),
+        );
     }
-    let text = serde_json::to_string_pretty(&config).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let text =
+        serde_json::to_string_pretty(&config).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     write_atomic(&staging.join("config.json"), text.as_bytes())?;
     for f in COPIED_FILES {
         let src = model_dir.join(f);
@@ -218,10 +254,17 @@ fn is_float(dt: safetensors::Dtype) -> bool {
 }
 
 /// Read the adapter and key its A/B pairs by the base weight they modify, checking shapes.
-fn read_adapter(adapter_dir: &Path, store: &WeightStore, family: Family) -> Result<BTreeMap<String, LoraPair>> {
+fn read_adapter(
+    adapter_dir: &Path,
+    store: &WeightStore,
+    family: Family,
+) -> Result<BTreeMap<String, LoraPair>> {
     let cfg_path = adapter_dir.join("adapter_config.json");
     if !cfg_path.exists() {
-        return Err(Error::adapter(&cfg_path, "missing: an adapter directory needs adapter_config.json"));
+        return Err(Error::adapter(
+            &cfg_path,
+            "missing: an adapter directory needs adapter_config.json",
+        ));
     }
     let cfg = config_from_peft(&crate::error::read_json(&cfg_path)?, &cfg_path)?;
     let st_path: PathBuf = adapter_dir.join("adapter_model.safetensors");
@@ -237,9 +280,15 @@ fn read_adapter(adapter_dir: &Path, store: &WeightStore, family: Family) -> Resu
         } else if let Some(m) = norm.strip_suffix(".lora_B.weight") {
             (m, false)
         } else {
-            return Err(Error::adapter(&st_path, format!("unexpected tensor '{n}' (not a LoRA A/B weight)")));
+            return Err(Error::adapter(
+                &st_path,
+                format!("unexpected tensor '{n}' (not a LoRA A/B weight)"),
+            ));
         };
-        let module = module.strip_prefix("base_model.model.").unwrap_or(module).to_string();
+        let module = module
+            .strip_prefix("base_model.model.")
+            .unwrap_or(module)
+            .to_string();
         let e = modules.entry(module).or_default();
         if is_a {
             e.0 = Some(n.clone());
@@ -253,26 +302,45 @@ fn read_adapter(adapter_dir: &Path, store: &WeightStore, family: Family) -> Resu
     let mut out = BTreeMap::new();
     for (module, (a_name, b_name)) in modules {
         let (Some(a_name), Some(b_name)) = (a_name, b_name) else {
-            return Err(Error::adapter(&st_path, format!("module '{module}' has only one of lora_A / lora_B")));
+            return Err(Error::adapter(
+                &st_path,
+                format!("module '{module}' has only one of lora_A / lora_B"),
+            ));
         };
         // GPT-2 checkpoints may store names without the `transformer.` prefix.
         let candidates = [
             format!("{module}.weight"),
-            format!("{}.weight", module.strip_prefix("transformer.").unwrap_or(&module)),
+            format!(
+                "{}.weight",
+                module.strip_prefix("transformer.").unwrap_or(&module)
+            ),
         ];
         let Some(base_name) = candidates.iter().find(|c| store.contains(c)).cloned() else {
             return Err(Error::adapter(
                 &st_path,
-                format!("targets '{module}', which the base model {} does not have", store.origin.display()),
+                format!(
+                    "targets '{module}', which the base model {} does not have",
+                    store.origin.display()
+                ),
             ));
         };
-        let load = |n: &str| -> Result<Tensor> {
-            let info = file.info(n).ok_or_else(|| Error::adapter(&st_path, format!("'{n}' missing")))?;
-            let bytes = file
-                .bytes(n)
-                .ok_or_else(|| Error::adapter(&st_path, format!("data of '{n}' lies outside the file")))?;
-            Ok(crate::model::weights::bytes_to_tensor(info.dtype, &info.shape, bytes, &st_path, n)?.to_dtype(DType::F32)?)
-        };
+        let load =
+            |n: &str| -> Result<Tensor> {
+                let info = file
+                    .info(n)
+                    .ok_or_else(|| Error::adapter(&st_path, format!("'{n}' missing")))?;
+                let bytes = file.bytes(n).ok_or_else(|| {
+                    Error::adapter(&st_path, format!("data of '{n}' lies outside the file"))
+                })?;
+                Ok(crate::model::weights::bytes_to_tensor(
+                    info.dtype,
+                    &info.shape,
+                    bytes,
+                    &st_path,
+                    n,
+                )?
+                .to_dtype(DType::F32)?)
+            };
         let a = load(&a_name)?;
         let b = load(&b_name)?;
         let (_, base_shape, _, _) = store.raw(&base_name)?;
@@ -280,7 +348,12 @@ fn read_adapter(adapter_dir: &Path, store: &WeightStore, family: Family) -> Resu
         let (out_f, in_f) = match (base_shape.as_slice(), conv1d) {
             ([i, o], true) => (*o, *i),
             ([o, i], false) => (*o, *i),
-            _ => return Err(Error::adapter(&st_path, format!("base weight '{base_name}' is not a matrix"))),
+            _ => {
+                return Err(Error::adapter(
+                    &st_path,
+                    format!("base weight '{base_name}' is not a matrix"),
+                ))
+            }
         };
         let (ra, ia) = a.dims2()?;
         let (ob, rb) = b.dims2()?;

@@ -28,7 +28,9 @@ pub fn collate(examples: &[&EncodedExample], pad_id: u32, device: &Device) -> Re
     let b = examples.len();
     let t = examples.iter().map(|e| e.len()).max().unwrap_or(0);
     if b == 0 || t == 0 {
-        return Err(Error::InvalidArgument("cannot build a batch from empty examples".into()));
+        return Err(Error::InvalidArgument(
+            "cannot build a batch from empty examples".into(),
+        ));
     }
     let mut ids = vec![pad_id; b * t];
     let mut mask = vec![0u32; b * t];
@@ -57,7 +59,10 @@ pub fn row_nll(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
     let shift_logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
     let shift_labels = labels.narrow(1, 1, t - 1)?.reshape(b * (t - 1))?;
     let (nll, mask) = token_nll(&shift_logits, &shift_labels)?;
-    Ok((nll.reshape((b, t - 1))?.sum(1)?, mask.reshape((b, t - 1))?.sum(1)?))
+    Ok((
+        nll.reshape((b, t - 1))?.sum(1)?,
+        mask.reshape((b, t - 1))?.sum(1)?,
+    ))
 }
 
 /// Score examples in batches of `batch_size`. Examples are grouped by length to waste little
@@ -87,12 +92,18 @@ pub fn score_examples(
         for (k, &i) in chunk.iter().enumerate() {
             let tokens = counts[k] as usize;
             if !sums[k].is_finite() {
-                return Err(Error::InvalidArgument(format!("example {i}: the NLL is not finite")));
+                return Err(Error::InvalidArgument(format!(
+                    "example {i}: the NLL is not finite"
+                )));
             }
             rows[i] = Some(ScoreRow {
                 index: i,
                 tokens,
-                mean_nll: if tokens > 0 { sums[k] / tokens as f64 } else { f64::NAN },
+                mean_nll: if tokens > 0 {
+                    sums[k] / tokens as f64
+                } else {
+                    f64::NAN
+                },
                 sum_nll: sums[k],
             });
         }
@@ -100,6 +111,8 @@ pub fn score_examples(
     }
     rows.into_iter()
         .enumerate()
-        .map(|(i, r)| r.ok_or_else(|| Error::InvalidArgument(format!("example {i} was not scored"))))
+        .map(|(i, r)| {
+            r.ok_or_else(|| Error::InvalidArgument(format!("example {i} was not scored")))
+        })
         .collect()
 }

@@ -8,20 +8,27 @@ use unlearn::score::score_examples;
 use unlearn::tokenizer::EncodedExample;
 
 fn unlearn(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_unlearn")).args(args).output().expect("run unlearn")
+    Command::new(env!("CARGO_BIN_EXE_unlearn"))
+        .args(args)
+        .output()
+        .expect("run unlearn")
 }
 
 #[test]
 fn inspect_reports_the_manifest_parameter_counts() {
-    let manifest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("manifest.json")).unwrap(),
-    )
-    .unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("manifest.json")).unwrap()).unwrap();
     let mut checked = 0;
     for (name, entry) in manifest["fixtures"].as_object().unwrap() {
-        let Some(params) = entry.get("params").and_then(|p| p.as_u64()) else { continue };
+        let Some(params) = entry.get("params").and_then(|p| p.as_u64()) else {
+            continue;
+        };
         let out = unlearn(&["inspect", "--json", fixture(name).to_str().unwrap()]);
-        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(info["parameters"].as_u64(), Some(params), "{name}");
         let arch = entry["architecture"].as_str().unwrap().to_lowercase();
@@ -51,12 +58,19 @@ fn score_of_reference_rows_equals_transformers_loss_at_any_batch_size() {
             .collect();
         let expected = scalar(&r["loss"]) as f64;
         for bs in [1, 2] {
-            let rows = score_examples(&model, &examples, bs, 2, &ForwardOptions::default(), |_| {}).unwrap();
+            let rows = score_examples(&model, &examples, bs, 2, &ForwardOptions::default(), |_| {})
+                .unwrap();
             let sum: f64 = rows.iter().map(|r| r.sum_nll).sum();
             let tokens: usize = rows.iter().map(|r| r.tokens).sum();
-            assert_eq!(tokens, labels.iter().flatten().filter(|&&l| l != -100).count() - ids.len());
+            assert_eq!(
+                tokens,
+                labels.iter().flatten().filter(|&&l| l != -100).count() - ids.len()
+            );
             let mean = sum / tokens as f64;
-            assert!((mean - expected).abs() < 1e-5, "{name} bs {bs}: {mean} vs {expected}");
+            assert!(
+                (mean - expected).abs() < 1e-5,
+                "{name} bs {bs}: {mean} vs {expected}"
+            );
             for row in &rows {
                 assert!((row.mean_nll - row.sum_nll / row.tokens as f64).abs() < 1e-12);
             }
@@ -75,8 +89,17 @@ fn score_command_writes_one_line_per_record() {
     .unwrap();
     let out = dir.path().join("scores.jsonl");
     let o = unlearn(&[
-        "score", "--model", fixture("llama").to_str().unwrap(), "--adapter", fixture("llama-lora").to_str().unwrap(),
-        "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--batch-size", "2",
+        "score",
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "--adapter",
+        fixture("llama-lora").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "2",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
@@ -88,16 +111,28 @@ fn score_command_writes_one_line_per_record() {
     for (i, l) in lines.iter().enumerate() {
         assert_eq!(l["index"], i);
         let tokens = l["tokens"].as_u64().unwrap() as f64;
-        let (mean, sum) = (l["mean_nll"].as_f64().unwrap(), l["sum_nll"].as_f64().unwrap());
+        let (mean, sum) = (
+            l["mean_nll"].as_f64().unwrap(),
+            l["sum_nll"].as_f64().unwrap(),
+        );
         assert!(tokens > 0.0 && sum > 0.0 && (mean * tokens - sum).abs() < 1e-9);
     }
     // The adapter changes the scores.
     let out2 = dir.path().join("base.jsonl");
     let o = unlearn(&[
-        "score", "--model", fixture("llama").to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out2.to_str().unwrap(),
+        "score",
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out2.to_str().unwrap(),
     ]);
     assert!(o.status.success());
-    assert_ne!(std::fs::read_to_string(&out).unwrap(), std::fs::read_to_string(&out2).unwrap());
+    assert_ne!(
+        std::fs::read_to_string(&out).unwrap(),
+        std::fs::read_to_string(&out2).unwrap()
+    );
 }
 
 #[test]
@@ -109,15 +144,28 @@ fn bad_inputs_exit_non_zero_with_a_message() {
     let empty = dir.path().join("empty.jsonl");
     std::fs::write(&empty, "").unwrap();
     let o = unlearn(&[
-        "score", "--model", fixture("llama").to_str().unwrap(), "--data", empty.to_str().unwrap(), "--out",
+        "score",
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "--data",
+        empty.to_str().unwrap(),
+        "--out",
         dir.path().join("o.jsonl").to_str().unwrap(),
     ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("empty.jsonl") && err.contains("no records"), "{err}");
+    assert!(
+        err.contains("empty.jsonl") && err.contains("no records"),
+        "{err}"
+    );
     assert!(!dir.path().join("o.jsonl").exists(), "no partial output");
     let o = unlearn(&[
-        "merge", "--model", fixture("llama").to_str().unwrap(), "--adapter", dir.path().to_str().unwrap(), "--out",
+        "merge",
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "--adapter",
+        dir.path().to_str().unwrap(),
+        "--out",
         dir.path().join("m").to_str().unwrap(),
     ]);
     assert!(!o.status.success());
@@ -130,8 +178,15 @@ fn merge_command_writes_a_loadable_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("merged");
     let o = unlearn(&[
-        "merge", "--model", fixture("qwen2").to_str().unwrap(), "--adapter", fixture("qwen2-lora").to_str().unwrap(),
-        "--out", out.to_str().unwrap(), "--dtype", "bf16",
+        "merge",
+        "--model",
+        fixture("qwen2").to_str().unwrap(),
+        "--adapter",
+        fixture("qwen2-lora").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--dtype",
+        "bf16",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = unlearn(&["inspect", "--json", out.to_str().unwrap()]);

@@ -264,7 +264,11 @@ fn weight_with_wrong_shape() {
     );
     assert_mentions(
         &merge_err(&dir, &fixture("llama-lora")),
-        &[&path_str(&st), "model.layers.0.self_attn.q_proj", "[32, 64]"],
+        &[
+            &path_str(&st),
+            "model.layers.0.self_attn.q_proj",
+            "[32, 64]",
+        ],
     );
 }
 

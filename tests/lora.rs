@@ -2,7 +2,9 @@
 mod common;
 use candle_core::{DType, Tensor};
 use common::*;
-use unlearn::lora::{attach_lora, load_adapter, lora_vars, save_adapter, LoraConfig, TargetModules};
+use unlearn::lora::{
+    attach_lora, load_adapter, lora_vars, save_adapter, LoraConfig, TargetModules,
+};
 use unlearn::model::ops::causal_lm_loss;
 use unlearn::model::{Decoder, ForwardOptions, ModelInput};
 use unlearn::rng::Rng;
@@ -22,23 +24,40 @@ fn check_logits_loss_grads(base: &str) {
     assert!(diff <= 1e-4, "{base}-lora logits diff {diff}");
     let loss = causal_lm_loss(&logits, &r["labels"]).unwrap();
     let l = scalar(&loss);
-    assert!((l - scalar(&r["loss"])).abs() <= 1e-5, "loss {l} vs {}", scalar(&r["loss"]));
+    assert!(
+        (l - scalar(&r["loss"])).abs() <= 1e-5,
+        "loss {l} vs {}",
+        scalar(&r["loss"])
+    );
 
     let grads = loss.backward().unwrap();
     let vars = lora_vars(&model);
     assert_eq!(vars.len(), 28, "2 layers × 7 modules × (A, B)");
     for (name, var) in &vars {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
         let ref_name = format!("grad.{}", name.replace(".weight", ".default.weight"));
         let expected = &r[&ref_name];
-        let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = expected
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let diff = max_abs_diff(g, expected);
         assert!(scale > 0.0, "{name}: reference gradient is zero");
-        assert!(diff <= 1e-4 * scale, "{name}: gradient max diff {diff}, reference scale {scale}");
+        assert!(
+            diff <= 1e-4 * scale,
+            "{name}: gradient max diff {diff}, reference scale {scale}"
+        );
     }
 
     // Adapter disabled = the base model, exactly.
-    let base_logits = model.forward(&input, &ForwardOptions::base_model()).unwrap();
+    let base_logits = model
+        .forward(&input, &ForwardOptions::base_model())
+        .unwrap();
     let base_ref = reference(base);
     assert!(max_abs_diff(&base_logits, &base_ref["logits"]) <= 1e-4);
 }
@@ -62,22 +81,40 @@ fn adapter_round_trip_is_identical() {
     let dir = tempfile::tempdir().unwrap();
     save_adapter(&model, &cfg, dir.path(), Some("llama")).unwrap();
     // metadata {"format":"pt"} and PEFT names without ".default"
-    let f = unlearn::model::weights::SafetensorsFile::open(&dir.path().join("adapter_model.safetensors")).unwrap();
-    assert_eq!(f.metadata.as_ref().and_then(|m| m.get("format")).map(String::as_str), Some("pt"));
-    let orig = unlearn::model::weights::SafetensorsFile::open(&fixture("llama-lora").join("adapter_model.safetensors")).unwrap();
+    let f = unlearn::model::weights::SafetensorsFile::open(
+        &dir.path().join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(
+        f.metadata
+            .as_ref()
+            .and_then(|m| m.get("format"))
+            .map(String::as_str),
+        Some("pt")
+    );
+    let orig = unlearn::model::weights::SafetensorsFile::open(
+        &fixture("llama-lora").join("adapter_model.safetensors"),
+    )
+    .unwrap();
     let mut a: Vec<_> = f.names().cloned().collect();
     let mut b: Vec<_> = orig.names().cloned().collect();
     a.sort();
     b.sort();
     assert_eq!(a, b);
     for n in &a {
-        assert_eq!(f.bytes(n).unwrap(), orig.bytes(n).unwrap(), "{n} differs after round trip");
+        assert_eq!(
+            f.bytes(n).unwrap(),
+            orig.bytes(n).unwrap(),
+            "{n} differs after round trip"
+        );
     }
     let mut again = Decoder::load(&fixture("llama"), DType::F32, &cpu()).unwrap();
     let cfg2 = load_adapter(&mut again, dir.path()).unwrap();
     assert_eq!(cfg, cfg2);
-    let written: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap()).unwrap();
+    let written: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(written["peft_type"], "LORA");
     assert_eq!(written["task_type"], "CAUSAL_LM");
     assert_eq!(written["base_model_name_or_path"], "llama");
@@ -99,21 +136,41 @@ fn fresh_adapter_is_a_no_op_and_gradient_reaches_b_only() {
     let r = reference("llama");
     let input = ModelInput::new(&r["input_ids"], Some(&r["attention_mask"]));
     let logits = model.forward(&input, &ForwardOptions::default()).unwrap();
-    assert!(max_abs_diff(&logits, &r["logits"]) <= 1e-4, "B = 0 must leave the model unchanged");
+    assert!(
+        max_abs_diff(&logits, &r["logits"]) <= 1e-4,
+        "B = 0 must leave the model unchanged"
+    );
     // PEFT init: A ~ U(±1/√in)
     for (name, v) in lora_vars(&model) {
         let t = v.as_tensor();
         if name.contains("lora_A") {
             let bound = 1.0 / (t.dim(1).unwrap() as f32).sqrt();
-            let m = t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(m <= bound && m > 0.5 * bound, "{name}: max |A| = {m}, bound {bound}");
+            let m = t
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                m <= bound && m > 0.5 * bound,
+                "{name}: max |A| = {m}, bound {bound}"
+            );
         }
     }
     let loss = causal_lm_loss(&logits, &r["labels"]).unwrap();
     let grads = loss.backward().unwrap();
     for (name, v) in lora_vars(&model) {
-        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("gradient cut before {name}"));
-        let m = g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("gradient cut before {name}"));
+        let m = g
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         if name.contains("lora_A") {
             assert_eq!(m, 0.0, "{name}: with B = 0 the gradient of A is exactly 0");
         } else {
@@ -140,34 +197,63 @@ fn lora_gradients_match_finite_differences() {
     // make B non-zero so A also gets a gradient
     for (_, v) in lora_vars(&model) {
         let t = v.as_tensor();
-        let noise = (Tensor::randn(0f32, 0.05, t.dims(), &cpu()).unwrap()).to_dtype(DType::F32).unwrap();
+        let noise = (Tensor::randn(0f32, 0.05, t.dims(), &cpu()).unwrap())
+            .to_dtype(DType::F32)
+            .unwrap();
         v.set(&(t + noise).unwrap()).unwrap();
     }
     let r = reference("gemma2");
     let input = ModelInput::new(&r["input_ids"], Some(&r["attention_mask"]));
     let loss_of = |m: &Decoder| -> f64 {
         let logits = m.forward(&input, &ForwardOptions::default()).unwrap();
-        causal_lm_loss(&logits, &r["labels"]).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+        causal_lm_loss(&logits, &r["labels"])
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     };
     let logits = model.forward(&input, &ForwardOptions::default()).unwrap();
-    let grads = causal_lm_loss(&logits, &r["labels"]).unwrap().backward().unwrap();
+    let grads = causal_lm_loss(&logits, &r["labels"])
+        .unwrap()
+        .backward()
+        .unwrap();
     for (name, v) in lora_vars(&model) {
-        let g = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let orig = v.as_tensor().copy().unwrap();
         let flat = orig.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let idx = g.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap().0;
+        let idx = g
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            .unwrap()
+            .0;
         let h = 1e-2f32;
         let mut plus = flat.clone();
         plus[idx] += h;
-        v.set(&Tensor::from_vec(plus, orig.dims(), &cpu()).unwrap()).unwrap();
+        v.set(&Tensor::from_vec(plus, orig.dims(), &cpu()).unwrap())
+            .unwrap();
         let lp = loss_of(&model);
         let mut minus = flat.clone();
         minus[idx] -= h;
-        v.set(&Tensor::from_vec(minus, orig.dims(), &cpu()).unwrap()).unwrap();
+        v.set(&Tensor::from_vec(minus, orig.dims(), &cpu()).unwrap())
+            .unwrap();
         let lm = loss_of(&model);
         v.set(&orig).unwrap();
         let fd = (lp - lm) / (2.0 * h as f64);
         let rel = (fd - g[idx]).abs() / g[idx].abs().max(1e-8);
-        assert!(rel < 2e-3, "{name}: analytic {} vs finite difference {fd}", g[idx]);
+        assert!(
+            rel < 2e-3,
+            "{name}: analytic {} vs finite difference {fd}",
+            g[idx]
+        );
     }
 }

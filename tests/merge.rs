@@ -9,16 +9,30 @@ use unlearn::model::{Decoder, ForwardOptions, ModelInput};
 fn merged_matches_fixture(base: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("merged");
-    let report = merge(&fixture(base), &fixture(&format!("{base}-lora")), &out, &MergeOptions::default()).unwrap();
+    let report = merge(
+        &fixture(base),
+        &fixture(&format!("{base}-lora")),
+        &out,
+        &MergeOptions::default(),
+    )
+    .unwrap();
     assert_eq!(report.merged_modules, 14);
     let ours = WeightStore::open_dir(&out).unwrap();
     let theirs = WeightStore::open_dir(&fixture(&format!("{base}-lora-merged"))).unwrap();
     assert_eq!(ours.names(), theirs.names());
     for n in ours.names() {
-        let d = max_abs_diff(&ours.tensor_raw(&n).unwrap(), &theirs.tensor_raw(&n).unwrap());
+        let d = max_abs_diff(
+            &ours.tensor_raw(&n).unwrap(),
+            &theirs.tensor_raw(&n).unwrap(),
+        );
         assert!(d <= 1e-5, "{base}: {n} differs by {d}");
     }
-    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         assert!(out.join(f).exists(), "{f} not copied");
     }
     let model = Decoder::load(&out, DType::F32, &cpu()).unwrap();
@@ -50,17 +64,30 @@ fn merge_to_bf16_and_into_shards() {
         max_shard_bytes: 60_000,
     };
     let report = merge(&fixture("llama"), &fixture("llama-lora"), &out, &opts).unwrap();
-    assert!(report.shards > 1, "expected several shards, got {}", report.shards);
+    assert!(
+        report.shards > 1,
+        "expected several shards, got {}",
+        report.shards
+    );
     assert!(out.join("model.safetensors.index.json").exists());
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["dtype"], "bfloat16");
     let ours = WeightStore::open_dir(&out).unwrap();
     let theirs = WeightStore::open_dir(&fixture("llama-lora-merged")).unwrap();
     for n in ours.names() {
         let (dt, _, _, _) = ours.raw(&n).unwrap();
         assert_eq!(dt, safetensors::Dtype::BF16);
-        let exact_bf16 = theirs.tensor_raw(&n).unwrap().to_dtype(DType::BF16).unwrap();
-        assert_eq!(max_abs_diff(&ours.tensor_raw(&n).unwrap(), &exact_bf16), 0.0, "{n}: not the rounded f32 merge");
+        let exact_bf16 = theirs
+            .tensor_raw(&n)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        assert_eq!(
+            max_abs_diff(&ours.tensor_raw(&n).unwrap(), &exact_bf16),
+            0.0,
+            "{n}: not the rounded f32 merge"
+        );
     }
 }
 
@@ -68,6 +95,12 @@ fn merge_to_bf16_and_into_shards() {
 fn merge_refuses_non_empty_output_and_bad_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("x"), "x").unwrap();
-    let err = merge(&fixture("llama"), &fixture("llama-lora"), tmp.path(), &MergeOptions::default()).unwrap_err();
+    let err = merge(
+        &fixture("llama"),
+        &fixture("llama-lora"),
+        tmp.path(),
+        &MergeOptions::default(),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("not empty"), "{err}");
 }

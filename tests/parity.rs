@@ -6,23 +6,33 @@ use unlearn::model::ops::causal_lm_loss;
 use unlearn::model::{Decoder, ForwardOptions, ModelInput};
 
 fn check(name: &str, logits_tol: f32) {
-    let model = Decoder::load(&fixture(name), DType::F32, &cpu()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let model =
+        Decoder::load(&fixture(name), DType::F32, &cpu()).unwrap_or_else(|e| panic!("{name}: {e}"));
     let r = reference(name);
     let input = ModelInput::new(&r["input_ids"], Some(&r["attention_mask"]));
     let logits = model.forward(&input, &ForwardOptions::default()).unwrap();
     let diff = max_abs_diff(&logits, &r["logits"]);
-    assert!(diff <= logits_tol, "{name}: max |logits - reference| = {diff}");
+    assert!(
+        diff <= logits_tol,
+        "{name}: max |logits - reference| = {diff}"
+    );
     let loss = scalar(&causal_lm_loss(&logits, &r["labels"]).unwrap());
     // For bf16 weights the fixture's `loss` comes from transformers' bf16 run; the f32 loss
     // from the bf16 weights is the cross-entropy of the f32 reference logits.
     let expected = if r.contains_key("logits_bf16") {
         let bf16_loss = scalar(&r["loss"]);
-        assert!((loss - bf16_loss).abs() < 5e-3, "{name}: loss {loss} vs bf16 run {bf16_loss}");
+        assert!(
+            (loss - bf16_loss).abs() < 5e-3,
+            "{name}: loss {loss} vs bf16 run {bf16_loss}"
+        );
         scalar(&causal_lm_loss(&r["logits"], &r["labels"]).unwrap())
     } else {
         scalar(&r["loss"])
     };
-    assert!((loss - expected).abs() <= 1e-5, "{name}: loss {loss} vs reference {expected}");
+    assert!(
+        (loss - expected).abs() <= 1e-5,
+        "{name}: loss {loss} vs reference {expected}"
+    );
 }
 
 #[test]

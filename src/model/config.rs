@@ -69,9 +69,14 @@ impl Activation {
 pub enum RopeScaling {
     None,
     /// positions divided by `factor`
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// NTK-aware scaling applied when the sequence exceeds `original_max`
-    Dynamic { factor: f64, original_max: usize },
+    Dynamic {
+        factor: f64,
+        original_max: usize,
+    },
     /// Llama 3.x frequency-dependent scaling
     Llama3 {
         factor: f64,
@@ -145,7 +150,10 @@ impl<'a> Keys<'a> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
-                Error::config(self.path, format!("'{key}' must be a non-negative integer, got {v}"))
+                Error::config(
+                    self.path,
+                    format!("'{key}' must be a non-negative integer, got {v}"),
+                )
             }),
         }
     }
@@ -163,36 +171,40 @@ impl<'a> Keys<'a> {
     fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| Error::config(self.path, format!("'{key}' must be a number, got {v}"))),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                Error::config(self.path, format!("'{key}' must be a number, got {v}"))
+            }),
         }
     }
     fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| Error::config(self.path, format!("'{key}' must be true or false, got {v}"))),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| {
+                Error::config(self.path, format!("'{key}' must be true or false, got {v}"))
+            }),
         }
     }
     fn str_opt(&self, key: &str) -> Result<Option<&'a str>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| Error::config(self.path, format!("'{key}' must be a string, got {v}"))),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| {
+                Error::config(self.path, format!("'{key}' must be a string, got {v}"))
+            }),
         }
     }
     fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
         match self.get(key) {
             None => Ok(vec![]),
             Some(Value::Number(n)) => Ok(n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()),
-            Some(Value::Array(items)) => Ok(items.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect()),
-            Some(v) => Err(Error::config(self.path, format!("'{key}' must be a token id or a list of ids, got {v}"))),
+            Some(Value::Array(items)) => Ok(items
+                .iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect()),
+            Some(v) => Err(Error::config(
+                self.path,
+                format!("'{key}' must be a token id or a list of ids, got {v}"),
+            )),
         }
     }
 }
@@ -234,7 +246,10 @@ impl ArchConfig {
         let num_heads = k.usize_req(&["num_attention_heads", "n_head"])?;
         let vocab_size = k.usize_req(&["vocab_size"])?;
         if hidden_size == 0 || num_layers == 0 || num_heads == 0 || vocab_size == 0 {
-            return Err(Error::config(path, "hidden_size, num_hidden_layers, num_attention_heads and vocab_size must be > 0"));
+            return Err(Error::config(
+                path,
+                "hidden_size, num_hidden_layers, num_attention_heads and vocab_size must be > 0",
+            ));
         }
         let num_kv_heads = k.usize_opt("num_key_value_heads")?.unwrap_or(num_heads);
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
@@ -269,9 +284,18 @@ impl ArchConfig {
             });
         let activation = Activation::parse(activation_name, path)?;
         let (norm, norm_eps) = match family {
-            Family::Gpt2 => (NormKind::LayerNorm, k.f64_opt("layer_norm_epsilon")?.unwrap_or(1e-5)),
-            Family::GptNeox => (NormKind::LayerNorm, k.f64_opt("layer_norm_eps")?.unwrap_or(1e-5)),
-            Family::Gemma2 => (NormKind::RmsPlusOne, k.f64_opt("rms_norm_eps")?.unwrap_or(1e-6)),
+            Family::Gpt2 => (
+                NormKind::LayerNorm,
+                k.f64_opt("layer_norm_epsilon")?.unwrap_or(1e-5),
+            ),
+            Family::GptNeox => (
+                NormKind::LayerNorm,
+                k.f64_opt("layer_norm_eps")?.unwrap_or(1e-5),
+            ),
+            Family::Gemma2 => (
+                NormKind::RmsPlusOne,
+                k.f64_opt("rms_norm_eps")?.unwrap_or(1e-6),
+            ),
             _ => (NormKind::Rms, k.f64_opt("rms_norm_eps")?.unwrap_or(1e-6)),
         };
         let max_position_embeddings = k
@@ -304,18 +328,28 @@ impl ArchConfig {
         let sliding_window = parse_sliding_window(&k, family, num_layers)?;
 
         let (attn_softcap, final_softcap) = if family == Family::Gemma2 {
-            (k.f64_opt("attn_logit_softcapping")?, k.f64_opt("final_logit_softcapping")?)
+            (
+                k.f64_opt("attn_logit_softcapping")?,
+                k.f64_opt("final_logit_softcapping")?,
+            )
         } else {
             (None, None)
         };
         let attn_scale = match family {
             Family::Gemma2 => {
-                let s = k.f64_opt("query_pre_attn_scalar")?.unwrap_or(head_dim as f64);
+                let s = k
+                    .f64_opt("query_pre_attn_scalar")?
+                    .unwrap_or(head_dim as f64);
                 s.powf(-0.5)
             }
             Family::Gpt2 => {
-                if k.bool_opt("scale_attn_by_inverse_layer_idx")?.unwrap_or(false) {
-                    return Err(Error::config(path, "scale_attn_by_inverse_layer_idx = true is not supported"));
+                if k.bool_opt("scale_attn_by_inverse_layer_idx")?
+                    .unwrap_or(false)
+                {
+                    return Err(Error::config(
+                        path,
+                        "scale_attn_by_inverse_layer_idx = true is not supported",
+                    ));
                 }
                 if k.bool_opt("scale_attn_weights")?.unwrap_or(true) {
                     (head_dim as f64).powf(-0.5)
@@ -326,11 +360,17 @@ impl ArchConfig {
             _ => (head_dim as f64).powf(-0.5),
         };
         let embed_scale = (family == Family::Gemma2).then(|| (hidden_size as f64).sqrt());
-        let parallel_residual = family == Family::GptNeox && k.bool_opt("use_parallel_residual")?.unwrap_or(true);
-        let tie_word_embeddings = k.bool_opt("tie_word_embeddings")?.unwrap_or(matches!(family, Family::Gemma2 | Family::Gpt2));
+        let parallel_residual =
+            family == Family::GptNeox && k.bool_opt("use_parallel_residual")?.unwrap_or(true);
+        let tie_word_embeddings = k
+            .bool_opt("tie_word_embeddings")?
+            .unwrap_or(matches!(family, Family::Gemma2 | Family::Gpt2));
         let pad_token_id = k.usize_opt("pad_token_id").ok().flatten().map(|x| x as u32);
         let bos_token_id = k.usize_opt("bos_token_id").ok().flatten().map(|x| x as u32);
-        let torch_dtype = k.str_opt("torch_dtype")?.or(k.str_opt("dtype")?).map(str::to_string);
+        let torch_dtype = k
+            .str_opt("torch_dtype")?
+            .or(k.str_opt("dtype")?)
+            .map(str::to_string);
 
         Ok(ArchConfig {
             family,
@@ -385,10 +425,9 @@ fn parse_rope(k: &Keys, family: Family, head_dim: usize, max_pos: usize) -> Resu
     let nested_f64 = |key: &str| -> Result<Option<f64>> {
         match nested(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| Error::config(path, format!("rope '{key}' must be a number, got {v}"))),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                Error::config(path, format!("rope '{key}' must be a number, got {v}"))
+            }),
         }
     };
     let theta = match nested_f64("rope_theta")? {
@@ -402,11 +441,18 @@ fn parse_rope(k: &Keys, family: Family, head_dim: usize, max_pos: usize) -> Resu
         Some(p) => p,
         None => k
             .f64_opt("partial_rotary_factor")?
-            .or(if family == Family::GptNeox { k.f64_opt("rotary_pct")? } else { None })
+            .or(if family == Family::GptNeox {
+                k.f64_opt("rotary_pct")?
+            } else {
+                None
+            })
             .unwrap_or(1.0),
     };
     if !(partial > 0.0 && partial <= 1.0) {
-        return Err(Error::config(path, format!("partial_rotary_factor must be in (0, 1], got {partial}")));
+        return Err(Error::config(
+            path,
+            format!("partial_rotary_factor must be in (0, 1], got {partial}"),
+        ));
     }
     let rotary_dim = (head_dim as f64 * partial) as usize;
     if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
@@ -417,12 +463,15 @@ fn parse_rope(k: &Keys, family: Family, head_dim: usize, max_pos: usize) -> Resu
         .and_then(Value::as_str)
         .unwrap_or("default");
     let factor = || -> Result<f64> {
-        nested_f64("factor")?.ok_or_else(|| Error::config(path, format!("rope_type '{rope_type}' needs a 'factor'")))
+        nested_f64("factor")?
+            .ok_or_else(|| Error::config(path, format!("rope_type '{rope_type}' needs a 'factor'")))
     };
     let original_max = || -> Result<usize> {
         match nested("original_max_position_embeddings").and_then(Value::as_u64) {
             Some(v) => Ok(v as usize),
-            None => Ok(k.usize_opt("original_max_position_embeddings")?.unwrap_or(max_pos)),
+            None => Ok(k
+                .usize_opt("original_max_position_embeddings")?
+                .unwrap_or(max_pos)),
         }
     };
     let scaling = match rope_type {
@@ -438,13 +487,20 @@ fn parse_rope(k: &Keys, family: Family, head_dim: usize, max_pos: usize) -> Resu
             high_freq_factor: nested_f64("high_freq_factor")?.unwrap_or(4.0),
             original_max: match nested("original_max_position_embeddings").and_then(Value::as_u64) {
                 Some(v) => v as usize,
-                None => return Err(Error::config(path, "rope_type 'llama3' needs 'original_max_position_embeddings'")),
+                None => {
+                    return Err(Error::config(
+                        path,
+                        "rope_type 'llama3' needs 'original_max_position_embeddings'",
+                    ))
+                }
             },
         },
         other => {
             return Err(Error::config(
                 path,
-                format!("unsupported rope_type '{other}' (supported: default, linear, dynamic, llama3)"),
+                format!(
+                    "unsupported rope_type '{other}' (supported: default, linear, dynamic, llama3)"
+                ),
             ))
         }
     };
@@ -468,7 +524,10 @@ fn parse_sliding_window(k: &Keys, family: Family, num_layers: usize) -> Result<V
         if types.len() != num_layers {
             return Err(Error::config(
                 k.path,
-                format!("'layer_types' has {} entries but num_hidden_layers is {num_layers}", types.len()),
+                format!(
+                    "'layer_types' has {} entries but num_hidden_layers is {num_layers}",
+                    types.len()
+                ),
             ));
         }
         return types
@@ -477,21 +536,35 @@ fn parse_sliding_window(k: &Keys, family: Family, num_layers: usize) -> Result<V
                 "full_attention" => Ok(None),
                 "sliding_attention" => match window {
                     Some(w) => Ok(Some(w)),
-                    None => Err(Error::config(k.path, "layer_types names 'sliding_attention' but sliding_window is not set")),
+                    None => Err(Error::config(
+                        k.path,
+                        "layer_types names 'sliding_attention' but sliding_window is not set",
+                    )),
                 },
-                other => Err(Error::config(k.path, format!("unsupported layer type '{other}'"))),
+                other => Err(Error::config(
+                    k.path,
+                    format!("unsupported layer type '{other}'"),
+                )),
             })
             .collect();
     }
     Ok(match family {
         Family::Mistral | Family::Phi3 => vec![window; num_layers],
         // Gemma 2 alternates: even layers slide, odd layers see everything.
-        Family::Gemma2 => (0..num_layers).map(|i| if i % 2 == 0 { window } else { None }).collect(),
+        Family::Gemma2 => (0..num_layers)
+            .map(|i| if i % 2 == 0 { window } else { None })
+            .collect(),
         Family::Qwen2 | Family::Qwen3 => {
             let use_sw = k.bool_opt("use_sliding_window")?.unwrap_or(false);
             let max_window_layers = k.usize_opt("max_window_layers")?.unwrap_or(num_layers);
             (0..num_layers)
-                .map(|i| if use_sw && i >= max_window_layers { window } else { None })
+                .map(|i| {
+                    if use_sw && i >= max_window_layers {
+                        window
+                    } else {
+                        None
+                    }
+                })
                 .collect()
         }
         _ => vec![None; num_layers],

@@ -39,7 +39,11 @@ impl Norm {
 /// How the q/k/v projections are stored.
 #[derive(Clone)]
 pub enum QkvProj {
-    Separate { q: Linear, k: Linear, v: Linear },
+    Separate {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
     /// rows [q; k; v] (Phi-3 `qkv_proj`, GPT-2 `c_attn`)
     Concatenated(Linear),
     /// per head [q_h; k_h; v_h] (GPT-NeoX `query_key_value`)
@@ -57,10 +61,20 @@ pub struct Attention {
 
 #[derive(Clone)]
 pub enum Mlp {
-    Gated { gate: Linear, up: Linear, down: Linear },
+    Gated {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
     /// Phi-3 `gate_up_proj`: rows [gate; up]
-    FusedGated { gate_up: Linear, down: Linear },
-    Plain { fc: Linear, proj: Linear },
+    FusedGated {
+        gate_up: Linear,
+        down: Linear,
+    },
+    Plain {
+        fc: Linear,
+        proj: Linear,
+    },
 }
 
 #[derive(Clone)]
@@ -177,7 +191,10 @@ impl Decoder {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         if !cfg_path.exists() {
-            return Err(Error::config(&cfg_path, "missing: a model directory needs config.json"));
+            return Err(Error::config(
+                &cfg_path,
+                "missing: a model directory needs config.json",
+            ));
         }
         let cfg = ArchConfig::from_file(&cfg_path)?;
         let store = WeightStore::open_dir(dir)?;
@@ -187,14 +204,35 @@ impl Decoder {
     /// Check that a checkpoint has every weight its config asks for, with the right shapes,
     /// reading only the file headers (merging uses this without loading the model).
     pub fn validate_store(cfg: &ArchConfig, store: &WeightStore) -> Result<()> {
-        Self::build(cfg.clone(), store, Path::new(""), DType::F32, &Device::Cpu, true).map(|_| ())
+        Self::build(
+            cfg.clone(),
+            store,
+            Path::new(""),
+            DType::F32,
+            &Device::Cpu,
+            true,
+        )
+        .map(|_| ())
     }
 
-    pub fn from_store(cfg: ArchConfig, store: &WeightStore, dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn from_store(
+        cfg: ArchConfig,
+        store: &WeightStore,
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         Self::build(cfg, store, dir, dtype, device, false)
     }
 
-    fn build(cfg: ArchConfig, store: &WeightStore, dir: &Path, dtype: DType, device: &Device, check_only: bool) -> Result<Self> {
+    fn build(
+        cfg: ArchConfig,
+        store: &WeightStore,
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        check_only: bool,
+    ) -> Result<Self> {
         let l = Loader {
             store,
             cfg: &cfg,
@@ -209,15 +247,25 @@ impl Decoder {
         match cfg.family {
             Family::Gpt2 => {
                 // The original OpenAI checkpoints store names without the `transformer.` prefix.
-                let p = if store.contains("transformer.wte.weight") { "transformer." } else { "" };
+                let p = if store.contains("transformer.wte.weight") {
+                    "transformer."
+                } else {
+                    ""
+                };
                 embed = l.tensor(&format!("{p}wte.weight"), &[v, h])?;
-                pos_embed = Some(l.tensor(&format!("{p}wpe.weight"), &[cfg.max_position_embeddings, h])?);
+                pos_embed =
+                    Some(l.tensor(&format!("{p}wpe.weight"), &[cfg.max_position_embeddings, h])?);
                 for i in 0..cfg.num_layers {
                     let m = format!("h.{i}");
                     layers.push(Layer {
                         input_norm: l.norm(&format!("{p}{m}.ln_1"), h)?,
                         attn: Attention {
-                            qkv: QkvProj::Concatenated(l.conv1d(p, &format!("{m}.attn.c_attn"), 3 * h, h)?),
+                            qkv: QkvProj::Concatenated(l.conv1d(
+                                p,
+                                &format!("{m}.attn.c_attn"),
+                                3 * h,
+                                h,
+                            )?),
                             o: l.conv1d(p, &format!("{m}.attn.c_proj"), h, h)?,
                             q_norm: None,
                             k_norm: None,
@@ -249,7 +297,12 @@ impl Decoder {
                                 h,
                                 cfg.attention_bias,
                             )?),
-                            o: l.linear(&format!("{m}.attention.dense"), h, qd, cfg.attention_bias)?,
+                            o: l.linear(
+                                &format!("{m}.attention.dense"),
+                                h,
+                                qd,
+                                cfg.attention_bias,
+                            )?,
                             q_norm: None,
                             k_norm: None,
                             window: None,
@@ -277,7 +330,12 @@ impl Decoder {
                     let m = format!("model.layers.{i}");
                     let a = format!("{m}.self_attn");
                     let qkv = if cfg.family == Family::Phi3 {
-                        QkvProj::Concatenated(l.linear(&format!("{a}.qkv_proj"), qd + 2 * kvd, h, cfg.attention_bias)?)
+                        QkvProj::Concatenated(l.linear(
+                            &format!("{a}.qkv_proj"),
+                            qd + 2 * kvd,
+                            h,
+                            cfg.attention_bias,
+                        )?)
                     } else {
                         QkvProj::Separate {
                             q: l.linear(&format!("{a}.q_proj"), qd, h, cfg.attention_bias)?,
@@ -296,7 +354,12 @@ impl Decoder {
                     let mp = format!("{m}.mlp");
                     let mlp = if cfg.family == Family::Phi3 {
                         Mlp::FusedGated {
-                            gate_up: l.linear(&format!("{mp}.gate_up_proj"), 2 * inter, h, cfg.mlp_bias)?,
+                            gate_up: l.linear(
+                                &format!("{mp}.gate_up_proj"),
+                                2 * inter,
+                                h,
+                                cfg.mlp_bias,
+                            )?,
                             down: l.linear(&format!("{mp}.down_proj"), h, inter, cfg.mlp_bias)?,
                         }
                     } else {
@@ -368,7 +431,12 @@ impl Decoder {
 
     /// The hidden state [B, T, H] after decoder layer `layer` (0-based; transformers'
     /// `hidden_states[layer + 1]`). Layers above it are not computed.
-    pub fn hidden_after_layer(&self, input: &ModelInput, layer: usize, opts: &ForwardOptions) -> Result<Tensor> {
+    pub fn hidden_after_layer(
+        &self,
+        input: &ModelInput,
+        layer: usize,
+        opts: &ForwardOptions,
+    ) -> Result<Tensor> {
         if layer >= self.layers.len() {
             return Err(Error::InvalidArgument(format!(
                 "layer {layer} does not exist: the model has {} layers (0..{})",
@@ -379,7 +447,12 @@ impl Decoder {
         self.run_layers(input, opts, Some(layer))
     }
 
-    fn run_layers(&self, input: &ModelInput, opts: &ForwardOptions, stop_after: Option<usize>) -> Result<Tensor> {
+    fn run_layers(
+        &self,
+        input: &ModelInput,
+        opts: &ForwardOptions,
+        stop_after: Option<usize>,
+    ) -> Result<Tensor> {
         let (b, t) = input.input_ids.dims2()?;
         if t == 0 {
             return Err(Error::InvalidArgument("empty input sequence".into()));
@@ -400,13 +473,16 @@ impl Decoder {
             Some(m) => m.to_dtype(DType::U32)?.to_vec2::<u32>()?,
             None => vec![vec![1; t]; b],
         };
-        let mut x = self
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.cfg.hidden_size,
+        ))?;
         if let Some(scale) = self.cfg.embed_scale {
             // transformers multiplies by a tensor of the hidden dtype
-            let s = Tensor::new(scale as f32, &self.device)?.to_dtype(self.dtype)?.to_dtype(DType::F64)?;
+            let s = Tensor::new(scale as f32, &self.device)?
+                .to_dtype(self.dtype)?
+                .to_dtype(DType::F64)?;
             x = (x * s.to_scalar::<f64>()?)?;
         }
         if let Some(wpe) = &self.pos_embed {
@@ -419,10 +495,18 @@ impl Decoder {
             }
             let flat: Vec<u32> = positions.iter().flatten().copied().collect();
             let pidx = Tensor::from_vec(flat, b * t, &self.device)?;
-            x = (x + wpe.index_select(&pidx, 0)?.reshape((b, t, self.cfg.hidden_size))?)?;
+            x = (x + wpe
+                .index_select(&pidx, 0)?
+                .reshape((b, t, self.cfg.hidden_size))?)?;
         }
         let rope = match &self.cfg.rope {
-            Some(r) => Some(rope_tables(r, &positions, self.cfg.head_dim, &self.device, self.dtype)?),
+            Some(r) => Some(rope_tables(
+                r,
+                &positions,
+                self.cfg.head_dim,
+                &self.device,
+                self.dtype,
+            )?),
             None => None,
         };
         let mut masks: Vec<(Option<usize>, AttnMask)> = Vec::new();
@@ -432,7 +516,13 @@ impl Decoder {
             let mask = match masks.iter().find(|(w, _)| *w == window) {
                 Some((_, m)) => m.clone(),
                 None => {
-                    let m = build_mask(&mask_rows, window, zero_empty_rows, &self.device, self.dtype)?;
+                    let m = build_mask(
+                        &mask_rows,
+                        window,
+                        zero_empty_rows,
+                        &self.device,
+                        self.dtype,
+                    )?;
                     masks.push((window, m.clone()));
                     m
                 }
@@ -484,21 +574,36 @@ impl Decoder {
         // each: [B, heads, T, D]
         let (q, k, v) = match &attn.qkv {
             QkvProj::Separate { q, k, v } => (
-                q.forward(x, opts)?.reshape((b, t, nh, hd))?.transpose(1, 2)?,
-                k.forward(x, opts)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?,
-                v.forward(x, opts)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?,
+                q.forward(x, opts)?
+                    .reshape((b, t, nh, hd))?
+                    .transpose(1, 2)?,
+                k.forward(x, opts)?
+                    .reshape((b, t, nkv, hd))?
+                    .transpose(1, 2)?,
+                v.forward(x, opts)?
+                    .reshape((b, t, nkv, hd))?
+                    .transpose(1, 2)?,
             ),
             QkvProj::Concatenated(p) => {
                 let y = p.forward(x, opts)?;
                 let (qd, kvd) = (nh * hd, nkv * hd);
                 (
-                    y.narrow(D::Minus1, 0, qd)?.reshape((b, t, nh, hd))?.transpose(1, 2)?,
-                    y.narrow(D::Minus1, qd, kvd)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?,
-                    y.narrow(D::Minus1, qd + kvd, kvd)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?,
+                    y.narrow(D::Minus1, 0, qd)?
+                        .reshape((b, t, nh, hd))?
+                        .transpose(1, 2)?,
+                    y.narrow(D::Minus1, qd, kvd)?
+                        .reshape((b, t, nkv, hd))?
+                        .transpose(1, 2)?,
+                    y.narrow(D::Minus1, qd + kvd, kvd)?
+                        .reshape((b, t, nkv, hd))?
+                        .transpose(1, 2)?,
                 )
             }
             QkvProj::PerHeadInterleaved(p) => {
-                let y = p.forward(x, opts)?.reshape((b, t, nh, 3 * hd))?.transpose(1, 2)?;
+                let y = p
+                    .forward(x, opts)?
+                    .reshape((b, t, nh, 3 * hd))?
+                    .transpose(1, 2)?;
                 (
                     y.narrow(D::Minus1, 0, hd)?,
                     y.narrow(D::Minus1, hd, hd)?,
@@ -537,7 +642,8 @@ impl Decoder {
             scores = ((scores / cap)?.tanh()? * cap)?;
         }
         let scores = scores.broadcast_add(&mask.additive)?;
-        let mut probs = ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
+        let mut probs =
+            ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
         if let Some(keep) = &mask.empty_rows {
             probs = probs.broadcast_mul(keep)?;
         }
@@ -605,7 +711,8 @@ impl Decoder {
     /// Total number of base parameters (tied embeddings counted once).
     pub fn num_parameters(&self) -> usize {
         let norm = |n: &Norm| n.weight.elem_count() + n.bias.as_ref().map_or(0, |b| b.elem_count());
-        let lin = |l: &Linear| l.weight.elem_count() + l.bias.as_ref().map_or(0, |b| b.elem_count());
+        let lin =
+            |l: &Linear| l.weight.elem_count() + l.bias.as_ref().map_or(0, |b| b.elem_count());
         let mut n = self.embed.elem_count() + self.pos_embed.as_ref().map_or(0, |p| p.elem_count());
         n += norm(&self.final_norm);
         if !self.cfg.tie_word_embeddings {
@@ -613,8 +720,10 @@ impl Decoder {
         }
         for layer in &self.layers {
             n += norm(&layer.input_norm) + norm(&layer.mlp_norm);
-            n += layer.post_attn_norm.as_ref().map_or(0, norm) + layer.post_mlp_norm.as_ref().map_or(0, norm);
-            n += layer.attn.q_norm.as_ref().map_or(0, norm) + layer.attn.k_norm.as_ref().map_or(0, norm);
+            n += layer.post_attn_norm.as_ref().map_or(0, norm)
+                + layer.post_mlp_norm.as_ref().map_or(0, norm);
+            n += layer.attn.q_norm.as_ref().map_or(0, norm)
+                + layer.attn.k_norm.as_ref().map_or(0, norm);
         }
         n + self.linears().into_iter().map(lin).sum::<usize>()
     }
@@ -645,7 +754,13 @@ struct AttnMask {
 /// output differs between transformers' attention kernels: SDPA returns zeros, eager attention
 /// (used by Gemma 2 for soft-capping) a uniform average. We follow the kernel transformers uses
 /// for the architecture so that every position matches, padding included.
-fn build_mask(rows: &[Vec<u32>], window: Option<usize>, zero_empty_rows: bool, device: &Device, dtype: DType) -> Result<AttnMask> {
+fn build_mask(
+    rows: &[Vec<u32>],
+    window: Option<usize>,
+    zero_empty_rows: bool,
+    device: &Device,
+    dtype: DType,
+) -> Result<AttnMask> {
     let b = rows.len();
     let t = rows.first().map_or(0, |r| r.len());
     let mut data = vec![0f32; b * t * t];
@@ -674,7 +789,10 @@ fn build_mask(rows: &[Vec<u32>], window: Option<usize>, zero_empty_rows: bool, d
     } else {
         None
     };
-    Ok(AttnMask { additive, empty_rows })
+    Ok(AttnMask {
+        additive,
+        empty_rows,
+    })
 }
 
 /// Inverse frequencies exactly as transformers computes them (f32).
@@ -688,8 +806,14 @@ pub fn inv_freq(rope: &crate::model::config::RopeConfig, seq_len: usize) -> Vec<
     };
     match rope.scaling {
         RopeScaling::None => base_for(rope.theta),
-        RopeScaling::Linear { factor } => base_for(rope.theta).into_iter().map(|f| f / factor as f32).collect(),
-        RopeScaling::Dynamic { factor, original_max } => {
+        RopeScaling::Linear { factor } => base_for(rope.theta)
+            .into_iter()
+            .map(|f| f / factor as f32)
+            .collect(),
+        RopeScaling::Dynamic {
+            factor,
+            original_max,
+        } => {
             if seq_len > original_max {
                 let base = rope.theta
                     * ((factor * seq_len as f64 / original_max as f64) - (factor - 1.0))
@@ -718,7 +842,8 @@ pub fn inv_freq(rope: &crate::model::config::RopeConfig, seq_len: usize) -> Vec<
                     } else if wavelen > low_wavelen {
                         (f64_ / factor) as f32
                     } else {
-                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         ((1.0 - smooth) * f64_ / factor + smooth * f64_) as f32
                     }
                 })

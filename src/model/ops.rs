@@ -20,7 +20,13 @@ impl CustomOp2 for FrozenMatmul {
         "frozen-matmul"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, k) = l1.shape().dims2()?;
         let (n, k2) = l2.shape().dims2()?;
         if k != k2 {
@@ -47,7 +53,13 @@ impl CustomOp2 for FrozenMatmul {
         Ok((out, Shape::from((m, n))))
     }
 
-    fn bwd(&self, _x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(grad.matmul(w)?), None))
     }
 }
@@ -133,7 +145,10 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
     let half = cos.dim(D::Minus1)?;
     let rot = 2 * half;
     let (x_rot, x_pass) = if rot < d {
-        (x.narrow(D::Minus1, 0, rot)?, Some(x.narrow(D::Minus1, rot, d - rot)?))
+        (
+            x.narrow(D::Minus1, 0, rot)?,
+            Some(x.narrow(D::Minus1, rot, d - rot)?),
+        )
     } else {
         (x.clone(), None)
     };
@@ -153,7 +168,10 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
 pub fn token_nll(logits: &Tensor, labels: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
     let logits = logits.to_dtype(DType::F32)?;
     let labels_v = labels.to_dtype(DType::I64)?.to_vec1::<i64>()?;
-    let mask: Vec<f32> = labels_v.iter().map(|&l| if l < 0 { 0.0 } else { 1.0 }).collect();
+    let mask: Vec<f32> = labels_v
+        .iter()
+        .map(|&l| if l < 0 { 0.0 } else { 1.0 })
+        .collect();
     let safe: Vec<u32> = labels_v.iter().map(|&l| l.max(0) as u32).collect();
     let n = safe.len();
     let dev = logits.device();
@@ -186,14 +204,21 @@ mod tests {
     #[test]
     fn frozen_matmul_matches_plain_matmul_and_skips_weight_grad() -> candle_core::Result<()> {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::arange(0f32, 12.0, &dev)?.reshape((2, 2, 3))?.affine(0.1, -0.3)?)?;
+        let x = Var::from_tensor(
+            &Tensor::arange(0f32, 12.0, &dev)?
+                .reshape((2, 2, 3))?
+                .affine(0.1, -0.3)?,
+        )?;
         let w = Tensor::new(&[[0.5f32, -1.0, 2.0], [1.5, 0.25, -0.75]], &dev)?;
         let y = linear(x.as_tensor(), &w)?;
         let reference = x.as_tensor().broadcast_matmul(&w.t()?)?;
         let diff = (&y - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-6, "{diff}");
         let grads = (y.sqr()?.sum_all()?).backward()?;
-        assert!(grads.get(&w).is_none(), "frozen weight must get no gradient");
+        assert!(
+            grads.get(&w).is_none(),
+            "frozen weight must get no gradient"
+        );
         let gx = grads.get(x.as_tensor()).expect("input gradient");
         // d/dx sum(y²) = 2·y·W
         let expected = (reference * 2.0)?.broadcast_matmul(&w)?;

@@ -22,10 +22,11 @@ impl SafetensorsFile {
         // SAFETY: the file is opened read-only; a concurrent writer could change the bytes under
         // us, which is the usual caveat of every safetensors loader (transformers' included).
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
-            path: path.to_path_buf(),
-            msg: describe_safetensors_error(&e),
-        })?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
+                path: path.to_path_buf(),
+                msg: describe_safetensors_error(&e),
+            })?;
         let tensors = metadata
             .tensors()
             .into_iter()
@@ -60,10 +61,13 @@ fn describe_safetensors_error(e: &safetensors::SafeTensorError) -> String {
     use safetensors::SafeTensorError as E;
     match e {
         E::MetadataIncompleteBuffer => {
-            "the file is shorter or longer than its header says (truncated or corrupt download?)".into()
+            "the file is shorter or longer than its header says (truncated or corrupt download?)"
+                .into()
         }
         E::HeaderTooSmall | E::InvalidHeaderLength => "the header is missing or truncated".into(),
-        E::HeaderTooLarge => "the header length is implausible (not a safetensors file, or corrupt)".into(),
+        E::HeaderTooLarge => {
+            "the header length is implausible (not a safetensors file, or corrupt)".into()
+        }
         other => other.to_string(),
     }
 }
@@ -107,14 +111,22 @@ impl WeightStore {
         for shard in shard_names {
             let p = dir.join(shard);
             if !p.exists() {
-                return Err(Error::config(index, format!("names the shard '{shard}', which does not exist")));
+                return Err(Error::config(
+                    index,
+                    format!("names the shard '{shard}', which does not exist"),
+                ));
             }
             paths.push(p);
         }
         let store = Self::open_files(&paths, index.to_path_buf())?;
         for (name, shard) in &parsed.weight_map {
             match store.by_name.get(name) {
-                Some(&i) if store.files[i].path.file_name().map(|f| f.to_string_lossy() == *shard) == Some(true) => {}
+                Some(&i)
+                    if store.files[i]
+                        .path
+                        .file_name()
+                        .map(|f| f.to_string_lossy() == *shard)
+                        == Some(true) => {}
                 _ => {
                     return Err(Error::config(
                         index,
@@ -136,7 +148,11 @@ impl WeightStore {
             }
             files.push(f);
         }
-        Ok(WeightStore { files, by_name, origin })
+        Ok(WeightStore {
+            files,
+            by_name,
+            origin,
+        })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -181,7 +197,13 @@ impl WeightStore {
     }
 
     /// Load `name`, check its shape, convert to `dtype` on `device`.
-    pub fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn tensor(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let (st_dtype, got, bytes, path) = self.raw(name)?;
         if got != shape {
             return Err(Error::WeightShape {
@@ -206,11 +228,20 @@ impl WeightStore {
 
 /// Decode little-endian safetensors bytes into a CPU tensor (copying: mmap data need not be
 /// aligned for the element type).
-pub fn bytes_to_tensor(dtype: Dtype, shape: &[usize], bytes: &[u8], path: &Path, name: &str) -> Result<Tensor> {
+pub fn bytes_to_tensor(
+    dtype: Dtype,
+    shape: &[usize],
+    bytes: &[u8],
+    path: &Path,
+    name: &str,
+) -> Result<Tensor> {
     let dev = &Device::Cpu;
     let t = match dtype {
         Dtype::F32 => Tensor::from_vec(
-            bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<_>>(),
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect::<Vec<_>>(),
             shape,
             dev,
         )?,
@@ -284,15 +315,41 @@ impl OwnedView {
         let shape = t.dims().to_vec();
         let flat = t.flatten_all()?;
         let data: Vec<u8> = match t.dtype() {
-            DType::F32 => flat.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            DType::F16 => flat.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            DType::BF16 => flat.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            DType::F64 => flat.to_vec1::<f64>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            DType::I64 => flat.to_vec1::<i64>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            DType::U32 => flat.to_vec1::<u32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            DType::F32 => flat
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+            DType::F16 => flat
+                .to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+            DType::BF16 => flat
+                .to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+            DType::F64 => flat
+                .to_vec1::<f64>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+            DType::I64 => flat
+                .to_vec1::<i64>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+            DType::U32 => flat
+                .to_vec1::<u32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
             DType::U8 => flat.to_vec1::<u8>()?,
             other => {
-                return Err(Error::InvalidArgument(format!("cannot serialise dtype {other:?}")));
+                return Err(Error::InvalidArgument(format!(
+                    "cannot serialise dtype {other:?}"
+                )));
             }
         };
         Ok(OwnedView {
@@ -323,11 +380,14 @@ impl safetensors::View for &OwnedView {
 pub fn write_safetensors(path: &Path, tensors: &[(String, OwnedView)]) -> Result<()> {
     let tmp = tmp_path(path);
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    safetensors::serialize_to_file(tensors.iter().map(|(n, v)| (n.as_str(), v)), Some(meta), &tmp).map_err(|e| {
-        Error::Safetensors {
-            path: tmp.clone(),
-            msg: e.to_string(),
-        }
+    safetensors::serialize_to_file(
+        tensors.iter().map(|(n, v)| (n.as_str(), v)),
+        Some(meta),
+        &tmp,
+    )
+    .map_err(|e| Error::Safetensors {
+        path: tmp.clone(),
+        msg: e.to_string(),
     })?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
@@ -340,6 +400,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 pub fn tmp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }

@@ -13,7 +13,8 @@ pub fn fixture(name: &str) -> PathBuf {
 /// Every tensor of a fixture's reference.safetensors, in its stored dtype.
 pub fn reference(name: &str) -> HashMap<String, Tensor> {
     let path = fixture(name).join("reference.safetensors");
-    let store = WeightStore::open_files(std::slice::from_ref(&path), path.clone()).expect("reference.safetensors");
+    let store = WeightStore::open_files(std::slice::from_ref(&path), path.clone())
+        .expect("reference.safetensors");
     store
         .names()
         .into_iter()
