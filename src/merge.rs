@@ -56,6 +56,8 @@ struct LoraPair {
     a: Tensor,
     b: Tensor,
     scale: f64,
+    /// base stored as [in, out] (GPT-2 Conv1D): the delta is added transposed
+    conv1d: bool,
 }
 
 pub fn parse_dtype(s: &str) -> Result<DType> {
@@ -188,11 +190,7 @@ fn write_merged(
                     merged += 1;
                     let delta = (pair.b.matmul(&pair.a)? * pair.scale)?;
                     let w = stored.to_dtype(DType::F32)?;
-                    let delta = if w.dims() == delta.dims() {
-                        delta
-                    } else {
-                        delta.t()?
-                    };
+                    let delta = if pair.conv1d { delta.t()? } else { delta };
                     (w + delta)?.to_dtype(target_dtype)?
                 }
                 None => stored.to_dtype(target_dtype)?,
@@ -374,6 +372,7 @@ fn read_adapter(
                 a,
                 b,
                 scale: cfg.scale_for_rank(ra),
+                conv1d,
             },
         );
     }

@@ -104,3 +104,61 @@ fn merge_refuses_non_empty_output_and_bad_adapter() {
     .unwrap_err();
     assert!(err.to_string().contains("not empty"), "{err}");
 }
+
+/// LoRA on fused and transposed (Conv1D) projections: the adapted model and the merged
+/// checkpoint written from its saved adapter give the same logits.
+#[test]
+fn adapters_on_fused_and_conv1d_modules_merge_consistently() {
+    use unlearn::lora::{attach_lora, lora_vars, save_adapter, LoraConfig, TargetModules};
+    for (name, targets) in [
+        ("gpt2", vec!["c_attn", "c_proj", "c_fc"]),
+        ("gpt_neox", vec!["query_key_value", "dense_h_to_4h"]),
+        ("phi3", vec!["qkv_proj", "gate_up_proj"]),
+    ] {
+        let mut model = Decoder::load(&fixture(name), DType::F32, &cpu()).unwrap();
+        let cfg = LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            use_rslora: false,
+            dropout: 0.0,
+            target_modules: TargetModules::Names(targets.iter().map(|s| s.to_string()).collect()),
+            layers: None,
+        };
+        let n = attach_lora(&mut model, &cfg, &mut unlearn::rng::Rng::new(5)).unwrap();
+        assert_eq!(
+            n,
+            targets.len() * 2 + usize::from(name == "gpt2") * 2,
+            "{name}"
+        );
+        for (_, v) in lora_vars(&model) {
+            let t = v.as_tensor();
+            v.set(&(t + candle_core::Tensor::randn(0f32, 0.1, t.dims(), &cpu()).unwrap()).unwrap())
+                .unwrap();
+        }
+        let r = reference(name);
+        let input = ModelInput::new(&r["input_ids"], Some(&r["attention_mask"]));
+        let adapted = model.forward(&input, &ForwardOptions::default()).unwrap();
+        assert!(
+            max_abs_diff(&adapted, &r["logits"]) > 1e-3,
+            "{name}: adapter has no effect"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        save_adapter(&model, &cfg, &tmp.path().join("adapter"), None).unwrap();
+        let written: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(tmp.path().join("adapter/adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(written["fan_in_fan_out"], name == "gpt2", "{name}");
+        merge(
+            &fixture(name),
+            &tmp.path().join("adapter"),
+            &tmp.path().join("merged"),
+            &MergeOptions::default(),
+        )
+        .unwrap();
+        let merged = Decoder::load(&tmp.path().join("merged"), DType::F32, &cpu()).unwrap();
+        let logits = merged.forward(&input, &ForwardOptions::default()).unwrap();
+        let d = max_abs_diff(&logits, &adapted);
+        assert!(d <= 1e-4, "{name}: merged vs adapted logits differ by {d}");
+    }
+}
