@@ -5,11 +5,15 @@
 //! chat template), `score` (per-record NLL).
 pub mod data;
 pub mod error;
+pub mod hub;
 pub mod lora;
 pub mod merge;
+pub mod methods;
 pub mod model;
+pub mod recipe;
 pub mod rng;
 pub mod score;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -29,6 +29,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run an unlearning recipe: train a LoRA adapter with the recipe's method, write the PEFT
+    /// adapter, metrics.jsonl, checkpoints and (if asked) the merged model to the output dir.
+    ///
+    /// Ctrl-C writes a checkpoint and exits; `--resume` continues bit for bit.
+    Run {
+        /// TOML recipe (see recipes/)
+        recipe: PathBuf,
+        /// override any recipe field, e.g. --set train.lr=1e-4 --set method.beta=0.2
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// continue from a checkpoint dir or from the latest checkpoint of an output dir
+        #[arg(long)]
+        resume: Option<PathBuf>,
+    },
+    /// List the unlearning methods a recipe can name.
+    Methods,
     /// Describe a checkpoint: architecture, sizes, parameter count, dtype and LoRA targets.
     Inspect {
         /// model directory (config.json + safetensors)
@@ -91,6 +107,17 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Run {
+            recipe,
+            set,
+            resume,
+        } => run_recipe(&recipe, &set, resume),
+        Command::Methods => {
+            for (name, what) in unlearn::methods::METHODS {
+                println!("{name:<12} {what}");
+            }
+            Ok(())
+        }
         Command::Inspect { model, json } => inspect(&model, json),
         Command::Score {
             model,
@@ -148,6 +175,50 @@ fn model_dir(spec: &Path) -> Result<PathBuf> {
         "model '{}' not found: give a local checkpoint directory (downloading from the Hugging Face hub is not available yet)",
         spec.display()
     )
+}
+
+fn run_recipe(path: &Path, overrides: &[String], resume: Option<PathBuf>) -> Result<()> {
+    let recipe = unlearn::recipe::Recipe::load(path, overrides)?;
+    let interrupt: &'static std::sync::atomic::AtomicBool =
+        Box::leak(Box::new(std::sync::atomic::AtomicBool::new(false)));
+    // First Ctrl-C: checkpoint after the current step and exit; a second one exits at once.
+    ctrlc::set_handler(move || {
+        if interrupt.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: writing a checkpoint after this step (Ctrl-C again to abort)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let opts = unlearn::train::trainer::RunOptions {
+        resume,
+        interrupt: Some(interrupt),
+        device: Device::Cpu,
+        progress: true,
+    };
+    let started = std::time::Instant::now();
+    let summary = unlearn::train::trainer::run(&recipe, &opts)?;
+    let logs: Vec<String> = summary
+        .last_logs
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.4}"))
+        .collect();
+    if summary.interrupted {
+        eprintln!(
+            "stopped at step {}; resume with: unlearn run {} --resume {}",
+            summary.steps,
+            path.display(),
+            summary.out_dir.display()
+        );
+    } else {
+        eprintln!(
+            "done: {} steps in {:.1}s; last step: {}\nadapter: {}",
+            summary.steps,
+            started.elapsed().as_secs_f64(),
+            logs.join(", "),
+            summary.out_dir.join("adapter").display()
+        );
+    }
+    Ok(())
 }
 
 fn inspect(spec: &Path, as_json: bool) -> Result<()> {

@@ -23,6 +23,9 @@ pub struct ForwardOptions {
     pub lora: bool,
     /// LoRA dropout: active only when a generator is given
     pub dropout_rng: Option<RefCell<Rng>>,
+    /// use the LoRA weights as constants: no graph is built (candle has no no-grad mode), for
+    /// evaluation passes during training
+    pub detach_lora: bool,
 }
 
 impl Default for ForwardOptions {
@@ -30,6 +33,7 @@ impl Default for ForwardOptions {
         ForwardOptions {
             lora: true,
             dropout_rng: None,
+            detach_lora: false,
         }
     }
 }
@@ -39,12 +43,22 @@ impl ForwardOptions {
         ForwardOptions {
             lora: false,
             dropout_rng: None,
+            detach_lora: false,
         }
     }
     pub fn training(seed_rng: Rng) -> Self {
         ForwardOptions {
             lora: true,
             dropout_rng: Some(RefCell::new(seed_rng)),
+            detach_lora: false,
+        }
+    }
+    /// the adapted model as constants: no dropout, no graph
+    pub fn eval() -> Self {
+        ForwardOptions {
+            lora: true,
+            dropout_rng: None,
+            detach_lora: true,
         }
     }
 }
@@ -90,8 +104,13 @@ impl Linear {
             let dims = h.dims().to_vec();
             let rows: usize = dims[..dims.len() - 1].iter().product();
             let h2 = h.reshape((rows, dims[dims.len() - 1]))?;
-            let low = h2.matmul(&lora.a.as_tensor().t()?)?;
-            let up = (low.matmul(&lora.b.as_tensor().t()?)? * lora.scale)?;
+            let (a, b) = if opts.detach_lora {
+                (lora.a.as_tensor().detach(), lora.b.as_tensor().detach())
+            } else {
+                (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
+            };
+            let low = h2.matmul(&a.t()?)?;
+            let up = (low.matmul(&b.t()?)? * lora.scale)?;
             let mut out_dims = dims;
             let last = out_dims.len() - 1;
             out_dims[last] = self.out_features();

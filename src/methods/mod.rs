@@ -1,0 +1,299 @@
+//! Unlearning methods. Each is one file implementing [`Method`]; the trainer knows none of them
+//! by name and only calls [`build`]. Formulas and defaults: open-unlearning, see
+//! `shared/reference/algorithms.md`.
+use crate::error::{Error, Result};
+use crate::model::ops::causal_lm_loss;
+use crate::model::{Decoder, ForwardOptions};
+use crate::score::row_nll;
+use crate::tokenizer::EncodedExample;
+use crate::train::batch::{ItemBatch, PairedBatch};
+use candle_core::{DType, Tensor, Var, D};
+use serde::Deserialize;
+
+pub mod eupmu;
+pub mod grad_ascent;
+pub mod grad_diff;
+pub mod npo;
+pub mod simnpo;
+pub mod surgery;
+
+/// Named values a method reports for one step (written to metrics.jsonl).
+pub type Logs = Vec<(String, f64)>;
+
+/// What a method sees of the run at each micro-batch.
+pub struct Ctx<'a> {
+    pub model: &'a Decoder,
+    /// the trainable LoRA variables, in a fixed order
+    pub vars: &'a [Var],
+    /// forward options for the trained model (dropout generator for this micro-batch)
+    pub opts: &'a ForwardOptions,
+    /// 0-based optimizer step and micro-batch within it
+    pub step: usize,
+    pub micro: usize,
+}
+
+pub struct LossOutput {
+    /// scalar to minimise
+    pub loss: Tensor,
+    pub logs: Logs,
+}
+
+pub trait Method {
+    fn name(&self) -> &'static str;
+
+    /// Whether the method needs retain batches.
+    fn needs_retain(&self) -> bool {
+        true
+    }
+
+    /// One-time work before training, e.g. caching reference log-probs of the fixed forget set.
+    fn prepare(
+        &mut self,
+        _model: &Decoder,
+        _forget: &[EncodedExample],
+        _pad_id: u32,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// The objective on one micro-batch.
+    fn loss(&mut self, ctx: &Ctx, batch: &PairedBatch) -> Result<LossOutput>;
+
+    /// Gradients of the step's objective for `ctx.vars`. The default is the backward of
+    /// [`Method::loss`]; methods that combine several gradients override it.
+    fn gradients(&mut self, ctx: &Ctx, batch: &PairedBatch) -> Result<(Vec<Tensor>, Logs)> {
+        let out = self.loss(ctx, batch)?;
+        let loss_value = scalar(&out.loss)?;
+        let mut logs = vec![("loss".to_string(), loss_value)];
+        logs.extend(out.logs);
+        if !loss_value.is_finite() {
+            return Ok((vec![], logs));
+        }
+        Ok((grads_of(&out.loss, ctx.vars)?, logs))
+    }
+
+    /// After the optimizer step, with every micro-batch of the step (dual updates).
+    fn after_update(&mut self, _ctx: &Ctx, _batches: &[PairedBatch]) -> Result<Logs> {
+        Ok(vec![])
+    }
+
+    /// State to checkpoint (e.g. a dual variable) and restore.
+    fn state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    fn load_state(&mut self, _state: &serde_json::Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The available methods: (recipe name, one-line description).
+pub const METHODS: &[(&str, &str)] = &[
+    ("gradascent", "gradient ascent on the forget NLL"),
+    (
+        "graddiff",
+        "gradient ascent on forget + descent on retain (NLL or KL to the base model)",
+    ),
+    (
+        "npo",
+        "negative preference optimisation against the adapter-free reference",
+    ),
+    ("simnpo", "reference-free NPO on length-normalised NLL"),
+    (
+        "eupmu",
+        "constrained forgetting by implicit gradient surgery (dual variable on the retain loss)",
+    ),
+    (
+        "surgery",
+        "explicit unilateral gradient surgery baseline (two backward passes)",
+    ),
+];
+
+/// Build a method from its recipe name and parameters (unknown parameters are errors).
+pub fn build(name: &str, params: &toml::Table) -> Result<Box<dyn Method>> {
+    Ok(match name {
+        "gradascent" | "ga" => Box::new(grad_ascent::GradAscent::from_params(params)?),
+        "graddiff" => Box::new(grad_diff::GradDiff::from_params(params)?),
+        "npo" => Box::new(npo::Npo::from_params(params)?),
+        "simnpo" => Box::new(simnpo::SimNpo::from_params(params)?),
+        "eupmu" => Box::new(eupmu::Eupmu::from_params(params)?),
+        "surgery" => Box::new(surgery::Surgery::from_params(params)?),
+        other => {
+            let names: Vec<&str> = METHODS.iter().map(|m| m.0).collect();
+            return Err(Error::InvalidArgument(format!(
+                "unknown method '{other}'; available: {}",
+                names.join(", ")
+            )));
+        }
+    })
+}
+
+// ---- shared pieces ----------------------------------------------------------------------
+
+pub fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0])
+}
+
+/// Logits of the trained model (LoRA on) for a batch.
+pub fn logits(ctx: &Ctx, batch: &ItemBatch) -> Result<Tensor> {
+    ctx.model.forward(&batch.input(), ctx.opts)
+}
+
+/// Logits of the reference model: the same weights with the adapter disabled (no graph).
+pub fn reference_logits(model: &Decoder, batch: &ItemBatch) -> Result<Tensor> {
+    model.forward(&batch.input(), &ForwardOptions::base_model())
+}
+
+/// NLL over all answer tokens of the batch, flattened (transformers' `outputs.loss`).
+pub fn mean_nll(logits: &Tensor, batch: &ItemBatch) -> Result<Tensor> {
+    Ok(causal_lm_loss(logits, &batch.labels)?)
+}
+
+/// Per-sequence summed NLL ℓ_sum [B] and scored-token counts [B].
+pub fn seq_nll(logits: &Tensor, batch: &ItemBatch) -> Result<(Tensor, Tensor)> {
+    row_nll(logits, &batch.labels)
+}
+
+/// log σ(x) = −softplus(−x), stable for large |x|.
+pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
+    // −(max(−x, 0) + log(1 + exp(−|x|)))
+    let relu_neg = x.neg()?.relu()?;
+    let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    Ok((relu_neg + tail)?.neg()?)
+}
+
+/// Gradients of `loss` for every var; a missing gradient is a cut graph and an error.
+pub fn grads_of(loss: &Tensor, vars: &[Var]) -> Result<Vec<Tensor>> {
+    let store = loss.backward()?;
+    vars.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            store.get(v.as_tensor()).cloned().ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "trainable tensor #{i} received no gradient: the objective does not depend on it (e.g. RMU with adapters above the chosen layer)"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// The retain term of GradDiff-style objectives.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RetainLoss {
+    #[default]
+    Nll,
+    /// KL(π_ref ‖ π_θ) on the retain batch, with π_ref the adapter-free model
+    Kl,
+}
+
+/// NLL: mean over answer tokens. KL: Σ_v p_ref (log p_ref − log p_θ) summed over every
+/// position and divided by B·T, prompt and padding included (open-unlearning's
+/// `kl_div(..., reduction="batchmean")` on flattened logits).
+pub fn retain_loss(kind: RetainLoss, ctx: &Ctx, batch: &ItemBatch) -> Result<Tensor> {
+    let lg = logits(ctx, batch)?;
+    match kind {
+        RetainLoss::Nll => mean_nll(&lg, batch),
+        RetainLoss::Kl => {
+            let reference = reference_logits(ctx.model, batch)?;
+            kl_ref_model(&reference, &lg)
+        }
+    }
+}
+
+pub fn kl_ref_model(reference_logits: &Tensor, logits: &Tensor) -> Result<Tensor> {
+    let (b, t, _) = logits.dims3()?;
+    let lp_ref = crate::model::ops::log_softmax_last_dim(&reference_logits.to_dtype(DType::F32)?)?;
+    let lp = crate::model::ops::log_softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+    let kl = (lp_ref.exp()? * (lp_ref - lp)?)?
+        .sum(D::Minus1)?
+        .sum_all()?;
+    Ok((kl / (b * t) as f64)?)
+}
+
+/// The forget term shared by the constrained methods.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ForgetLoss {
+    /// −NLL(x_f)
+    Ga,
+    /// NPO with the adapter-free reference (reference ℓ_sum computed once per forget item)
+    Npo { beta: f64 },
+    /// SimNPO
+    Simnpo { beta: f64, delta: f64 },
+}
+
+impl ForgetLoss {
+    /// From recipe keys `forget_loss = "ga" | "npo" | "simnpo"`, `beta`, `delta`.
+    pub fn parse(method: &str, name: &str, beta: Option<f64>, delta: Option<f64>) -> Result<Self> {
+        let bad = |m: String| Err(Error::InvalidArgument(format!("method '{method}': {m}")));
+        match name {
+            "ga" | "gradascent" => {
+                if beta.is_some() || delta.is_some() {
+                    return bad("beta/delta do not apply to forget_loss = \"ga\"".into());
+                }
+                Ok(ForgetLoss::Ga)
+            }
+            "npo" => {
+                if delta.is_some() {
+                    return bad("delta does not apply to forget_loss = \"npo\"".into());
+                }
+                Ok(ForgetLoss::Npo {
+                    beta: beta.unwrap_or(npo::default_beta()),
+                })
+            }
+            "simnpo" => Ok(ForgetLoss::Simnpo {
+                beta: beta.unwrap_or(simnpo::default_beta()),
+                delta: delta.unwrap_or(0.0),
+            }),
+            other => bad(format!(
+                "unknown forget_loss '{other}' (use ga, npo or simnpo)"
+            )),
+        }
+    }
+
+    pub fn needs_reference(&self) -> bool {
+        matches!(self, ForgetLoss::Npo { .. })
+    }
+}
+
+/// Per-item reference ℓ_sum of the forget set (adapter disabled), computed once.
+pub fn reference_seq_nll(
+    model: &Decoder,
+    forget: &[EncodedExample],
+    pad_id: u32,
+) -> Result<Vec<f64>> {
+    let mut out = vec![0.0; forget.len()];
+    let idx: Vec<usize> = (0..forget.len()).collect();
+    for chunk in idx.chunks(8) {
+        let ex: Vec<&EncodedExample> = chunk.iter().map(|&i| &forget[i]).collect();
+        let b = crate::score::collate(&ex, pad_id, &model.device)?;
+        let lg = model.forward(
+            &crate::model::ModelInput::new(&b.input_ids, Some(&b.attention_mask)),
+            &ForwardOptions::base_model(),
+        )?;
+        let (sums, _) = row_nll(&lg, &b.labels)?;
+        for (k, v) in sums
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?
+            .into_iter()
+            .enumerate()
+        {
+            out[chunk[k]] = v;
+        }
+    }
+    Ok(out)
+}
+
+/// Evaluate a [`ForgetLoss`] on a forget batch. `reference` holds the cached ℓ_sum^ref for NPO.
+pub fn forget_term(
+    kind: ForgetLoss,
+    ctx: &Ctx,
+    batch: &ItemBatch,
+    reference: &[f64],
+) -> Result<Tensor> {
+    let lg = logits(ctx, batch)?;
+    match kind {
+        ForgetLoss::Ga => Ok(mean_nll(&lg, batch)?.neg()?),
+        ForgetLoss::Npo { beta } => npo::npo_loss(&lg, batch, reference, beta),
+        ForgetLoss::Simnpo { beta, delta } => simnpo::simnpo_loss(&lg, batch, beta, delta),
+    }
+}

@@ -1,0 +1,398 @@
+//! Run recipes: TOML files that fully describe an unlearning run.
+//!
+//! Unknown keys and wrong types are errors naming the key and the file. `--set a.b=value`
+//! overrides any field before validation; the resolved recipe is written to the output dir so a
+//! run can be repeated exactly.
+use crate::error::{Error, Result};
+use crate::lora::{LoraConfig, TargetModules};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub model: ModelSection,
+    pub lora: LoraSection,
+    pub data: DataSection,
+    pub method: MethodSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    pub output: OutputSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// local checkpoint directory (or hub id where the hub resolver is available)
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    #[serde(default = "default_r")]
+    pub r: usize,
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default)]
+    pub rslora: bool,
+    /// module names (`["q_proj", "v_proj"]`), `"all-linear"`, or a regex string
+    #[serde(default = "default_targets")]
+    pub target_modules: toml::Value,
+    /// restrict adapters to these decoder layers
+    #[serde(default)]
+    pub layers: Option<Vec<usize>>,
+}
+
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    16.0
+}
+fn default_targets() -> toml::Value {
+    toml::Value::String("all-linear".into())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// JSONL/JSON file of forget items (`question`/`answer` or `text`)
+    pub forget: String,
+    /// JSONL/JSON file of retain items (optional for methods without a retain term)
+    #[serde(default)]
+    pub retain: Option<String>,
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+}
+
+fn default_max_length() -> usize {
+    256
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MethodSection {
+    /// gradascent, graddiff, npo, simnpo, … (see `unlearn methods`)
+    pub name: String,
+    /// every other key: the method's own parameters, validated by the method
+    #[serde(flatten)]
+    pub params: toml::Table,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSection {
+    pub seed: u64,
+    /// passes over the forget set (ignored when `steps` is set)
+    pub epochs: usize,
+    /// optimizer steps; overrides `epochs`
+    pub steps: Option<usize>,
+    /// forget items per micro-batch (each paired with as many retain items)
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    /// AdamW decoupled weight decay (explicit: candle's default 0.01 is not used)
+    pub weight_decay: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: usize,
+    /// global gradient-norm clipping; 0 disables
+    pub max_grad_norm: f64,
+    /// write a resumable checkpoint every N steps (0: only at the end)
+    pub checkpoint_every: usize,
+    /// print a log line every N steps when not on a terminal
+    pub log_every: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            seed: 0,
+            epochs: 1,
+            steps: None,
+            batch_size: 4,
+            grad_accum: 1,
+            lr: 1e-4,
+            weight_decay: 0.0,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            schedule: Schedule::Constant,
+            warmup_steps: 0,
+            max_grad_norm: 1.0,
+            checkpoint_every: 0,
+            log_every: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    pub dir: String,
+    /// also write the merged model to `<dir>/merged`
+    #[serde(default)]
+    pub merge: bool,
+}
+
+impl Recipe {
+    /// Read a recipe, apply `key.path=value` overrides, validate.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut value: toml::Value =
+            toml::from_str(&text).map_err(|e| Error::config(path, format!("invalid TOML: {e}")))?;
+        for o in overrides {
+            apply_override(&mut value, o).map_err(|m| Error::config(path, m))?;
+        }
+        let recipe: Recipe = value
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::config(path, e.message().to_string()))?;
+        recipe.validate(path)?;
+        Ok(recipe.resolve_paths(path))
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let t = &self.train;
+        let bad = |m: String| Err(Error::config(path, m));
+        if self.lora.r == 0 {
+            return bad("lora.r must be ≥ 1".into());
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return bad(format!("train.lr must be > 0, got {}", t.lr));
+        }
+        if t.batch_size == 0 || t.grad_accum == 0 {
+            return bad("train.batch_size and train.grad_accum must be ≥ 1".into());
+        }
+        if t.steps.is_none() && t.epochs == 0 {
+            return bad("train.epochs must be ≥ 1 (or set train.steps)".into());
+        }
+        if t.steps == Some(0) {
+            return bad("train.steps must be ≥ 1".into());
+        }
+        if t.weight_decay < 0.0 || t.max_grad_norm < 0.0 || t.eps <= 0.0 {
+            return bad(
+                "train.weight_decay and train.max_grad_norm must be ≥ 0, train.eps > 0".into(),
+            );
+        }
+        if !(0.0..1.0).contains(&t.betas[0]) || !(0.0..1.0).contains(&t.betas[1]) {
+            return bad("train.betas must be in [0, 1)".into());
+        }
+        if !(0.0..1.0).contains(&self.lora.dropout) {
+            return bad("lora.dropout must be in [0, 1)".into());
+        }
+        if self.data.max_length < 2 {
+            return bad("data.max_length must be ≥ 2".into());
+        }
+        self.lora_config()
+            .map_err(|e| Error::config(path, e.to_string()))?;
+        Ok(())
+    }
+
+    /// Relative data/model/output paths are taken relative to the working directory when they
+    /// exist there, else relative to the recipe file (so recipes work from anywhere).
+    fn resolve_paths(mut self, recipe_path: &Path) -> Self {
+        let base = recipe_path.parent().unwrap_or(Path::new("."));
+        let fix = |p: &str| -> String {
+            let pb = PathBuf::from(p);
+            if pb.is_absolute() || pb.exists() {
+                return p.to_string();
+            }
+            let alt = base.join(&pb);
+            if alt.exists() {
+                alt.display().to_string()
+            } else {
+                p.to_string()
+            }
+        };
+        self.model.path = fix(&self.model.path);
+        self.data.forget = fix(&self.data.forget);
+        self.data.retain = self.data.retain.as_deref().map(fix);
+        self
+    }
+
+    pub fn lora_config(&self) -> Result<LoraConfig> {
+        let target_modules = match &self.lora.target_modules {
+            toml::Value::String(s) if s == "all-linear" => TargetModules::Names(vec!["all-linear".into()]),
+            toml::Value::String(s) => TargetModules::Regex(s.clone()),
+            toml::Value::Array(a) => TargetModules::Names(
+                a.iter()
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| Error::InvalidArgument("lora.target_modules entries must be strings".into()))
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "lora.target_modules must be a list of names, \"all-linear\" or a regex string, got {other}"
+                )))
+            }
+        };
+        let cfg = LoraConfig {
+            r: self.lora.r,
+            alpha: self.lora.alpha,
+            use_rslora: self.lora.rslora,
+            dropout: self.lora.dropout,
+            target_modules,
+            layers: self.lora.layers.clone(),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self)
+            .map_err(|e| Error::InvalidArgument(format!("cannot serialise the recipe: {e}")))
+    }
+}
+
+/// `train.lr=1e-4`, `lora.target_modules=["q_proj","v_proj"]`, `method.beta=0.2`: the value is
+/// parsed as TOML, falling back to a plain string.
+fn apply_override(root: &mut toml::Value, spec: &str) -> std::result::Result<(), String> {
+    let (key, raw) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("override '{spec}' must look like key.path=value"))?;
+    let key = key.trim();
+    let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(format!("override key '{key}' is malformed"));
+    }
+    let mut node = root;
+    for (i, part) in parts.iter().enumerate() {
+        let table = node.as_table_mut().ok_or_else(|| {
+            format!(
+                "override '{key}': '{}' is not a table",
+                parts[..i].join(".")
+            )
+        })?;
+        if i == parts.len() - 1 {
+            table.insert(part.to_string(), parsed);
+            return Ok(());
+        }
+        node = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    }
+    Ok(())
+}
+
+/// Deserialize a method's parameters, naming unknown keys.
+pub fn method_params<T: serde::de::DeserializeOwned>(
+    method: &str,
+    params: &toml::Table,
+) -> Result<T> {
+    toml::Value::Table(params.clone())
+        .try_into()
+        .map_err(|e: toml::de::Error| {
+            Error::InvalidArgument(format!("method '{method}': {}", e.message()))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASIC: &str = r#"
+[model]
+path = "m"
+[lora]
+r = 4
+target_modules = ["q_proj"]
+[data]
+forget = "f.jsonl"
+retain = "r.jsonl"
+[method]
+name = "npo"
+beta = 0.1
+[train]
+seed = 3
+epochs = 2
+batch_size = 2
+grad_accum = 1
+lr = 1e-4
+weight_decay = 0.0
+betas = [0.9, 0.999]
+eps = 1e-8
+schedule = "linear"
+warmup_steps = 1
+max_grad_norm = 1.0
+checkpoint_every = 0
+log_every = 1
+[output]
+dir = "out"
+"#;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("r.toml");
+        std::fs::write(&p, text).unwrap();
+        (d, p)
+    }
+
+    #[test]
+    fn loads_overrides_and_round_trips() {
+        let (_d, p) = write(BASIC);
+        let r = Recipe::load(
+            &p,
+            &[
+                "train.lr=3e-4".into(),
+                "method.beta=0.5".into(),
+                "lora.target_modules=\"all-linear\"".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(r.train.lr, 3e-4);
+        assert_eq!(r.method.params["beta"].as_float(), Some(0.5));
+        assert_eq!(
+            r.lora_config().unwrap().target_modules,
+            TargetModules::Names(vec!["all-linear".into()])
+        );
+        let again: Recipe = toml::from_str(&r.to_toml().unwrap()).unwrap();
+        assert_eq!(again, r);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_file() {
+        let (_d, p) = write(&BASIC.replace("epochs = 2", "epochs = 2\nepoch = 3"));
+        let e = Recipe::load(&p, &[]).unwrap_err().to_string();
+        assert!(e.contains("r.toml") && e.contains("epoch"), "{e}");
+        let (_d, p) = write(&BASIC.replace("lr = 1e-4", "lr = \"fast\""));
+        let e = Recipe::load(&p, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("r.toml") && e.contains("lr") || e.contains("invalid type"),
+            "{e}"
+        );
+        let (_d, p) = write(BASIC);
+        let e = Recipe::load(&p, &["train.lr=0".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("train.lr"), "{e}");
+        let e = Recipe::load(&p, &["lora.r=0".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lora.r"), "{e}");
+        let e = Recipe::load(&p, &["nonsense".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key.path=value"), "{e}");
+        let e = Recipe::load(&p, &["output.bogus=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+    }
+}

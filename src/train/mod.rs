@@ -1,0 +1,4 @@
+//! Training: batches, optimizer and the run loop. The trainer knows no method by name.
+pub mod batch;
+pub mod optim;
+pub mod trainer;

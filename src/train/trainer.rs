@@ -1,0 +1,482 @@
+//! The run loop: LoRA-only training with any [`Method`], gradient accumulation, clipping,
+//! AdamW, per-step `metrics.jsonl`, atomic resumable checkpoints, NaN detection.
+//!
+//! Everything random is a pure function of (seed, step): data orders, retain pairing and dropout
+//! masks. A checkpoint therefore needs only the adapter, the optimizer moments, the method state
+//! and the step to continue bit for bit.
+use crate::error::{Error, Result};
+use crate::lora::{attach_lora, load_adapter, lora_vars, save_adapter, LoraConfig};
+use crate::methods::{self, Ctx, Logs, Method};
+use crate::model::weights::{write_atomic, write_safetensors, OwnedView, WeightStore};
+use crate::model::{Decoder, ForwardOptions};
+use crate::recipe::Recipe;
+use crate::rng::Rng;
+use crate::tokenizer::ChatTokenizer;
+use crate::train::batch::{draw, Dataset, ItemBatch, PairedBatch};
+use crate::train::optim::{clip_global_norm, lr_at, AdamW, AdamWConfig};
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// What a checkpoint's `state.json` holds beyond the tensors.
+#[derive(Debug, Serialize, Deserialize)]
+struct CheckpointState {
+    /// optimizer steps completed
+    step: usize,
+    total_steps: usize,
+    seed: u64,
+    method: String,
+    method_state: serde_json::Value,
+    adam_step: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub out_dir: PathBuf,
+    pub steps: usize,
+    pub interrupted: bool,
+    pub last_logs: Logs,
+}
+
+/// Options that are not part of the recipe.
+pub struct RunOptions<'a> {
+    /// a checkpoint directory, or an output directory whose latest checkpoint to continue
+    pub resume: Option<PathBuf>,
+    /// set by Ctrl-C: checkpoint and stop after the current step
+    pub interrupt: Option<&'a AtomicBool>,
+    pub device: Device,
+    /// show a progress bar (when stderr is a terminal)
+    pub progress: bool,
+}
+
+impl Default for RunOptions<'_> {
+    fn default() -> Self {
+        RunOptions {
+            resume: None,
+            interrupt: None,
+            device: Device::Cpu,
+            progress: false,
+        }
+    }
+}
+
+pub fn model_path(spec: &str) -> Result<PathBuf> {
+    let p = PathBuf::from(spec);
+    if p.is_dir() {
+        return Ok(p);
+    }
+    crate::hub::resolve_model(spec)
+}
+
+pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
+    let t = &recipe.train;
+    let out_dir = PathBuf::from(&recipe.output.dir);
+    let model_dir = model_path(&recipe.model.path)?;
+    let tok = ChatTokenizer::from_dir(&model_dir)?;
+    let mut model = Decoder::load(&model_dir, DType::F32, &opts.device)?;
+    let lora_cfg: LoraConfig = recipe.lora_config()?;
+    attach_lora(
+        &mut model,
+        &lora_cfg,
+        &mut Rng::new(t.seed).fork("lora-init"),
+    )?;
+
+    let forget = Dataset::load(Path::new(&recipe.data.forget), &tok, recipe.data.max_length)?;
+    let mut method = methods::build(&recipe.method.name, &recipe.method.params)?;
+    let retain = match &recipe.data.retain {
+        Some(p) => Some(Dataset::load(Path::new(p), &tok, recipe.data.max_length)?),
+        None if method.needs_retain() => {
+            return Err(Error::InvalidArgument(format!(
+                "method '{}' needs retain data: set data.retain in the recipe",
+                method.name()
+            )))
+        }
+        None => None,
+    };
+    let pad_id = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);
+    let per_step = t.batch_size * t.grad_accum;
+    let total_steps = t
+        .steps
+        .unwrap_or_else(|| t.epochs * forget.len().div_ceil(per_step));
+
+    // Output dir: the resolved recipe first, so a run can always be repeated.
+    std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+    write_atomic(&out_dir.join("recipe.toml"), recipe.to_toml()?.as_bytes())?;
+
+    let vars: Vec<Var> = lora_vars(&model).into_iter().map(|(_, v)| v).collect();
+    let var_names: Vec<String> = lora_vars(&model).into_iter().map(|(n, _)| n).collect();
+    let mut optimizer = AdamW::new(
+        AdamWConfig {
+            lr: t.lr,
+            beta1: t.betas[0],
+            beta2: t.betas[1],
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+        },
+        &vars,
+    )?;
+    let mut start_step = 0;
+    if let Some(resume) = &opts.resume {
+        let ckpt = find_checkpoint(resume)?;
+        let state: CheckpointState = crate::error::read_json(&ckpt.join("state.json"))?;
+        if state.method != method.name() || state.seed != t.seed {
+            return Err(Error::config(
+                ckpt.join("state.json"),
+                format!(
+                    "checkpoint is of method '{}' seed {}, the recipe says '{}' seed {}",
+                    state.method,
+                    state.seed,
+                    method.name(),
+                    t.seed
+                ),
+            ));
+        }
+        let mut restored = model.clone();
+        crate::lora::detach_lora(&mut restored);
+        load_adapter(&mut restored, &ckpt)?;
+        for ((name, var), (_, saved)) in lora_vars(&model).iter().zip(lora_vars(&restored)) {
+            if var.as_tensor().dims() != saved.as_tensor().dims() {
+                return Err(Error::config(
+                    &ckpt,
+                    format!("adapter tensor {name} does not match the recipe's LoRA config"),
+                ));
+            }
+            var.set(saved.as_tensor())?;
+        }
+        let moments = WeightStore::open_files(
+            &[ckpt.join("optimizer.safetensors")],
+            ckpt.join("optimizer.safetensors"),
+        )?;
+        for (i, name) in var_names.iter().enumerate() {
+            optimizer.m[i] = moments
+                .tensor_raw(&format!("m.{name}"))?
+                .to_device(&opts.device)?;
+            optimizer.v[i] = moments
+                .tensor_raw(&format!("v.{name}"))?
+                .to_device(&opts.device)?;
+        }
+        optimizer.step = state.adam_step;
+        method.load_state(&state.method_state)?;
+        start_step = state.step;
+        tracing::info!("resuming from {} at step {start_step}", ckpt.display());
+    }
+
+    method.prepare(&model, &forget.examples, pad_id)?;
+
+    let metrics_path = out_dir.join("metrics.jsonl");
+    truncate_metrics(&metrics_path, start_step)?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::io(&metrics_path, e))?;
+
+    let bar = progress_bar(opts.progress, total_steps, start_step);
+    let started = std::time::Instant::now();
+    let mut tokens_seen = 0usize;
+    let mut last_logs: Logs = vec![];
+    let mut interrupted = false;
+    let mut step = start_step;
+    while step < total_steps {
+        let lr = lr_at(t.schedule, t.lr, step, t.warmup_steps, total_steps);
+        let mut batches = Vec::with_capacity(t.grad_accum);
+        let mut summed: Option<Vec<Tensor>> = None;
+        let mut logs_acc: Vec<(String, f64)> = vec![];
+        for micro in 0..t.grad_accum {
+            let k = (step * t.grad_accum + micro) * t.batch_size;
+            let fidx = draw(forget.len(), t.seed, "forget", k, t.batch_size);
+            let forget_batch = ItemBatch::new(&forget, fidx, pad_id, &opts.device)?;
+            let retain_batch = match &retain {
+                Some(r) => Some(ItemBatch::new(
+                    r,
+                    draw(r.len(), t.seed, "retain", k, t.batch_size),
+                    pad_id,
+                    &opts.device,
+                )?),
+                None => None,
+            };
+            tokens_seen += forget_batch.input_ids.elem_count()
+                + retain_batch
+                    .as_ref()
+                    .map_or(0, |b| b.input_ids.elem_count());
+            let batch = PairedBatch {
+                forget: forget_batch,
+                retain: retain_batch,
+            };
+            let fwd = ForwardOptions::training(
+                Rng::new(t.seed)
+                    .fork("dropout")
+                    .fork(&format!("{step}.{micro}")),
+            );
+            let ctx = Ctx {
+                model: &model,
+                vars: &vars,
+                opts: &fwd,
+                step,
+                micro,
+            };
+            let (grads, logs) = method.gradients(&ctx, &batch)?;
+            let loss = logs
+                .iter()
+                .find(|(k, _)| k == "loss")
+                .map(|(_, v)| *v)
+                .unwrap_or(0.0);
+            if !loss.is_finite() || grads.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "step {}: the loss is {loss}; stopping (the last good checkpoint, if any, is in {})",
+                    step + 1,
+                    out_dir.join("checkpoints").display()
+                )));
+            }
+            accumulate(&mut logs_acc, &logs, t.grad_accum);
+            let scaled: Vec<Tensor> = if t.grad_accum > 1 {
+                grads
+                    .iter()
+                    .map(|g| g / t.grad_accum as f64)
+                    .collect::<candle_core::Result<_>>()?
+            } else {
+                grads
+            };
+            summed = Some(match summed {
+                None => scaled,
+                Some(acc) => acc
+                    .iter()
+                    .zip(&scaled)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<_>>()?,
+            });
+            batches.push(batch);
+        }
+        let mut grads = summed.ok_or_else(|| Error::InvalidArgument("no micro-batches".into()))?;
+        let grad_norm = clip_global_norm(&mut grads, t.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            return Err(Error::InvalidArgument(format!(
+                "step {}: the gradient norm is {grad_norm}; stopping",
+                step + 1
+            )));
+        }
+        optimizer.step(&vars, &grads, lr)?;
+        let fwd = ForwardOptions::eval();
+        let ctx = Ctx {
+            model: &model,
+            vars: &vars,
+            opts: &fwd,
+            step,
+            micro: 0,
+        };
+        let after = method.after_update(&ctx, &batches)?;
+        step += 1;
+        logs_acc.extend(after);
+        logs_acc.push(("grad_norm".into(), grad_norm));
+        logs_acc.push(("lr".into(), lr));
+        write_metrics_line(&mut metrics, &metrics_path, step, &logs_acc)?;
+        let tok_s = tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        if let Some(bar) = &bar {
+            bar.set_position(step as u64);
+            bar.set_message(format_logs(&logs_acc, tok_s));
+        } else if t.log_every > 0 && (step % t.log_every == 0 || step == total_steps) {
+            tracing::info!(
+                "step {step}/{total_steps} {}",
+                format_logs(&logs_acc, tok_s)
+            );
+        }
+        last_logs = logs_acc;
+        interrupted = opts.interrupt.is_some_and(|f| f.load(Ordering::SeqCst));
+        let due = t.checkpoint_every > 0 && step % t.checkpoint_every == 0;
+        if due || interrupted || step == total_steps {
+            save_checkpoint(
+                &out_dir,
+                step,
+                total_steps,
+                recipe,
+                &model,
+                &lora_cfg,
+                &optimizer,
+                &var_names,
+                method.as_ref(),
+            )?;
+        }
+        if interrupted {
+            break;
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if !interrupted {
+        save_adapter(
+            &model,
+            &lora_cfg,
+            &out_dir.join("adapter"),
+            Some(&recipe.model.path),
+        )?;
+        if recipe.output.merge {
+            let merged = out_dir.join("merged");
+            if merged.exists() {
+                std::fs::remove_dir_all(&merged).map_err(|e| Error::io(&merged, e))?;
+            }
+            crate::merge::merge(
+                &model_dir,
+                &out_dir.join("adapter"),
+                &merged,
+                &Default::default(),
+            )?;
+        }
+    }
+    Ok(RunSummary {
+        out_dir,
+        steps: step,
+        interrupted,
+        last_logs,
+    })
+}
+
+fn accumulate(acc: &mut Vec<(String, f64)>, logs: &Logs, n: usize) {
+    for (k, v) in logs {
+        // λ is a state, not a per-batch quantity: keep the value, do not average
+        let avg = if k.starts_with("lambda") || k == "slack" {
+            *v
+        } else {
+            v / n as f64
+        };
+        match acc.iter_mut().find(|(name, _)| name == k) {
+            Some((_, total)) if !k.starts_with("lambda") && k != "slack" => *total += avg,
+            Some((_, total)) => *total = avg,
+            None => acc.push((k.clone(), avg)),
+        }
+    }
+}
+
+fn format_logs(logs: &Logs, tok_s: f64) -> String {
+    let mut s: Vec<String> = logs
+        .iter()
+        .filter(|(k, _)| k != "lr")
+        .map(|(k, v)| format!("{k} {v:.4}"))
+        .collect();
+    s.push(format!("{tok_s:.0} tok/s"));
+    s.join("  ")
+}
+
+fn progress_bar(show: bool, total: usize, start: usize) -> Option<indicatif::ProgressBar> {
+    if !show || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "step {pos}/{len} {bar:30} [{elapsed} < {eta}] {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(start as u64);
+    Some(bar)
+}
+
+fn write_metrics_line(
+    file: &mut std::fs::File,
+    path: &Path,
+    step: usize,
+    logs: &Logs,
+) -> Result<()> {
+    let mut obj = serde_json::Map::new();
+    obj.insert("step".into(), serde_json::json!(step));
+    for (k, v) in logs {
+        obj.insert(k.clone(), serde_json::json!(v));
+    }
+    let line = serde_json::Value::Object(obj).to_string();
+    writeln!(file, "{line}").map_err(|e| Error::io(path, e))?;
+    file.flush().map_err(|e| Error::io(path, e))
+}
+
+/// Drop lines past `step` (a resumed run rewrites them, so the file equals a straight run).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    if step == 0 {
+        return write_atomic(path, b"");
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(path, kept.as_bytes())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save_checkpoint(
+    out_dir: &Path,
+    step: usize,
+    total_steps: usize,
+    recipe: &Recipe,
+    model: &Decoder,
+    lora_cfg: &LoraConfig,
+    optimizer: &AdamW,
+    var_names: &[String],
+    method: &dyn Method,
+) -> Result<()> {
+    let root = out_dir.join("checkpoints");
+    std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+    let final_dir = root.join(format!("step-{step:06}"));
+    let staging = root.join(format!(".step-{step:06}.tmp"));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    }
+    save_adapter(model, lora_cfg, &staging, Some(&recipe.model.path))?;
+    let mut moments = Vec::new();
+    for (i, name) in var_names.iter().enumerate() {
+        moments.push((
+            format!("m.{name}"),
+            OwnedView::from_tensor(&optimizer.m[i])?,
+        ));
+        moments.push((
+            format!("v.{name}"),
+            OwnedView::from_tensor(&optimizer.v[i])?,
+        ));
+    }
+    write_safetensors(&staging.join("optimizer.safetensors"), &moments)?;
+    let state = CheckpointState {
+        step,
+        total_steps,
+        seed: recipe.train.seed,
+        method: method.name().to_string(),
+        method_state: method.state(),
+        adam_step: optimizer.step,
+    };
+    let text =
+        serde_json::to_string_pretty(&state).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    write_atomic(&staging.join("state.json"), text.as_bytes())?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    }
+    std::fs::rename(&staging, &final_dir).map_err(|e| Error::io(&final_dir, e))
+}
+
+/// A checkpoint dir itself, or the latest `checkpoints/step-*` of an output dir.
+pub fn find_checkpoint(path: &Path) -> Result<PathBuf> {
+    if path.join("state.json").exists() {
+        return Ok(path.to_path_buf());
+    }
+    let root = path.join("checkpoints");
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(&root)
+        .map_err(|e| Error::io(&root, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+                && p.join("state.json").exists()
+        })
+        .collect();
+    steps.sort();
+    steps
+        .pop()
+        .ok_or_else(|| Error::config(&root, "no checkpoint (step-*/state.json) to resume from"))
+}
