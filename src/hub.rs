@@ -51,6 +51,14 @@
 //! refs, offline mode and error messages (401/403 say to set `HF_TOKEN`; 404 names the repo, the
 //! revision and the file). Adding `ureq` as a direct dependency would let this module name its
 //! types and drop hf-hub; nothing else would change.
+//!
+//! # Limits
+//! * Cache first: when the snapshot `refs/<revision>` points to holds what is needed, the hub is
+//!   not asked, so a branch that moved on the hub is noticed only through `@<commit>` or once the
+//!   cached snapshot is incomplete. (A whole dataset, `hf://datasets/org/name`, is always listed
+//!   when online, since only the hub knows its files.)
+//! * Non-LFS files (etag = git blob sha1) are checked by size only; LFS files by size and
+//!   sha256. Files already in the cache are trusted, as huggingface_hub trusts them.
 use crate::error::{Error, Result};
 use std::collections::BTreeSet;
 use std::fmt;
@@ -669,16 +677,23 @@ impl<'a> RepoCache<'a> {
     }
 }
 
-fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let parent = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let tmp = path.with_file_name(format!(
-        ".{}.{}.tmp",
+/// A temporary sibling of `path`, unique within this process and across processes.
+fn tmp_sibling(path: &Path) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    path.with_file_name(format!(
+        ".{}.{}.{n}.tmp",
         path.file_name()
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default(),
         std::process::id()
-    ));
+    ))
+}
+
+fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let parent = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let tmp = tmp_sibling(path);
     std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
@@ -1511,14 +1526,7 @@ fn link_pointer(blob: &Path, pointer: &Path, file: &str) -> Result<()> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && pointer.is_file() => Ok(()),
         Err(_) => {
-            let tmp = pointer.with_file_name(format!(
-                ".{}.{}.tmp",
-                pointer
-                    .file_name()
-                    .map(|f| f.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                std::process::id()
-            ));
+            let tmp = tmp_sibling(pointer);
             std::fs::copy(blob, &tmp).map_err(|e| Error::io(&tmp, e))?;
             std::fs::rename(&tmp, pointer).map_err(|e| Error::io(pointer, e))
         }

@@ -3,11 +3,13 @@
 //! The crate is layered: `model` (a differentiable decoder that reads Hugging Face checkpoints,
 //! knows nothing of training), `lora` (PEFT-format adapters), `merge`, `tokenizer` (tokenizer and
 //! chat template), `score` (per-record NLL).
+pub mod bench;
 pub mod data;
 pub mod error;
 pub mod hub;
 pub mod lora;
 pub mod merge;
+pub mod metrics;
 pub mod methods;
 pub mod model;
 pub mod recipe;

@@ -45,6 +45,42 @@ enum Command {
     },
     /// List the unlearning methods a recipe can name.
     Methods,
+    /// Time LoRA unlearning steps on a Llama-shaped model with random weights.
+    ///
+    /// Prints seconds per step, tokens/s and peak memory per method, and each method's cost
+    /// relative to the first one. Run one method per process for a clean peak-memory figure.
+    Bench {
+        /// methods to time: gradascent, graddiff, npo, eupmu, eupmu-fast, surgery
+        #[arg(long, value_delimiter = ',', default_value = "graddiff,eupmu,eupmu-fast,surgery")]
+        methods: Vec<String>,
+        #[arg(long, default_value_t = 512)]
+        hidden: usize,
+        #[arg(long, default_value_t = 8)]
+        layers: usize,
+        #[arg(long, default_value_t = 8)]
+        heads: usize,
+        #[arg(long, default_value_t = 8)]
+        kv_heads: usize,
+        #[arg(long, default_value_t = 1376)]
+        intermediate: usize,
+        #[arg(long, default_value_t = 8192)]
+        vocab: usize,
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// timed steps (the median is reported)
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// untimed steps first
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// print JSON lines instead of a table
+        #[arg(long)]
+        json: bool,
+    },
     /// Describe a checkpoint: architecture, sizes, parameter count, dtype and LoRA targets.
     Inspect {
         /// model directory (config.json + safetensors)
@@ -112,6 +148,59 @@ fn run(cli: Cli) -> Result<()> {
             set,
             resume,
         } => run_recipe(&recipe, &set, resume),
+        Command::Bench {
+            methods,
+            hidden,
+            layers,
+            heads,
+            kv_heads,
+            intermediate,
+            vocab,
+            rank,
+            batch,
+            seq,
+            steps,
+            warmup,
+            json,
+        } => {
+            if steps == 0 {
+                bail!("--steps must be ≥ 1");
+            }
+            let cfg = unlearn::bench::BenchConfig {
+                hidden,
+                layers,
+                heads,
+                kv_heads,
+                intermediate,
+                vocab,
+                rank,
+                batch,
+                seq,
+                steps,
+                warmup,
+                seed: 0,
+            };
+            let mut first: Option<f64> = None;
+            if !json {
+                println!(
+                    "llama hidden {hidden}, {layers} layers, vocab {vocab}, LoRA r={rank} all-linear, batch {batch}x{seq}, median of {steps} steps"
+                );
+                println!("{:<12} {:>10} {:>10} {:>10} {:>12}", "method", "s/step", "tokens/s", "relative", "peak RSS MB");
+            }
+            for m in &methods {
+                let r = unlearn::bench::bench_method(&cfg, m, &Device::Cpu)?;
+                let rel = r.seconds_per_step / *first.get_or_insert(r.seconds_per_step);
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "{:<12} {:>10.3} {:>10.0} {:>9.2}x {:>12.0}",
+                        r.method, r.seconds_per_step, r.tokens_per_second, rel, r.peak_rss_mb
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Methods => {
             for (name, what) in unlearn::methods::METHODS {
                 println!("{name:<12} {what}");

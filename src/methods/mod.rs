@@ -10,12 +10,19 @@ use crate::train::batch::{ItemBatch, PairedBatch};
 use candle_core::{DType, Tensor, Var, D};
 use serde::Deserialize;
 
+pub mod ce_u;
 pub mod eupmu;
 pub mod grad_ascent;
 pub mod grad_diff;
+pub mod idk_dpo;
 pub mod npo;
+pub mod oracle;
+pub mod rmu;
+pub mod satimp;
 pub mod simnpo;
 pub mod surgery;
+pub mod undial;
+pub mod wga;
 
 /// Named values a method reports for one step (written to metrics.jsonl).
 pub type Logs = Vec<(String, f64)>;
@@ -44,6 +51,12 @@ pub trait Method {
     /// Whether the method needs retain batches.
     fn needs_retain(&self) -> bool {
         true
+    }
+
+    /// One-time work that needs the tokenizer (e.g. tokenising alternative answers); the trainer
+    /// calls it before [`Method::prepare`].
+    fn prepare_text(&mut self, _tok: &crate::tokenizer::ChatTokenizer) -> Result<()> {
+        Ok(())
     }
 
     /// One-time work before training, e.g. caching reference log-probs of the fixed forget set.
@@ -106,6 +119,34 @@ pub const METHODS: &[(&str, &str)] = &[
         "surgery",
         "explicit unilateral gradient surgery baseline (two backward passes)",
     ),
+    (
+        "wga",
+        "weighted gradient ascent: answer-token CE weighted by the detached p^beta",
+    ),
+    (
+        "satimp",
+        "SatImp: answer-token CE weighted by the detached p^beta1 (1-p)^beta2",
+    ),
+    (
+        "undial",
+        "UNDIAL: self-distillation to reference logits with the gold token lowered by beta",
+    ),
+    (
+        "ceu",
+        "CE-U: cross-entropy to the model's own detached distribution without the gold token",
+    ),
+    (
+        "idkdpo",
+        "DPO preferring an \"I don't know\" answer over the true answer",
+    ),
+    (
+        "rmu",
+        "RMU: steer a layer's forget activations to a random vector, anchor retain activations",
+    ),
+    (
+        "oracle",
+        "logit matching to a teacher checkpoint (MSE or KL), e.g. a retrained oracle",
+    ),
 ];
 
 /// Build a method from its recipe name and parameters (unknown parameters are errors).
@@ -117,6 +158,13 @@ pub fn build(name: &str, params: &toml::Table) -> Result<Box<dyn Method>> {
         "simnpo" => Box::new(simnpo::SimNpo::from_params(params)?),
         "eupmu" => Box::new(eupmu::Eupmu::from_params(params)?),
         "surgery" => Box::new(surgery::Surgery::from_params(params)?),
+        "wga" => Box::new(wga::Wga::from_params(params)?),
+        "satimp" => Box::new(satimp::SatImp::from_params(params)?),
+        "undial" => Box::new(undial::Undial::from_params(params)?),
+        "ceu" | "ce-u" => Box::new(ce_u::CeU::from_params(params)?),
+        "idkdpo" => Box::new(idk_dpo::IdkDpo::from_params(params)?),
+        "rmu" => Box::new(rmu::Rmu::from_params(params)?),
+        "oracle" => Box::new(oracle::Oracle::from_params(params)?),
         other => {
             let names: Vec<&str> = METHODS.iter().map(|m| m.0).collect();
             return Err(Error::InvalidArgument(format!(
@@ -153,12 +201,22 @@ pub fn seq_nll(logits: &Tensor, batch: &ItemBatch) -> Result<(Tensor, Tensor)> {
     row_nll(logits, &batch.labels)
 }
 
-/// log σ(x) = −softplus(−x), stable for large |x|.
+/// log σ(x) with the exact gradient σ(−x) everywhere.
+///
+/// The stable closed form −(max(−x, 0) + log(1 + e^{−|x|})) has kinks (relu, abs) whose
+/// autograd derivative at x = 0 is wrong — and NPO starts exactly at x = 0 (adapter off ≡
+/// reference), where it would get no gradient at all. So the value comes from the stable form
+/// on a detached copy and the gradient is attached as σ(−x)·(x − sg(x)), which is 0 in value.
 pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    // −(max(−x, 0) + log(1 + exp(−|x|)))
-    let relu_neg = x.neg()?.relu()?;
-    let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
-    Ok((relu_neg + tail)?.neg()?)
+    let xd = x.detach();
+    let stable = |v: &Tensor| -> Result<Tensor> {
+        let relu_neg = v.neg()?.relu()?;
+        let tail = (v.abs()?.neg()?.exp()? + 1.0)?.log()?;
+        Ok((relu_neg + tail)?.neg()?)
+    };
+    let value = stable(&xd)?;
+    let slope = stable(&xd.neg()?)?.exp()?; // σ(−x)
+    Ok((value + (slope * (x - &xd)?)?)?)
 }
 
 /// Gradients of `loss` for every var; a missing gradient is a cut graph and an error.
@@ -296,4 +354,117 @@ pub fn forget_term(
         ForgetLoss::Npo { beta } => npo::npo_loss(&lg, batch, reference, beta),
         ForgetLoss::Simnpo { beta, delta } => simnpo::simnpo_loss(&lg, batch, beta, delta),
     }
+}
+
+// ---- shared pieces for token-level objectives (wga, satimp, undial, ce_u, oracle) ----------
+
+/// The answer positions of a batch in next-token form: position (b, t) of the logits predicts
+/// labels[b, t + 1], and carries a loss when that label is not −100.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnswerPositions {
+    /// flat row b·T + t of the logits reshaped to [B·T, V]
+    pub rows: Vec<u32>,
+    /// the gold next token labels[b, t + 1]
+    pub targets: Vec<u32>,
+    /// 0-based rank of the position among the answer tokens of its sequence
+    pub rank: Vec<usize>,
+}
+
+impl AnswerPositions {
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+    /// Keep the positions for which `keep` is true.
+    pub fn filter(&self, keep: impl Fn(usize) -> bool) -> AnswerPositions {
+        let mut out = AnswerPositions {
+            rows: vec![],
+            targets: vec![],
+            rank: vec![],
+        };
+        for i in 0..self.rows.len() {
+            if keep(i) {
+                out.rows.push(self.rows[i]);
+                out.targets.push(self.targets[i]);
+                out.rank.push(self.rank[i]);
+            }
+        }
+        out
+    }
+    /// The gold ids as a u32 tensor [M].
+    pub fn targets_tensor(&self, device: &candle_core::Device) -> Result<Tensor> {
+        Ok(Tensor::from_vec(
+            self.targets.clone(),
+            self.targets.len(),
+            device,
+        )?)
+    }
+}
+
+/// The answer positions of labels [B, T] (i64, −100 = no loss).
+pub fn answer_positions(labels: &Tensor) -> Result<AnswerPositions> {
+    let rows_v = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+    let mut out = AnswerPositions {
+        rows: vec![],
+        targets: vec![],
+        rank: vec![],
+    };
+    for (b, row) in rows_v.iter().enumerate() {
+        let t_len = row.len();
+        let mut rank = 0;
+        for t in 0..t_len.saturating_sub(1) {
+            let l = row[t + 1];
+            if l >= 0 {
+                out.rows.push((b * t_len + t) as u32);
+                out.targets.push(l as u32);
+                out.rank.push(rank);
+                rank += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Rows `rows` of a [B, T, V] tensor flattened to [B·T, V], as f32 [M, V].
+pub fn flat_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
+    let (b, t, v) = x.dims3()?;
+    if rows.is_empty() {
+        return Err(Error::InvalidArgument(
+            "the batch has no positions to compute a loss on".into(),
+        ));
+    }
+    let idx = Tensor::from_vec(rows.to_vec(), rows.len(), x.device())?;
+    Ok(x.to_dtype(DType::F32)?
+        .reshape((b * t, v))?
+        .index_select(&idx, 0)?)
+}
+
+/// One-hot rows [M, V] (f32) of `targets` [M] (u32).
+pub fn one_hot(targets: &Tensor, vocab: usize) -> Result<Tensor> {
+    let m = targets.dim(0)?;
+    let range = Tensor::arange(0u32, vocab as u32, targets.device())?.reshape((1, vocab))?;
+    Ok(range
+        .broadcast_eq(&targets.reshape((m, 1))?)?
+        .to_dtype(DType::F32)?)
+}
+
+/// Per-position cross-entropy CE_t = −log p_θ(y_t) [M] at the answer positions, from logits
+/// [B, T, V].
+pub fn answer_ce(logits: &Tensor, pos: &AnswerPositions) -> Result<Tensor> {
+    let z = flat_rows(logits, &pos.rows)?;
+    let m = pos.len();
+    let idx = Tensor::from_vec(pos.targets.clone(), (m, 1), z.device())?;
+    Ok(crate::model::ops::log_softmax_last_dim(&z)?
+        .gather(&idx, 1)?
+        .squeeze(1)?
+        .neg()?)
+}
+
+/// Mean over positions of the soft cross-entropy −Σ_v q_v log p_v, with `q` [M, V] a constant
+/// target distribution and `z` [M, V] the trained logits.
+pub fn soft_cross_entropy(z: &Tensor, q: &Tensor) -> Result<Tensor> {
+    let lp = crate::model::ops::log_softmax_last_dim(z)?;
+    Ok((q.detach() * lp)?.sum(D::Minus1)?.mean_all()?.neg()?)
 }

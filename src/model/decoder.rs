@@ -120,19 +120,40 @@ pub struct Decoder {
     pub device: Device,
 }
 
+enum Source<'a> {
+    Store(&'a WeightStore),
+    /// only check names and shapes against the file headers; tensors are empty placeholders
+    CheckOnly(&'a WeightStore),
+    /// seeded random init (benchmarks, training from scratch): matrices N(0, std²), norm
+    /// weights 1 (0 for Gemma's 1+w), biases 0
+    Random(std::cell::RefCell<crate::rng::Rng>, f64),
+}
+
 struct Loader<'a> {
-    store: &'a WeightStore,
+    source: Source<'a>,
     cfg: &'a ArchConfig,
     dtype: DType,
     device: &'a Device,
-    /// only check names and shapes against the file headers; tensors are empty placeholders
-    check_only: bool,
 }
 
 impl Loader<'_> {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        if self.check_only {
-            let (_, got, _, path) = self.store.raw(name)?;
+        let store = match &self.source {
+            Source::Store(s) => s,
+            Source::Random(rng, std) => {
+                let n: usize = shape.iter().product();
+                let data: Vec<f32> = if shape.len() >= 2 {
+                    let mut r = rng.borrow_mut();
+                    (0..n).map(|_| (r.normal() * std) as f32).collect()
+                } else if name.ends_with(".bias") || self.cfg.norm == NormKind::RmsPlusOne {
+                    vec![0.0; n]
+                } else {
+                    vec![1.0; n]
+                };
+                return Ok(Tensor::from_vec(data, shape, self.device)?.to_dtype(self.dtype)?);
+            }
+            Source::CheckOnly(store) => {
+            let (_, got, _, path) = store.raw(name)?;
             if got != shape {
                 return Err(Error::WeightShape {
                     name: name.to_string(),
@@ -143,8 +164,9 @@ impl Loader<'_> {
             }
             // A [0, 0] placeholder keeps rank-2 operations (the Conv1D transpose) valid.
             return Ok(Tensor::zeros((0, 0), self.dtype, self.device)?);
-        }
-        self.store.tensor(name, shape, self.dtype, self.device)
+            }
+        };
+        store.tensor(name, shape, self.dtype, self.device)
     }
     fn linear(&self, module: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
         Ok(Linear {
@@ -204,41 +226,29 @@ impl Decoder {
     /// Check that a checkpoint has every weight its config asks for, with the right shapes,
     /// reading only the file headers (merging uses this without loading the model).
     pub fn validate_store(cfg: &ArchConfig, store: &WeightStore) -> Result<()> {
-        Self::build(
-            cfg.clone(),
-            store,
-            Path::new(""),
-            DType::F32,
-            &Device::Cpu,
-            true,
-        )
-        .map(|_| ())
+        Self::build(cfg.clone(), Source::CheckOnly(store), Path::new(""), DType::F32, &Device::Cpu).map(|_| ())
     }
 
-    pub fn from_store(
-        cfg: ArchConfig,
-        store: &WeightStore,
-        dir: &Path,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        Self::build(cfg, store, dir, dtype, device, false)
+    pub fn from_store(cfg: ArchConfig, store: &WeightStore, dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::build(cfg, Source::Store(store), dir, dtype, device)
     }
 
-    fn build(
-        cfg: ArchConfig,
-        store: &WeightStore,
-        dir: &Path,
-        dtype: DType,
-        device: &Device,
-        check_only: bool,
-    ) -> Result<Self> {
+    /// A model with seeded random weights (N(0, std²) matrices) for a config.
+    pub fn random(cfg: ArchConfig, seed: u64, std: f64, dtype: DType, device: &Device) -> Result<Self> {
+        let rng = std::cell::RefCell::new(crate::rng::Rng::new(seed));
+        Self::build(cfg, Source::Random(rng, std), Path::new(""), dtype, device)
+    }
+
+    fn build(cfg: ArchConfig, source: Source, dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let l = Loader {
-            store,
+            source,
             cfg: &cfg,
             dtype,
             device,
-            check_only,
+        };
+        let contains = |name: &str| match &l.source {
+            Source::Store(s) | Source::CheckOnly(s) => s.contains(name),
+            Source::Random(..) => true,
         };
         let (h, v, inter) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
@@ -247,11 +257,7 @@ impl Decoder {
         match cfg.family {
             Family::Gpt2 => {
                 // The original OpenAI checkpoints store names without the `transformer.` prefix.
-                let p = if store.contains("transformer.wte.weight") {
-                    "transformer."
-                } else {
-                    ""
-                };
+                let p = if contains("transformer.wte.weight") { "transformer." } else { "" };
                 embed = l.tensor(&format!("{p}wte.weight"), &[v, h])?;
                 pos_embed =
                     Some(l.tensor(&format!("{p}wpe.weight"), &[cfg.max_position_embeddings, h])?);

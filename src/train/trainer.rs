@@ -163,6 +163,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         tracing::info!("resuming from {} at step {start_step}", ckpt.display());
     }
 
+    method.prepare_text(&tok)?;
     method.prepare(&model, &forget.examples, pad_id)?;
 
     let metrics_path = out_dir.join("metrics.jsonl");
