@@ -55,6 +55,10 @@ pub enum Error {
     #[error("{path}: {msg}")]
     Data { path: PathBuf, msg: String },
 
+    /// Hugging Face hub access (download, cache, offline mode, authentication)
+    #[error("{0}")]
+    Hub(String),
+
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 

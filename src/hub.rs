@@ -916,7 +916,7 @@ fn fetch_one_file(settings: &HubSettings, repo: &RepoCache, path: &str) -> Resul
 
 /// Errors of the hub layer (a dedicated `Error::Hub` variant would replace this).
 fn hub_error(msg: String) -> Error {
-    Error::InvalidArgument(msg)
+    Error::Hub(msg)
 }
 
 /// Percent-encode for a URL path; `/` kept when `keep_slash`.

@@ -45,6 +45,20 @@ enum Command {
     },
     /// List the unlearning methods a recipe can name.
     Methods,
+    /// Download a model or dataset file from the Hugging Face hub into the cache (the same
+    /// layout as Python's huggingface_hub) and print its local path.
+    ///
+    /// SPEC is `org/name[@revision]` for a model (config, tokenizer files and every safetensors
+    /// shard; never *.bin unless --include asks) or `hf://datasets/org/name[@revision][/path]`.
+    /// Honours HF_ENDPOINT, HF_HOME, HF_HUB_CACHE, HF_TOKEN and HF_HUB_OFFLINE=1.
+    Fetch {
+        spec: String,
+        #[arg(long)]
+        revision: Option<String>,
+        /// extra files to download, as globs (e.g. --include '*.bin')
+        #[arg(long)]
+        include: Vec<String>,
+    },
     /// Time LoRA unlearning steps on a Llama-shaped model with random weights.
     ///
     /// Prints seconds per step, tokens/s and peak memory per method, and each method's cost
@@ -201,6 +215,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Fetch { spec, revision, include } => {
+            let path = unlearn::hub::fetch(&spec, revision.as_deref(), &include)?;
+            println!("{}", path.display());
+            Ok(())
+        }
         Command::Methods => {
             for (name, what) in unlearn::methods::METHODS {
                 println!("{name:<12} {what}");
@@ -249,7 +268,8 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// A model given on the command line: a local checkpoint directory.
+/// A model given on the command line: a local checkpoint directory, or a hub id
+/// `org/name[@revision]` resolved through the cache (downloaded unless HF_HUB_OFFLINE=1).
 fn model_dir(spec: &Path) -> Result<PathBuf> {
     if spec.is_dir() {
         return Ok(spec.to_path_buf());
@@ -260,10 +280,15 @@ fn model_dir(spec: &Path) -> Result<PathBuf> {
             spec.display()
         );
     }
-    bail!(
-        "model '{}' not found: give a local checkpoint directory (downloading from the Hugging Face hub is not available yet)",
-        spec.display()
-    )
+    Ok(unlearn::hub::resolve_model(&spec.to_string_lossy())?)
+}
+
+/// A data file: a local path or `hf://datasets/org/name[@revision]/path/in/repo`.
+fn data_file(spec: &Path) -> Result<PathBuf> {
+    if spec.exists() {
+        return Ok(spec.to_path_buf());
+    }
+    Ok(unlearn::hub::resolve_file(&spec.to_string_lossy())?)
 }
 
 fn run_recipe(path: &Path, overrides: &[String], resume: Option<PathBuf>) -> Result<()> {
@@ -406,6 +431,7 @@ fn score(
         load_adapter(&mut model, a)?;
     }
     let tok = ChatTokenizer::from_dir(&dir)?;
+    let data = &data_file(data)?;
     let examples = read_examples(data)?;
     let encoded = examples
         .iter()

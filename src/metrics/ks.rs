@@ -251,7 +251,7 @@ fn kolmogn_sf(n: u64, x: f64) -> f64 {
         let prob = if n <= 140 {
             let mut p = 1.0;
             for i in 1..=n {
-                p *= i as f64 * (1.0 / nf) * (2.0 * t - 1.0);
+                p *= i as f64 * (1.0 / nf) * (2.0 * t - 1.0) * 1.001;
             }
             p
         } else {
@@ -690,7 +690,7 @@ fn smirnov_sf(n: u64, x: f64) -> f64 {
         let ln_b1 = if b1 > 0.5 { (-b2).ln_1p() } else { b1.ln() };
         let ln_b2 = if b2 > 0.5 { (-b1).ln_1p() } else { b2.ln() };
         let ln_term = (lc + lc_comp) + (vf - 1.0) * ln_b1 + (nf - vf) * ln_b2;
-        let aj = ln_term.exp() * (1.0 + 1e-8);
+        let aj = ln_term.exp();
         if aj.is_finite() && aj != 0.0 {
             neumaier(&mut sum, &mut sum_comp, aj);
         }

@@ -14,7 +14,17 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// Load a local file or an `hf://datasets/…` file (resolved through the hub cache).
     pub fn load(path: &Path, tok: &ChatTokenizer, max_length: usize) -> Result<Self> {
+        let resolved;
+        let path = if path.exists() {
+            path
+        } else if path.to_string_lossy().starts_with("hf://") {
+            resolved = crate::hub::resolve_file(&path.to_string_lossy())?;
+            resolved.as_path()
+        } else {
+            path
+        };
         let raw = read_examples(path)?;
         let mut examples = Vec::with_capacity(raw.len());
         for (i, ex) in raw.iter().enumerate() {
