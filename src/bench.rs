@@ -9,7 +9,7 @@ use crate::rng::Rng;
 use crate::tokenizer::EncodedExample;
 use crate::train::batch::{Dataset, ItemBatch, PairedBatch};
 use crate::train::optim::{clip_global_norm, AdamW, AdamWConfig};
-use candle_core::{DType, Device, Var};
+use candle_core::{Device, Var};
 use serde::Serialize;
 use std::path::Path;
 
@@ -131,7 +131,7 @@ pub fn peak_rss_mb() -> f64 {
 pub fn bench_method(c: &BenchConfig, label: &str, device: &Device) -> Result<BenchResult> {
     let (name, params) = method_spec(label)?;
     let cfg = llama_config(c)?;
-    let mut model = Decoder::random(cfg, c.seed, 0.02, DType::F32, device)?;
+    let mut model = Decoder::random(cfg, c.seed, 0.02, crate::device::base_dtype(device), device)?;
     let lora = LoraConfig {
         r: c.rank,
         alpha: 2.0 * c.rank as f64,

@@ -5,6 +5,7 @@
 //! chat template), `score` (per-record NLL).
 pub mod bench;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod hub;
 pub mod lora;

@@ -23,6 +23,9 @@ Supported architectures: llama, mistral, qwen2, qwen3, gemma2, phi3, gpt_neox, g
 Adapters are read and written in PEFT's format (adapter_config.json + adapter_model.safetensors)."
 )]
 struct Cli {
+    /// where to compute: cpu, cuda or cuda:N (CUDA needs a binary built with scripts/build-cuda.sh)
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -156,12 +159,13 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let device = unlearn::device::parse_device(&cli.device)?;
     match cli.command {
         Command::Run {
             recipe,
             set,
             resume,
-        } => run_recipe(&recipe, &set, resume),
+        } => run_recipe(&recipe, &set, resume, device),
         Command::Bench {
             methods,
             hidden,
@@ -202,7 +206,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{:<12} {:>10} {:>10} {:>10} {:>12}", "method", "s/step", "tokens/s", "relative", "peak RSS MB");
             }
             for m in &methods {
-                let r = unlearn::bench::bench_method(&cfg, m, &Device::Cpu)?;
+                let r = unlearn::bench::bench_method(&cfg, m, &device)?;
                 let rel = r.seconds_per_step / *first.get_or_insert(r.seconds_per_step);
                 if json {
                     println!("{}", serde_json::to_string(&r)?);
@@ -240,7 +244,7 @@ fn run(cli: Cli) -> Result<()> {
             &data,
             &out,
             batch_size,
-            max_length,
+            max_length, &device
         ),
         Command::Merge {
             model,
@@ -291,7 +295,7 @@ fn data_file(spec: &Path) -> Result<PathBuf> {
     Ok(unlearn::hub::resolve_file(&spec.to_string_lossy())?)
 }
 
-fn run_recipe(path: &Path, overrides: &[String], resume: Option<PathBuf>) -> Result<()> {
+fn run_recipe(path: &Path, overrides: &[String], resume: Option<PathBuf>, device: Device) -> Result<()> {
     let recipe = unlearn::recipe::Recipe::load(path, overrides)?;
     let interrupt: &'static std::sync::atomic::AtomicBool =
         Box::leak(Box::new(std::sync::atomic::AtomicBool::new(false)));
@@ -306,7 +310,7 @@ fn run_recipe(path: &Path, overrides: &[String], resume: Option<PathBuf>) -> Res
     let opts = unlearn::train::trainer::RunOptions {
         resume,
         interrupt: Some(interrupt),
-        device: Device::Cpu,
+        device,
         progress: true,
     };
     let started = std::time::Instant::now();
@@ -424,9 +428,10 @@ fn score(
     out: &Path,
     batch_size: usize,
     max_length: Option<usize>,
+    device: &Device,
 ) -> Result<()> {
     let dir = model_dir(model_spec)?;
-    let mut model = Decoder::load(&dir, DType::F32, &Device::Cpu)?;
+    let mut model = Decoder::load(&dir, unlearn::device::base_dtype(device), device)?;
     if let Some(a) = adapter {
         load_adapter(&mut model, a)?;
     }

@@ -350,7 +350,8 @@ fn idkdpo_loss_matches_hand_computation() {
         .map(|q| serde_json::json!({"question": q, "answer": "I have no idea."}).to_string())
         .collect();
     std::fs::write(&win_path, lines.join("\n")).unwrap();
-    let win_ds = Dataset::load(&win_path, &fx.tok, MAX_LEN).unwrap();
+    // y_w is not truncated to data.max_length (the forget items are): no truncation here
+    let win_ds = Dataset::load(&win_path, &fx.tok, 1024).unwrap();
 
     let b = fx.batch();
     let win = ItemBatch::new(&win_ds, b.forget.indices.clone(), fx.pad, &cpu()).unwrap();

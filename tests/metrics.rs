@@ -60,7 +60,10 @@ fn check_ks_file(name: &str) {
         let a = sample(c, "a");
         let b = sample(c, "b");
         let r = ks_2samp_full(&a, &b).unwrap();
-        let (want_d, want_p) = (c["statistic"].as_f64().unwrap(), c["pvalue"].as_f64().unwrap());
+        let (want_d, want_p) = (
+            c["statistic"].as_f64().unwrap(),
+            c["pvalue"].as_f64().unwrap(),
+        );
         let expect_method = if a.len().max(b.len()) <= 10000 {
             KsMethod::Exact
         } else {
@@ -137,7 +140,10 @@ fn check_auc_file(name: &str) {
         let scores = f64s(&c["scores"]);
         let got = roc_auc(&labels, &scores).unwrap();
         let want = c["auc"].as_f64().unwrap();
-        assert!((got - want).abs() <= 1e-12, "{name} case {i}: got {got}, want {want}");
+        assert!(
+            (got - want).abs() <= 1e-12,
+            "{name} case {i}: got {got}, want {want}"
+        );
     }
 }
 
@@ -162,7 +168,10 @@ fn hmean_matches_scipy() {
         for (i, c) in load(file).iter().enumerate() {
             let got = hmean(&f64s(&c["values"])).unwrap();
             let want = c["hmean"].as_f64().unwrap();
-            assert!(close(got, want, 1e-14, 0.0), "{file} case {i}: got {got}, want {want}");
+            assert!(
+                close(got, want, 1e-14, 0.0),
+                "{file} case {i}: got {got}, want {want}"
+            );
         }
     }
 }
@@ -202,13 +211,21 @@ fn porter_stemmer_matches_nltk() {
             failures.push(format!("{word}: got {got}, want {want}"));
         }
     }
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 fn check_rouge_file(name: &str) {
     let mut failures = Vec::new();
     for (i, c) in load(name).iter().enumerate() {
-        let (target, prediction) = (c["target"].as_str().unwrap(), c["prediction"].as_str().unwrap());
+        let (target, prediction) = (
+            c["target"].as_str().unwrap(),
+            c["prediction"].as_str().unwrap(),
+        );
         let s = rouge(target, prediction);
         for (key, got) in [("rouge1", s.rouge1), ("rougeL", s.rouge_l)] {
             let want = &c[key];
@@ -261,9 +278,17 @@ fn truth_ratio_and_aggregations() {
     assert_close(c, want, 1e-15);
     assert_close(c, 2.0 / 3.0, 1e-9);
     // true_better: mean(max(0, 1 − R)) = mean(0.5, 0, 0.75) = 5/12
-    assert_close(truth_ratio_true_better(&[0.5, 2.0, 0.25]).unwrap(), 5.0 / 12.0, 1e-15);
+    assert_close(
+        truth_ratio_true_better(&[0.5, 2.0, 0.25]).unwrap(),
+        5.0 / 12.0,
+        1e-15,
+    );
     // prob_mean: mean(0.5/(0.5+0.5), 0.2/(0.2+0.6)) = mean(0.5, 0.25) = 0.375
-    assert_close(prob_mean_score(&[0.5, 0.2], &[0.5, 0.6]).unwrap(), 0.375, 1e-15);
+    assert_close(
+        prob_mean_score(&[0.5, 0.2], &[0.5, 0.6]).unwrap(),
+        0.375,
+        1e-15,
+    );
     assert!(truth_ratio_true_better(&[]).is_err());
     assert!(prob_mean_score(&[0.5], &[0.5, 0.1]).is_err());
 }
@@ -316,11 +341,17 @@ fn model_utility_is_the_harmonic_mean_of_nine() {
 #[test]
 fn exact_memorization_by_hand() {
     // 3 of 4 positions correct
-    assert_eq!(exact_memorization(&[1, 2, 3, 4], &[1, 2, 9, 4]).unwrap(), Some(0.75));
+    assert_eq!(
+        exact_memorization(&[1, 2, 3, 4], &[1, 2, 9, 4]).unwrap(),
+        Some(0.75)
+    );
     assert_eq!(exact_memorization(&[], &[]).unwrap(), None);
     assert!(exact_memorization(&[1], &[1, 2]).is_err());
     // items without answer tokens are skipped when averaging
-    assert_eq!(mean_defined(&[Some(0.5), None, Some(1.0)]).unwrap(), Some(0.75));
+    assert_eq!(
+        mean_defined(&[Some(0.5), None, Some(1.0)]).unwrap(),
+        Some(0.75)
+    );
     assert_eq!(mean_defined(&[None]).unwrap(), None);
 }
 
@@ -348,7 +379,11 @@ fn mia_scores_by_hand() {
     // LOSS = −mean log p = (1 + 2 + 3)/3
     assert_close(mia_loss(&[-1.0, -2.0, -3.0]).unwrap(), 2.0, 1e-15);
     // ZLib: loss / zlib length; "Identical sentence here." compresses to 30 bytes (zlib.json)
-    assert_close(mia_zlib(2.0, "Identical sentence here.").unwrap(), 2.0 / 30.0, 1e-15);
+    assert_close(
+        mia_zlib(2.0, "Identical sentence here.").unwrap(),
+        2.0 / 30.0,
+        1e-15,
+    );
     // Min-40%: N = 5 → n = ⌊2.0⌋ = 2 smallest: −5, −3 → score 4
     let lp = [-0.1, -5.0, -0.2, -3.0, -0.3];
     assert_close(mia_min_k(&lp, MIN_K_DEFAULT).unwrap(), 4.0, 1e-15);
@@ -426,11 +461,33 @@ fn multiple_choice_by_hand() {
     assert_eq!(mc_accuracy(&items).unwrap(), 0.75);
     assert!(mc_accuracy(&[(vec![0.0], 1)]).is_err());
     // a: 1/2, b: 2/3 → pooled 3/5, macro (1/2 + 2/3)/2
-    let b = accuracy_by_subject(&["a", "a", "b", "b", "b"], &[true, false, true, true, false]).unwrap();
-    assert_eq!(b.overall, GroupAccuracy { correct: 3, total: 5 });
+    let b = accuracy_by_subject(
+        &["a", "a", "b", "b", "b"],
+        &[true, false, true, true, false],
+    )
+    .unwrap();
+    assert_eq!(
+        b.overall,
+        GroupAccuracy {
+            correct: 3,
+            total: 5
+        }
+    );
     assert_eq!(b.overall.accuracy(), 0.6);
-    assert_eq!(b.per_subject["a"], GroupAccuracy { correct: 1, total: 2 });
-    assert_eq!(b.per_subject["b"], GroupAccuracy { correct: 2, total: 3 });
+    assert_eq!(
+        b.per_subject["a"],
+        GroupAccuracy {
+            correct: 1,
+            total: 2
+        }
+    );
+    assert_eq!(
+        b.per_subject["b"],
+        GroupAccuracy {
+            correct: 2,
+            total: 3
+        }
+    );
     assert_close(b.macro_accuracy, (0.5 + 2.0 / 3.0) / 2.0, 1e-15);
 }
 
@@ -492,5 +549,9 @@ fn klom_sequence_and_percentile() {
     assert_close(v, 0.25 * 2.5e4f64.ln(), 1e-12);
     assert!(klom_sequence(&unlearned, &[vec![0.0]]).is_err());
     // 95th percentile (numpy linear): sorted (1, 2, 3, 4), index 2.85 → 3.85
-    assert_close(percentile(&[4.0, 1.0, 3.0, 2.0], 95.0).unwrap(), 3.85, 1e-15);
+    assert_close(
+        percentile(&[4.0, 1.0, 3.0, 2.0], 95.0).unwrap(),
+        3.85,
+        1e-15,
+    );
 }

@@ -9,8 +9,10 @@
 //! (`data/idk.txt`). Each forget item gets one answer, drawn once from the seeded generator
 //! (`seed`), where open-unlearning draws a fresh one at every access. y_w keeps the forget item's
 //! prompt tokens (its leading −100 labels) and appends the IDK answer tokenised as `encode_qa`
-//! tokenises answers (no special tokens, then EOS). The reference ℓ_sum of y_w and y_l (adapter
-//! disabled) is computed once in `prepare`.
+//! tokenises answers (no special tokens, then EOS). y_w is not truncated to `data.max_length`
+//! (which `prepare` does not see): its prompt is the already-truncated prompt of the forget item,
+//! so it is at most one IDK answer longer. The reference ℓ_sum of y_w and y_l (adapter disabled)
+//! is computed once in `prepare`.
 use super::wga::combine_with_retain;
 use super::{log_sigmoid, logits, reference_seq_nll, seq_nll, Ctx, LossOutput, Method, RetainLoss};
 use crate::error::{Error, Result};

@@ -88,14 +88,21 @@ pub fn binned_kl(p_samples: &[f64], q_samples: &[f64], params: &KlomParams) -> R
     if params.bins == 0 {
         return invalid("binned_kl: bins must be >= 1");
     }
-    if !(params.eps > 0.0) || !(params.clip_min < params.clip_max) {
+    let bad_eps = params.eps.is_nan() || params.eps <= 0.0;
+    let bad_clip =
+        params.clip_min.is_nan() || params.clip_max.is_nan() || params.clip_min >= params.clip_max;
+    if bad_eps || bad_clip {
         return invalid("binned_kl: need eps > 0 and clip_min < clip_max");
     }
     let clip = |v: &f64| v.clamp(params.clip_min, params.clip_max);
     let p: Vec<f64> = p_samples.iter().map(clip).collect();
     let q: Vec<f64> = q_samples.iter().map(clip).collect();
     let start = p.iter().chain(&q).copied().fold(f64::INFINITY, f64::min);
-    let mut end = p.iter().chain(&q).copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut end = p
+        .iter()
+        .chain(&q)
+        .copied()
+        .fold(f64::NEG_INFINITY, f64::max);
     if start >= end {
         end = start + 1.0;
     }
@@ -112,10 +119,7 @@ pub fn binned_kl(p_samples: &[f64], q_samples: &[f64], params: &KlomParams) -> R
             let idx = edges.partition_point(|&e| e <= x).saturating_sub(1);
             counts[idx.min(bins - 1)] += 1;
         }
-        counts
-            .iter()
-            .map(|&c| c as f64 / xs.len() as f64)
-            .collect()
+        counts.iter().map(|&c| c as f64 / xs.len() as f64).collect()
     };
     let pp = histogram(&p);
     let qq = histogram(&q);

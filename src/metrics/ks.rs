@@ -251,7 +251,7 @@ fn kolmogn_sf(n: u64, x: f64) -> f64 {
         let prob = if n <= 140 {
             let mut p = 1.0;
             for i in 1..=n {
-                p *= i as f64 * (1.0 / nf) * (2.0 * t - 1.0) * 1.001;
+                p *= i as f64 * (1.0 / nf) * (2.0 * t - 1.0);
             }
             p
         } else {
@@ -261,7 +261,7 @@ fn kolmogn_sf(n: u64, x: f64) -> f64 {
     }
     if t >= nf - 1.0 {
         // Ruben–Gambino
-        return 2.0 * (1.0 - x).powf(nf);
+        return 2.0 * (1.0 - x).powf(nf) * 1.001;
     }
     if x >= 0.5 {
         return 2.0 * smirnov_sf(n, x);
@@ -293,14 +293,14 @@ fn kolmogn_sf(n: u64, x: f64) -> f64 {
 /// log(n!/n^n) by Stirling's series with n·log(n) removed up front.
 fn log_nfactorial_div_n_pow_n(n: f64) -> f64 {
     const STIRLING: [f64; 8] = [
-        -2.955065359477124183e-2,
-        6.4102564102564102564e-3,
-        -1.9175269175269175269e-3,
-        8.4175084175084175084e-4,
-        -5.952380952380952381e-4,
-        7.9365079365079365079e-4,
-        -2.7777777777777777778e-3,
-        8.3333333333333333333e-2,
+        -0.029550653594771242,
+        0.00641025641025641,
+        -0.0019175269175269176,
+        0.0008417508417508417,
+        -0.0005952380952380953,
+        0.0007936507936507937,
+        -0.002777777777777778,
+        0.08333333333333333,
     ];
     let rn = 1.0 / n;
     let z = rn / n;
@@ -408,10 +408,7 @@ fn pomeranz_j1j2(i: i64, n: i64, ll: i64, ceilf: i64, roundf: i64) -> (i64, i64)
             if ip1div2 == n + 1 {
                 (n - ll - ceilf - 1, n + ll + ceilf - 1)
             } else {
-                (
-                    ip1div2 - 1 - ll - roundf - 1,
-                    ip1div2 + ll - 1 + ceilf - 1,
-                )
+                (ip1div2 - 1 - ll - roundf - 1, ip1div2 + ll - 1 + ceilf - 1)
             }
         } else {
             (ip1div2 - 1 - ll - 1, ip1div2 + ll + roundf - 1)
@@ -610,7 +607,7 @@ fn kolmogn_pelz_good_cdf(n: u64, x: f64) -> f64 {
 /// and n > 10^6 approximation as the C implementation (which uses double-double arithmetic;
 /// this port agrees to ~1e-12 relative).
 fn smirnov_sf(n: u64, x: f64) -> f64 {
-    if !(x >= 0.0 && x <= 1.0) || n == 0 {
+    if !(0.0..=1.0).contains(&x) || n == 0 {
         return f64::NAN;
     }
     if n == 1 {
@@ -728,10 +725,14 @@ mod tests {
 
     #[test]
     fn smirnov_small_n_closed_form() {
-        // n = 2, x = 0.6: sum over v = 0 only (1 − x − 1/2 < 0): x·(1−x)²/x = 0.16
+        // n = 2, x = 0.6 (x >= 1 − 1/n): (1 − x)^n = 0.16
         assert!((smirnov_sf(2, 0.6) - 0.16).abs() < 1e-15);
-        // n = 2, x = 0.25: v = 0: (0.75)²/0.25·0.25 = 0.5625; v = 1: 0.25·2·(0.75)^0·(0.25)^1
-        // = 0.125 → 0.6875
+        // n = 2, x = 0.25 (x <= 1/n): 1 − x(1 + x)^(n−1) = 1 − 0.3125; the Birnbaum–Tingey sum
+        // agrees: x·[C(2,0)·x^(−1)·(1−x)² + C(2,1)·(x+½)^0·(1−x−½)^1] = 0.25·(2.25 + 0.5)
         assert!((smirnov_sf(2, 0.25) - 0.6875).abs() < 1e-15);
+        // n = 3, x = 0.4 (lower sum, v = 0, 1; v = 2 has 1 − x − 2/3 < 0):
+        // x·[(1−x)³/x + 3·(1 − x − 1/3)²] = 0.4·(0.54 + 3·(4/15)²)
+        let want = 0.4 * (0.54 + 3.0 * (4.0f64 / 15.0).powi(2));
+        assert!((smirnov_sf(3, 0.4) - want).abs() < 1e-15);
     }
 }

@@ -92,7 +92,7 @@ pub fn accuracy_by_subject<S: AsRef<str>>(
             out.overall.correct += 1;
         }
     }
-    out.macro_accuracy = out.per_subject.values().map(|g| g.accuracy()).sum::<f64>()
-        / out.per_subject.len() as f64;
+    out.macro_accuracy =
+        out.per_subject.values().map(|g| g.accuracy()).sum::<f64>() / out.per_subject.len() as f64;
     Ok(out)
 }

@@ -78,12 +78,7 @@ pub fn vocab_logprob_moments(vocab_logprobs: &[f32]) -> Result<(f64, f64)> {
 /// variance of the log-probability under the model's distribution at t
 /// ([`vocab_logprob_moments`]), σ²_t clamped at 1e-6; score = −mean of the n = max(1, ⌊N·k⌋)
 /// smallest z_t. N = 0 gives 0.
-pub fn mia_min_k_plus_plus(
-    token_logprobs: &[f64],
-    mu: &[f64],
-    var: &[f64],
-    k: f64,
-) -> Result<f64> {
+pub fn mia_min_k_plus_plus(token_logprobs: &[f64], mu: &[f64], var: &[f64], k: f64) -> Result<f64> {
     check_k(k)?;
     if token_logprobs.len() != mu.len() || mu.len() != var.len() {
         return invalid(format!(
@@ -127,7 +122,11 @@ pub fn mia_auc(forget_scores: &[f64], holdout_scores: &[f64]) -> Result<f64> {
     let labels: Vec<bool> = std::iter::repeat_n(false, forget_scores.len())
         .chain(std::iter::repeat_n(true, holdout_scores.len()))
         .collect();
-    let scores: Vec<f64> = forget_scores.iter().chain(holdout_scores).copied().collect();
+    let scores: Vec<f64> = forget_scores
+        .iter()
+        .chain(holdout_scores)
+        .copied()
+        .collect();
     roc_auc(&labels, &scores)
 }
 

@@ -65,7 +65,10 @@ pub(crate) fn check_no_nan(values: &[f64], what: &str) -> Result<()> {
 /// Reject NaN and ±inf anywhere in `values`.
 pub(crate) fn check_finite(values: &[f64], what: &str) -> Result<()> {
     match values.iter().position(|v| !v.is_finite()) {
-        Some(i) => invalid(format!("{what}: element {i} is {} (must be finite)", values[i])),
+        Some(i) => invalid(format!(
+            "{what}: element {i} is {} (must be finite)",
+            values[i]
+        )),
         None => Ok(()),
     }
 }

@@ -201,7 +201,11 @@ mod tests {
         // integers are summed exactly whatever the association
         for n in [0usize, 1, 7, 8, 9, 127, 128, 129, 1000, 4097] {
             let v: Vec<f64> = (0..n).map(|i| i as f64).collect();
-            assert_eq!(pairwise_sum(&v), (n * n.saturating_sub(1) / 2) as f64, "n={n}");
+            assert_eq!(
+                pairwise_sum(&v),
+                (n * n.saturating_sub(1) / 2) as f64,
+                "n={n}"
+            );
         }
     }
 

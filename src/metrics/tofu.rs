@@ -83,7 +83,10 @@ pub fn normalised_prob(correct_loss: f64, wrong_losses: &[f64]) -> Result<f64> {
     check_no_nan(&[correct_loss], "normalised_prob: correct loss")?;
     check_no_nan(wrong_losses, "normalised_prob: wrong losses")?;
     let pc = prob_from_avg_loss(correct_loss);
-    let pw: Vec<f64> = wrong_losses.iter().map(|&l| prob_from_avg_loss(l)).collect();
+    let pw: Vec<f64> = wrong_losses
+        .iter()
+        .map(|&l| prob_from_avg_loss(l))
+        .collect();
     Ok(pc / (pc + pairwise_sum(&pw) + 1e-10))
 }
 

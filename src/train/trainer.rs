@@ -14,7 +14,7 @@ use crate::rng::Rng;
 use crate::tokenizer::ChatTokenizer;
 use crate::train::batch::{draw, Dataset, ItemBatch, PairedBatch};
 use crate::train::optim::{clip_global_norm, lr_at, AdamW, AdamWConfig};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -75,7 +75,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
     let out_dir = PathBuf::from(&recipe.output.dir);
     let model_dir = model_path(&recipe.model.path)?;
     let tok = ChatTokenizer::from_dir(&model_dir)?;
-    let mut model = Decoder::load(&model_dir, DType::F32, &opts.device)?;
+    let mut model = Decoder::load(&model_dir, crate::device::base_dtype(&opts.device), &opts.device)?;
     let lora_cfg: LoraConfig = recipe.lora_config()?;
     attach_lora(
         &mut model,

@@ -1,0 +1,54 @@
+//! `--device cpu|cuda[:N]` and the dtype the base weights use there.
+use crate::error::{Error, Result};
+use candle_core::{DType, Device};
+
+/// Parse a device name. CUDA needs a binary built with `--features cuda`
+/// (`scripts/build-cuda.sh`).
+pub fn parse_device(name: &str) -> Result<Device> {
+    let name = name.trim();
+    if name == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match name.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| Error::InvalidArgument(format!("device '{name}': use cpu, cuda or cuda:N")))?,
+        None => return Err(Error::InvalidArgument(format!("device '{name}': use cpu, cuda or cuda:N"))),
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(Error::InvalidArgument(format!(
+            "device '{name}': this binary was built without CUDA support (build it with scripts/build-cuda.sh)"
+        )));
+    }
+    Ok(Device::new_cuda(ordinal)?)
+}
+
+/// Base weights in bf16 on GPUs (LoRA weights, gradients, optimizer state and losses stay f32);
+/// f32 on CPU, where bf16 matmuls are slower.
+pub fn base_dtype(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names_and_rejects_others() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        for bad in ["gpu", "cuda:x", "cuda1", ""] {
+            assert!(parse_device(bad).is_err(), "{bad}");
+        }
+        if !candle_core::utils::cuda_is_available() {
+            let e = parse_device("cuda:0").unwrap_err().to_string();
+            assert!(e.contains("without CUDA"), "{e}");
+        }
+        assert_eq!(base_dtype(&Device::Cpu), DType::F32);
+    }
+}
