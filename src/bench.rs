@@ -106,7 +106,10 @@ fn synthetic(n: usize, seq: usize, vocab: usize, rng: &mut Rng) -> Dataset {
                 .enumerate()
                 .map(|(i, &t)| if i < seq / 4 { -100 } else { t as i64 })
                 .collect();
-            EncodedExample { input_ids: ids, labels }
+            EncodedExample {
+                input_ids: ids,
+                labels,
+            }
         })
         .collect();
     Dataset {
@@ -147,7 +150,9 @@ pub fn bench_method(c: &BenchConfig, label: &str, device: &Device) -> Result<Ben
     for (n, v) in lora_vars(&model) {
         if n.contains("lora_B") {
             let d = v.as_tensor().dims().to_vec();
-            let vals: Vec<f32> = (0..d.iter().product::<usize>()).map(|_| (rng.normal() * 0.01) as f32).collect();
+            let vals: Vec<f32> = (0..d.iter().product::<usize>())
+                .map(|_| (rng.normal() * 0.01) as f32)
+                .collect();
             v.set(&candle_core::Tensor::from_vec(vals, d, device)?)?;
         }
     }

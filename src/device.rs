@@ -14,8 +14,14 @@ pub fn parse_device(name: &str) -> Result<Device> {
         Some(rest) => rest
             .strip_prefix(':')
             .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| Error::InvalidArgument(format!("device '{name}': use cpu, cuda or cuda:N")))?,
-        None => return Err(Error::InvalidArgument(format!("device '{name}': use cpu, cuda or cuda:N"))),
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("device '{name}': use cpu, cuda or cuda:N"))
+            })?,
+        None => {
+            return Err(Error::InvalidArgument(format!(
+                "device '{name}': use cpu, cuda or cuda:N"
+            )))
+        }
     };
     if !candle_core::utils::cuda_is_available() {
         return Err(Error::InvalidArgument(format!(

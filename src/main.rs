@@ -68,7 +68,11 @@ enum Command {
     /// relative to the first one. Run one method per process for a clean peak-memory figure.
     Bench {
         /// methods to time: gradascent, graddiff, npo, eupmu, eupmu-fast, surgery
-        #[arg(long, value_delimiter = ',', default_value = "graddiff,eupmu,eupmu-fast,surgery")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "graddiff,eupmu,eupmu-fast,surgery"
+        )]
         methods: Vec<String>,
         #[arg(long, default_value_t = 512)]
         hidden: usize,
@@ -203,7 +207,10 @@ fn run(cli: Cli) -> Result<()> {
                 println!(
                     "llama hidden {hidden}, {layers} layers, vocab {vocab}, LoRA r={rank} all-linear, batch {batch}x{seq}, median of {steps} steps"
                 );
-                println!("{:<12} {:>10} {:>10} {:>10} {:>12}", "method", "s/step", "tokens/s", "relative", "peak RSS MB");
+                println!(
+                    "{:<12} {:>10} {:>10} {:>10} {:>12}",
+                    "method", "s/step", "tokens/s", "relative", "peak RSS MB"
+                );
             }
             for m in &methods {
                 let r = unlearn::bench::bench_method(&cfg, m, &device)?;
@@ -219,7 +226,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Fetch { spec, revision, include } => {
+        Command::Fetch {
+            spec,
+            revision,
+            include,
+        } => {
             let path = unlearn::hub::fetch(&spec, revision.as_deref(), &include)?;
             println!("{}", path.display());
             Ok(())
@@ -244,7 +255,8 @@ fn run(cli: Cli) -> Result<()> {
             &data,
             &out,
             batch_size,
-            max_length, &device
+            max_length,
+            &device,
         ),
         Command::Merge {
             model,
@@ -295,7 +307,12 @@ fn data_file(spec: &Path) -> Result<PathBuf> {
     Ok(unlearn::hub::resolve_file(&spec.to_string_lossy())?)
 }
 
-fn run_recipe(path: &Path, overrides: &[String], resume: Option<PathBuf>, device: Device) -> Result<()> {
+fn run_recipe(
+    path: &Path,
+    overrides: &[String],
+    resume: Option<PathBuf>,
+    device: Device,
+) -> Result<()> {
     let recipe = unlearn::recipe::Recipe::load(path, overrides)?;
     let interrupt: &'static std::sync::atomic::AtomicBool =
         Box::leak(Box::new(std::sync::atomic::AtomicBool::new(false)));

@@ -141,7 +141,10 @@ fn bad_inputs_exit_non_zero_with_a_message() {
     let o = unlearn(&["inspect", dir.path().join("missing").to_str().unwrap()]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("missing") && err.contains("no such local file or directory"), "{err}");
+    assert!(
+        err.contains("missing") && err.contains("no such local file or directory"),
+        "{err}"
+    );
     let empty = dir.path().join("empty.jsonl");
     std::fs::write(&empty, "").unwrap();
     let o = unlearn(&[

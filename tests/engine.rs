@@ -6,7 +6,7 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use unlearn::lora::{attach_lora, lora_vars, LoraConfig, TargetModules};
-use unlearn::methods::{self, Ctx, Method};
+use unlearn::methods::{self, Ctx};
 use unlearn::model::{Decoder, ForwardOptions};
 use unlearn::recipe::Recipe;
 use unlearn::rng::Rng;
@@ -15,7 +15,9 @@ use unlearn::train::batch::{Dataset, ItemBatch, PairedBatch};
 use unlearn::train::trainer::{run, RunOptions};
 
 fn data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unlearn").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/unlearn")
+        .join(name)
 }
 
 /// The llama fixture with a LoRA whose B is non-zero, so adapted ≠ reference.
@@ -34,7 +36,9 @@ fn adapted_model() -> (Decoder, Vec<Var>) {
     for (n, v) in lora_vars(&model) {
         if n.contains("lora_B") {
             let d = v.as_tensor().dims().to_vec();
-            let vals: Vec<f32> = (0..d.iter().product::<usize>()).map(|_| rng.uniform(-0.2, 0.2) as f32).collect();
+            let vals: Vec<f32> = (0..d.iter().product::<usize>())
+                .map(|_| rng.uniform(-0.2, 0.2) as f32)
+                .collect();
             v.set(&Tensor::from_vec(vals, d, &cpu()).unwrap()).unwrap();
         }
     }
@@ -56,8 +60,16 @@ fn batch(forget_rows: Vec<usize>, retain_rows: Vec<usize>) -> (PairedBatch, Data
 /// Host-side f64 log-softmax of the model's logits, and per-row lists of (logp of label) for
 /// the shifted answer positions. Independent of the library's loss code.
 fn answer_logps(model: &Decoder, b: &ItemBatch, lora: bool) -> Vec<Vec<f64>> {
-    let opts = if lora { ForwardOptions::eval() } else { ForwardOptions::base_model() };
-    let logits = model.forward(&b.input(), &opts).unwrap().to_vec3::<f32>().unwrap();
+    let opts = if lora {
+        ForwardOptions::eval()
+    } else {
+        ForwardOptions::base_model()
+    };
+    let logits = model
+        .forward(&b.input(), &opts)
+        .unwrap()
+        .to_vec3::<f32>()
+        .unwrap();
     let labels = b.labels.to_vec2::<i64>().unwrap();
     logits
         .iter()
@@ -76,14 +88,31 @@ fn answer_logps(model: &Decoder, b: &ItemBatch, lora: bool) -> Vec<Vec<f64>> {
         .collect()
 }
 
-fn method_loss(name: &str, params: &str, model: &Decoder, vars: &[Var], pb: &PairedBatch, forget: &Dataset) -> f64 {
+fn method_loss(
+    name: &str,
+    params: &str,
+    model: &Decoder,
+    vars: &[Var],
+    pb: &PairedBatch,
+    forget: &Dataset,
+) -> f64 {
     let table: toml::Table = toml::from_str(params).unwrap();
     let mut m = methods::build(name, &table).unwrap();
     m.prepare(model, &forget.examples, 2).unwrap();
     let opts = ForwardOptions::eval();
-    let ctx = Ctx { model, vars, opts: &opts, step: 0, micro: 0 };
+    let ctx = Ctx {
+        model,
+        vars,
+        opts: &opts,
+        step: 0,
+        micro: 0,
+    };
     let out = m.loss(&ctx, pb).unwrap();
-    out.loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    out.loss
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 fn mean_nll(rows: &[Vec<f64>]) -> f64 {
@@ -96,7 +125,10 @@ fn log_sigmoid(x: f64) -> f64 {
 }
 
 fn close(a: f64, b: f64, what: &str) {
-    assert!((a - b).abs() <= 1e-4 * b.abs().max(1e-3), "{what}: {a} vs hand-computed {b}");
+    assert!(
+        (a - b).abs() <= 1e-4 * b.abs().max(1e-3),
+        "{what}: {a} vs hand-computed {b}"
+    );
 }
 
 #[test]
@@ -107,9 +139,20 @@ fn method_losses_equal_hand_computations() {
     let f_ref = answer_logps(&model, &pb.forget, false);
     let r = answer_logps(&model, pb.retain.as_ref().unwrap(), true);
 
-    close(method_loss("gradascent", "", &model, &vars, &pb, &forget), -mean_nll(&f), "gradascent");
     close(
-        method_loss("graddiff", "gamma = 0.5\nalpha = 2.0", &model, &vars, &pb, &forget),
+        method_loss("gradascent", "", &model, &vars, &pb, &forget),
+        -mean_nll(&f),
+        "gradascent",
+    );
+    close(
+        method_loss(
+            "graddiff",
+            "gamma = 0.5\nalpha = 2.0",
+            &model,
+            &vars,
+            &pb,
+            &forget,
+        ),
         -0.5 * mean_nll(&f) + 2.0 * mean_nll(&r),
         "graddiff",
     );
@@ -122,7 +165,11 @@ fn method_losses_equal_hand_computations() {
         .sum::<f64>()
         / f.len() as f64
         * (-2.0 / beta);
-    close(method_loss("npo", "", &model, &vars, &pb, &forget), npo_f + mean_nll(&r), "npo");
+    close(
+        method_loss("npo", "", &model, &vars, &pb, &forget),
+        npo_f + mean_nll(&r),
+        "npo",
+    );
     // SimNPO: −(2/β)·mean log σ(β(ℓ_sum/|y| − δ)), γ = 0.125, α = 1
     let (beta, delta) = (4.5, 0.5);
     let sim_f: f64 = f
@@ -139,17 +186,38 @@ fn method_losses_equal_hand_computations() {
     // EUPMU raw with λ₀ = 0.7 and a GA forget term: −NLL_f + 0.7·NLL_r; convex divides by 1.7
     let raw = -mean_nll(&f) + 0.7 * mean_nll(&r);
     close(
-        method_loss("eupmu", "forget_loss = \"ga\"\nlambda_init = 0.7\ncombination = \"raw\"", &model, &vars, &pb, &forget),
+        method_loss(
+            "eupmu",
+            "forget_loss = \"ga\"\nlambda_init = 0.7\ncombination = \"raw\"",
+            &model,
+            &vars,
+            &pb,
+            &forget,
+        ),
         raw,
         "eupmu raw",
     );
     close(
-        method_loss("eupmu", "forget_loss = \"ga\"\nlambda_init = 0.7\ncombination = \"convex\"", &model, &vars, &pb, &forget),
+        method_loss(
+            "eupmu",
+            "forget_loss = \"ga\"\nlambda_init = 0.7\ncombination = \"convex\"",
+            &model,
+            &vars,
+            &pb,
+            &forget,
+        ),
         raw / 1.7,
         "eupmu convex",
     );
     close(
-        method_loss("eupmu", "forget_loss = \"npo\"\nlambda_init = 0.7\ncombination = \"log\"", &model, &vars, &pb, &forget),
+        method_loss(
+            "eupmu",
+            "forget_loss = \"npo\"\nlambda_init = 0.7\ncombination = \"log\"",
+            &model,
+            &vars,
+            &pb,
+            &forget,
+        ),
         0.7 * mean_nll(&r).ln() + (npo_f).ln(),
         "eupmu log",
     );
@@ -161,7 +229,14 @@ fn graddiff_kl_retain_term_is_zero_for_the_reference_and_positive_otherwise() {
     let (pb, forget) = batch(vec![1, 2], vec![0, 4]);
     let f = answer_logps(&model, &pb.forget, true);
     // GradDiff with KL retain: −NLL_f + KL(ref‖θ); KL > 0 since the adapter changes the model
-    let with_kl = method_loss("graddiff", "retain_loss = \"kl\"", &model, &vars, &pb, &forget);
+    let with_kl = method_loss(
+        "graddiff",
+        "retain_loss = \"kl\"",
+        &model,
+        &vars,
+        &pb,
+        &forget,
+    );
     let kl = with_kl + mean_nll(&f);
     assert!(kl > 1e-4, "KL to the reference must be positive, got {kl}");
     // With a zero adapter the KL is 0.
@@ -169,7 +244,14 @@ fn graddiff_kl_retain_term_is_zero_for_the_reference_and_positive_otherwise() {
         v.set(&v.as_tensor().zeros_like().unwrap()).unwrap();
     }
     let f0 = answer_logps(&model, &pb.forget, true);
-    let with_kl0 = method_loss("graddiff", "retain_loss = \"kl\"", &model, &vars, &pb, &forget);
+    let with_kl0 = method_loss(
+        "graddiff",
+        "retain_loss = \"kl\"",
+        &model,
+        &vars,
+        &pb,
+        &forget,
+    );
     assert!((with_kl0 + mean_nll(&f0)).abs() < 1e-6);
 }
 
@@ -192,7 +274,13 @@ fn npo_gradient_at_start_equals_summed_ga_gradient() {
     let mut npo = methods::build("npo", &table).unwrap();
     npo.prepare(&model, &forget.examples, 2).unwrap();
     let opts = ForwardOptions::default();
-    let ctx = Ctx { model: &model, vars: &vars, opts: &opts, step: 0, micro: 0 };
+    let ctx = Ctx {
+        model: &model,
+        vars: &vars,
+        opts: &opts,
+        step: 0,
+        micro: 0,
+    };
     let (g_npo, _) = npo.gradients(&ctx, &pb).unwrap();
     let logits = model.forward(&pb.forget.input(), &opts).unwrap();
     let (sums, _) = unlearn::score::row_nll(&logits, &pb.forget.labels).unwrap();
@@ -201,9 +289,18 @@ fn npo_gradient_at_start_equals_summed_ga_gradient() {
     let mut nonzero = 0;
     for (a, b) in g_npo.iter().zip(&g_ga) {
         let d = max_abs_diff(a, b);
-        let s = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let s = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         // lora_A gradients are exactly 0 while B = 0; the B gradients carry the comparison
-        assert!(d <= 1e-4 * s.max(1e-12), "NPO vs GA gradient: {d} (scale {s})");
+        assert!(
+            d <= 1e-4 * s.max(1e-12),
+            "NPO vs GA gradient: {d} (scale {s})"
+        );
         nonzero += usize::from(s > 0.0);
     }
     assert_eq!(nonzero, vars.len() / 2, "every lora_B gets a gradient");
@@ -214,26 +311,49 @@ fn surgery_direction_satisfies_the_constraint() {
     let (model, vars) = adapted_model();
     let (pb, forget) = batch(vec![0, 2, 4], vec![3, 5, 7]);
     for tol in [0.0, 0.05] {
-        let table: toml::Table = toml::from_str(&format!("forget_loss = \"ga\"\ntolerance = {tol}")).unwrap();
+        let table: toml::Table =
+            toml::from_str(&format!("forget_loss = \"ga\"\ntolerance = {tol}")).unwrap();
         let mut m = methods::build("surgery", &table).unwrap();
         m.prepare(&model, &forget.examples, 2).unwrap();
         let opts = ForwardOptions::default();
-        let ctx = Ctx { model: &model, vars: &vars, opts: &opts, step: 0, micro: 0 };
+        let ctx = Ctx {
+            model: &model,
+            vars: &vars,
+            opts: &opts,
+            step: 0,
+            micro: 0,
+        };
         let (d, logs) = m.gradients(&ctx, &pb).unwrap();
         // independent g_r
         let r = pb.retain.as_ref().unwrap();
-        let lr = unlearn::model::ops::causal_lm_loss(&model.forward(&r.input(), &opts).unwrap(), &r.labels).unwrap();
+        let lr = unlearn::model::ops::causal_lm_loss(
+            &model.forward(&r.input(), &opts).unwrap(),
+            &r.labels,
+        )
+        .unwrap();
         let g_r = methods::grads_of(&lr, &vars).unwrap();
         let dot: f64 = d
             .iter()
             .zip(&g_r)
-            .map(|(a, b)| (a * b).unwrap().sum_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap())
+            .map(|(a, b)| {
+                (a * b)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            })
             .sum();
         let lambda = logs.iter().find(|(k, _)| k == "lambda").unwrap().1;
         assert!(dot >= -tol - 1e-6, "⟨g_r, d⟩ = {dot} < −ε = {}", -tol);
         if lambda > 0.0 {
             // active constraint: equality
-            assert!((dot + tol).abs() < 1e-4 * (1.0 + tol), "active constraint: ⟨g_r, d⟩ = {dot}");
+            assert!(
+                (dot + tol).abs() < 1e-4 * (1.0 + tol),
+                "active constraint: ⟨g_r, d⟩ = {dot}"
+            );
         }
     }
 }
@@ -266,7 +386,11 @@ dir = "{out}"
         forget = data("forget.jsonl").display(),
         retain = data("retain.jsonl").display(),
         out = dir.join("out").display(),
-        lr_line = if train.contains("lr =") { "" } else { "lr = 5e-3" },
+        lr_line = if train.contains("lr =") {
+            ""
+        } else {
+            "lr = 5e-3"
+        },
     );
     let p = dir.join("recipe.toml");
     std::fs::write(&p, text).unwrap();
@@ -301,10 +425,19 @@ fn gradient_ascent_raises_forget_nll_and_graddiff_bounds_retain() {
     run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default()).unwrap();
     let m = metrics(&tmp2.path().join("out"));
     let r0 = m[0]["retain_loss"].as_f64().unwrap();
-    let rmax = m.iter().map(|x| x["retain_loss"].as_f64().unwrap()).fold(f64::MIN, f64::max);
-    assert!(rmax < r0 + 1.0, "GradDiff: retain NLL rose from {r0} to {rmax}");
+    let rmax = m
+        .iter()
+        .map(|x| x["retain_loss"].as_f64().unwrap())
+        .fold(f64::MIN, f64::max);
+    assert!(
+        rmax < r0 + 1.0,
+        "GradDiff: retain NLL rose from {r0} to {rmax}"
+    );
     let f_last = m[5]["forget_nll"].as_f64().unwrap();
-    assert!(f_last > m[0]["forget_nll"].as_f64().unwrap(), "GradDiff still forgets");
+    assert!(
+        f_last > m[0]["forget_nll"].as_f64().unwrap(),
+        "GradDiff still forgets"
+    );
 }
 
 #[test]
@@ -319,7 +452,9 @@ fn eupmu_lambda_grows_when_retain_rises_and_stays_zero_with_large_tolerance() {
     );
     run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default()).unwrap();
     let m = metrics(&tmp.path().join("out"));
-    let rose = m.iter().any(|x| x["retain_loss_after"].as_f64().unwrap() > x["retain_loss"].as_f64().unwrap());
+    let rose = m
+        .iter()
+        .any(|x| x["retain_loss_after"].as_f64().unwrap() > x["retain_loss"].as_f64().unwrap());
     assert!(rose, "the test needs a step where the retain loss rises");
     let lambda_end = m.last().unwrap()["lambda_next"].as_f64().unwrap();
     assert!(lambda_end > 0.0, "λ should grow from 0, got {lambda_end}");
@@ -329,7 +464,10 @@ fn eupmu_lambda_grows_when_retain_rises_and_stays_zero_with_large_tolerance() {
             x["retain_loss_after"].as_f64().unwrap(),
             x["slack"].as_f64().unwrap(),
         );
-        assert!((slack - (before - after)).abs() < 1e-9, "δ = L_r_old − L_r_new + 0");
+        assert!(
+            (slack - (before - after)).abs() < 1e-9,
+            "δ = L_r_old − L_r_new + 0"
+        );
     }
 
     // Large tolerance: λ stays 0 and the run is pure forget-loss descent, bit for bit.
@@ -347,7 +485,10 @@ fn eupmu_lambda_grows_when_retain_rises_and_stays_zero_with_large_tolerance() {
     let tmp_g = tempfile::tempdir().unwrap();
     let p = write_recipe(tmp_g.path(), "gradascent", "", "steps = 3");
     run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default()).unwrap();
-    assert_eq!(adapter_bytes(&tmp_e.path().join("out")), adapter_bytes(&tmp_g.path().join("out")));
+    assert_eq!(
+        adapter_bytes(&tmp_e.path().join("out")),
+        adapter_bytes(&tmp_g.path().join("out"))
+    );
 }
 
 #[test]
@@ -362,7 +503,10 @@ fn eupmu_fast_updates_lambda_without_an_extra_forward() {
     run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default()).unwrap();
     let m = metrics(&tmp.path().join("out"));
     assert!(m[0].get("slack").is_none(), "no previous step at step 1");
-    assert!(m[0].get("retain_loss_after").is_none(), "fast: no extra forward");
+    assert!(
+        m[0].get("retain_loss_after").is_none(),
+        "fast: no extra forward"
+    );
     // δ at step t+1 = L_r(step t) − L_r(step t+1) + 0
     for w in m.windows(2) {
         let expect = w[0]["retain_loss"].as_f64().unwrap() - w[1]["retain_loss"].as_f64().unwrap();
@@ -377,32 +521,70 @@ fn same_recipe_same_seed_gives_byte_identical_adapters() {
     let extra = "steps = 3\ngrad_accum = 2";
     for d in [a.path(), b.path()] {
         let p = write_recipe(d, "npo", "", extra);
-        run(&Recipe::load(&p, &["lora.dropout=0.1".into()]).unwrap(), &RunOptions::default()).unwrap();
+        run(
+            &Recipe::load(&p, &["lora.dropout=0.1".into()]).unwrap(),
+            &RunOptions::default(),
+        )
+        .unwrap();
     }
-    assert_eq!(adapter_bytes(&a.path().join("out")), adapter_bytes(&b.path().join("out")));
+    assert_eq!(
+        adapter_bytes(&a.path().join("out")),
+        adapter_bytes(&b.path().join("out"))
+    );
     let c = tempfile::tempdir().unwrap();
     let p = write_recipe(c.path(), "npo", "", extra);
-    run(&Recipe::load(&p, &["lora.dropout=0.1".into(), "train.seed=12".into()]).unwrap(), &RunOptions::default()).unwrap();
-    assert_ne!(adapter_bytes(&a.path().join("out")), adapter_bytes(&c.path().join("out")));
+    run(
+        &Recipe::load(&p, &["lora.dropout=0.1".into(), "train.seed=12".into()]).unwrap(),
+        &RunOptions::default(),
+    )
+    .unwrap();
+    assert_ne!(
+        adapter_bytes(&a.path().join("out")),
+        adapter_bytes(&c.path().join("out"))
+    );
 }
 
 #[test]
 fn interrupted_and_resumed_run_equals_a_straight_run() {
-    for (method, extra) in [("eupmu", "forget_loss = \"npo\"\nlambda_lr = 0.3"), ("graddiff", "retain_loss = \"kl\"")] {
+    for (method, extra) in [
+        ("eupmu", "forget_loss = \"npo\"\nlambda_lr = 0.3"),
+        ("graddiff", "retain_loss = \"kl\""),
+    ] {
         let straight = tempfile::tempdir().unwrap();
         let train = "steps = 4\ngrad_accum = 2\nschedule = \"cosine\"\nwarmup_steps = 1\nweight_decay = 0.01";
         let p = write_recipe(straight.path(), method, extra, train);
         let overrides = vec!["lora.dropout=0.1".to_string()];
-        run(&Recipe::load(&p, &overrides).unwrap(), &RunOptions::default()).unwrap();
+        run(
+            &Recipe::load(&p, &overrides).unwrap(),
+            &RunOptions::default(),
+        )
+        .unwrap();
 
         let split = tempfile::tempdir().unwrap();
         let p = write_recipe(split.path(), method, extra, train);
         let recipe = Recipe::load(&p, &overrides).unwrap();
         let stop = AtomicBool::new(true); // as if Ctrl-C came during step 1
-        let s = run(&recipe, &RunOptions { interrupt: Some(&stop), ..Default::default() }).unwrap();
+        let s = run(
+            &recipe,
+            &RunOptions {
+                interrupt: Some(&stop),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert!(s.interrupted && s.steps == 1);
-        assert!(!split.path().join("out/adapter").exists(), "no final adapter for an interrupted run");
-        let s = run(&recipe, &RunOptions { resume: Some(split.path().join("out")), ..Default::default() }).unwrap();
+        assert!(
+            !split.path().join("out/adapter").exists(),
+            "no final adapter for an interrupted run"
+        );
+        let s = run(
+            &recipe,
+            &RunOptions {
+                resume: Some(split.path().join("out")),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(s.steps, 4);
         assert_eq!(
             adapter_bytes(&straight.path().join("out")),
@@ -419,10 +601,22 @@ fn interrupted_and_resumed_run_equals_a_straight_run() {
 #[test]
 fn exploding_loss_stops_with_a_clear_error_and_keeps_the_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
-    let p = write_recipe(tmp.path(), "gradascent", "", "steps = 50\nlr = 1e30\ncheckpoint_every = 1");
-    let err = run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default()).unwrap_err().to_string();
-    assert!(err.contains("loss is") || err.contains("gradient norm is"), "{err}");
-    let ckpts = std::fs::read_dir(tmp.path().join("out/checkpoints")).unwrap().count();
+    let p = write_recipe(
+        tmp.path(),
+        "gradascent",
+        "",
+        "steps = 50\nlr = 1e30\ncheckpoint_every = 1",
+    );
+    let err = run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("loss is") || err.contains("gradient norm is"),
+        "{err}"
+    );
+    let ckpts = std::fs::read_dir(tmp.path().join("out/checkpoints"))
+        .unwrap()
+        .count();
     assert!(ckpts >= 1, "the last good checkpoint stays");
 }
 
@@ -430,11 +624,18 @@ fn exploding_loss_stops_with_a_clear_error_and_keeps_the_checkpoint() {
 fn bad_recipes_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let p = write_recipe(tmp.path(), "nosuchmethod", "", "steps = 1");
-    let e = run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default()).unwrap_err().to_string();
-    assert!(e.contains("unknown method 'nosuchmethod'") && e.contains("graddiff"), "{e}");
+    let e = run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("unknown method 'nosuchmethod'") && e.contains("graddiff"),
+        "{e}"
+    );
 
     let p = write_recipe(tmp.path(), "npo", "betta = 0.2", "steps = 1");
-    let e = run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default()).unwrap_err().to_string();
+    let e = run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("betta"), "{e}");
 
     let p = write_recipe(tmp.path(), "npo", "", "steps = 1\nbatchsize = 3");
@@ -442,9 +643,13 @@ fn bad_recipes_are_clear_errors() {
     assert!(e.contains("recipe.toml") && e.contains("batchsize"), "{e}");
 
     let p = write_recipe(tmp.path(), "npo", "", "steps = 1");
-    let e = Recipe::load(&p, &["lora.r=0".into()]).unwrap_err().to_string();
+    let e = Recipe::load(&p, &["lora.r=0".into()])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("lora.r"), "{e}");
-    let e = Recipe::load(&p, &["train.lr=-1".into()]).unwrap_err().to_string();
+    let e = Recipe::load(&p, &["train.lr=-1".into()])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("train.lr"), "{e}");
 
     let r = Recipe::load(&p, &["data.forget=\"/nonexistent/forget.jsonl\"".into()]).unwrap();
@@ -460,14 +665,27 @@ fn bad_recipes_are_clear_errors() {
 
 #[test]
 fn log_sigmoid_value_and_gradient_including_zero() {
-    let x = Var::from_tensor(&Tensor::new(&[-100.0f32, -2.0, 0.0, 3.0, 100.0], &cpu()).unwrap()).unwrap();
+    let x = Var::from_tensor(&Tensor::new(&[-100.0f32, -2.0, 0.0, 3.0, 100.0], &cpu()).unwrap())
+        .unwrap();
     let y = methods::log_sigmoid(x.as_tensor()).unwrap();
-    let g = y.sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+    let g = y
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+        .get(x.as_tensor())
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let yv = y.to_vec1::<f32>().unwrap();
     for (i, &xv) in [-100.0f64, -2.0, 0.0, 3.0, 100.0].iter().enumerate() {
         let expect = -(1.0 + (-xv).exp()).ln();
         let sig_neg = 1.0 / (1.0 + xv.exp());
         assert!((yv[i] as f64 - expect).abs() < 1e-5, "value at {xv}");
-        assert!((g[i] as f64 - sig_neg).abs() < 1e-6, "gradient at {xv}: {} vs {sig_neg}", g[i]);
+        assert!(
+            (g[i] as f64 - sig_neg).abs() < 1e-6,
+            "gradient at {xv}: {} vs {sig_neg}",
+            g[i]
+        );
     }
 }

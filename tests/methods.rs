@@ -818,3 +818,15 @@ fn oracle_training_brings_logits_closer_to_the_teacher() {
     let d1 = dist(&trained(&after, &batch));
     assert!(d1 < 0.9 * d0, "logit MSE to the teacher: {d0} → {d1}");
 }
+
+#[test]
+fn rmu_checkpoint_state_records_and_checks_its_settings() {
+    let mut m = methods::build("rmu", &toml::from_str("layer = 1").unwrap()).unwrap();
+    let state = m.state();
+    assert_eq!(state["layer"], 1);
+    assert_eq!(state["seed"], 42);
+    m.load_state(&state).unwrap();
+    let mut other = methods::build("rmu", &toml::from_str("layer = 1\nseed = 3").unwrap()).unwrap();
+    let e = other.load_state(&state).err().unwrap().to_string();
+    assert!(e.contains("seed 3"), "{e}");
+}

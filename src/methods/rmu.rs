@@ -190,6 +190,30 @@ impl Method for Rmu {
         self.control = Some(Tensor::from_vec(v, d, &model.device)?);
         Ok(())
     }
+    /// Not a state (u is re-drawn from the seed): the settings, recorded in every checkpoint.
+    fn state(&self) -> serde_json::Value {
+        serde_json::json!({
+            "layer": self.layer,
+            "steering_coeff": self.coeff,
+            "seed": self.seed,
+            "steering_distribution": "uniform[0,1) normalised",
+            "mask": "labels != -100, per-sequence mean",
+        })
+    }
+    /// A checkpoint of another layer, coefficient or seed steered toward another target.
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        let same = |key: &str, now: serde_json::Value| state.get(key).is_none_or(|v| *v == now);
+        if !(same("layer", self.layer.into())
+            && same("steering_coeff", self.coeff.into())
+            && same("seed", self.seed.into()))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "method 'rmu': the checkpoint was trained with {state}, the recipe says layer {}, steering_coeff {}, seed {}",
+                self.layer, self.coeff, self.seed
+            )));
+        }
+        Ok(())
+    }
     fn loss(&mut self, ctx: &Ctx, batch: &PairedBatch) -> Result<LossOutput> {
         let lf = self.forget_loss(ctx, &batch.forget)?;
         let mut logs = vec![("forget_loss".into(), scalar(&lf)?)];

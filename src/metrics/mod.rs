@@ -9,12 +9,12 @@
 //! | --- | --- |
 //! | [`stats`] | `hmean`, `roc_auc`, `zlib_len`, `percentile`, means |
 //! | [`ks`] | `ks_2samp` (scipy, exact and asymptotic), `kstwo_sf` |
-//! | [`rouge`] | ROUGE-1 / ROUGE-L exactly as `rouge_score` with NLTK's Porter stemmer ([`porter`]) |
+//! | [`mod@rouge`] | ROUGE-1 / ROUGE-L exactly as `rouge_score` with NLTK's Porter stemmer ([`porter`]) |
 //! | [`tofu`] | answer probabilities, truth ratio, forget quality, model utility |
 //! | [`memorization`] | exact memorisation, extraction strength |
 //! | [`mia`] | LOSS, ZLib, Min-K%, Min-K%++, Reference, GradNorm scores; MIA AUC; privleak |
 //! | [`mc`] | multiple-choice accuracy by answer log-likelihood, per-subject breakdown |
-//! | [`klom`] | KLoM: margins, binned KL, percentiles |
+//! | [`mod@klom`] | KLoM: margins, binned KL, percentiles |
 //!
 //! All functions validate their input and return [`crate::error::Error::InvalidArgument`]
 //! rather than panicking on user data (empty inputs, NaN, mismatched lengths).

@@ -153,17 +153,17 @@ impl Loader<'_> {
                 return Ok(Tensor::from_vec(data, shape, self.device)?.to_dtype(self.dtype)?);
             }
             Source::CheckOnly(store) => {
-            let (_, got, _, path) = store.raw(name)?;
-            if got != shape {
-                return Err(Error::WeightShape {
-                    name: name.to_string(),
-                    path: path.to_path_buf(),
-                    expected: shape.to_vec(),
-                    got,
-                });
-            }
-            // A [0, 0] placeholder keeps rank-2 operations (the Conv1D transpose) valid.
-            return Ok(Tensor::zeros((0, 0), self.dtype, self.device)?);
+                let (_, got, _, path) = store.raw(name)?;
+                if got != shape {
+                    return Err(Error::WeightShape {
+                        name: name.to_string(),
+                        path: path.to_path_buf(),
+                        expected: shape.to_vec(),
+                        got,
+                    });
+                }
+                // A [0, 0] placeholder keeps rank-2 operations (the Conv1D transpose) valid.
+                return Ok(Tensor::zeros((0, 0), self.dtype, self.device)?);
             }
         };
         store.tensor(name, shape, self.dtype, self.device)
@@ -226,20 +226,45 @@ impl Decoder {
     /// Check that a checkpoint has every weight its config asks for, with the right shapes,
     /// reading only the file headers (merging uses this without loading the model).
     pub fn validate_store(cfg: &ArchConfig, store: &WeightStore) -> Result<()> {
-        Self::build(cfg.clone(), Source::CheckOnly(store), Path::new(""), DType::F32, &Device::Cpu).map(|_| ())
+        Self::build(
+            cfg.clone(),
+            Source::CheckOnly(store),
+            Path::new(""),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .map(|_| ())
     }
 
-    pub fn from_store(cfg: ArchConfig, store: &WeightStore, dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn from_store(
+        cfg: ArchConfig,
+        store: &WeightStore,
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         Self::build(cfg, Source::Store(store), dir, dtype, device)
     }
 
     /// A model with seeded random weights (N(0, std²) matrices) for a config.
-    pub fn random(cfg: ArchConfig, seed: u64, std: f64, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn random(
+        cfg: ArchConfig,
+        seed: u64,
+        std: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let rng = std::cell::RefCell::new(crate::rng::Rng::new(seed));
         Self::build(cfg, Source::Random(rng, std), Path::new(""), dtype, device)
     }
 
-    fn build(cfg: ArchConfig, source: Source, dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    fn build(
+        cfg: ArchConfig,
+        source: Source,
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let l = Loader {
             source,
             cfg: &cfg,
@@ -257,7 +282,11 @@ impl Decoder {
         match cfg.family {
             Family::Gpt2 => {
                 // The original OpenAI checkpoints store names without the `transformer.` prefix.
-                let p = if contains("transformer.wte.weight") { "transformer." } else { "" };
+                let p = if contains("transformer.wte.weight") {
+                    "transformer."
+                } else {
+                    ""
+                };
                 embed = l.tensor(&format!("{p}wte.weight"), &[v, h])?;
                 pos_embed =
                     Some(l.tensor(&format!("{p}wpe.weight"), &[cfg.max_position_embeddings, h])?);

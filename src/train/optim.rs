@@ -156,7 +156,10 @@ mod tests {
             let (mh, vh) = (m2 / (1.0 - 0.81), v2 / (1.0 - 0.999f64.powi(2)));
             p1 * 0.99 - 0.1 * mh / (vh.sqrt() + 1e-8)
         };
-        assert!((after2[0] - expect(after1[0], 0.5, -1.0)).abs() < 1e-12, "{after2:?}");
+        assert!(
+            (after2[0] - expect(after1[0], 0.5, -1.0)).abs() < 1e-12,
+            "{after2:?}"
+        );
         assert!((after2[1] - expect(after1[1], 0.25, 0.5)).abs() < 1e-12);
     }
 

@@ -75,7 +75,11 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
     let out_dir = PathBuf::from(&recipe.output.dir);
     let model_dir = model_path(&recipe.model.path)?;
     let tok = ChatTokenizer::from_dir(&model_dir)?;
-    let mut model = Decoder::load(&model_dir, crate::device::base_dtype(&opts.device), &opts.device)?;
+    let mut model = Decoder::load(
+        &model_dir,
+        crate::device::base_dtype(&opts.device),
+        &opts.device,
+    )?;
     let lora_cfg: LoraConfig = recipe.lora_config()?;
     attach_lora(
         &mut model,
