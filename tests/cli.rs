@@ -197,3 +197,56 @@ fn merge_command_writes_a_loadable_checkpoint() {
     let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(info["stored_dtype"], "bf16");
 }
+
+/// A cache laid out as Python's huggingface_hub writes it (blobs, relative snapshot symlinks,
+/// refs/main): `unlearn inspect org/name` works offline from it.
+#[test]
+fn inspect_a_hub_id_offline_from_the_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--acme--tiny-llama");
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::create_dir_all(repo.join("snapshots").join(sha)).unwrap();
+    std::fs::write(repo.join("refs/main"), sha).unwrap();
+    for (i, f) in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let blob = format!("blob{i}");
+        std::fs::copy(fixture("llama").join(f), repo.join("blobs").join(&blob)).unwrap();
+        std::os::unix::fs::symlink(
+            format!("../../blobs/{blob}"),
+            repo.join("snapshots").join(sha).join(f),
+        )
+        .unwrap();
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_unlearn"))
+        .args(["inspect", "--json", "acme/tiny-llama"])
+        .env("HF_HUB_CACHE", cache.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(info["parameters"], 115008);
+    // and a model the cache lacks is a clear offline error naming the file
+    let o = Command::new(env!("CARGO_BIN_EXE_unlearn"))
+        .args(["inspect", "acme/other"])
+        .env("HF_HUB_CACHE", cache.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("HF_HUB_OFFLINE") && err.contains("config.json"),
+        "{err}"
+    );
+}
