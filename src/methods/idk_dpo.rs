@@ -13,7 +13,7 @@
 //! (which `prepare` does not see): its prompt is the already-truncated prompt of the forget item,
 //! so it is at most one IDK answer longer. The reference ℓ_sum of y_w and y_l (adapter disabled)
 //! is computed once in `prepare`.
-use super::wga::combine_with_retain;
+use super::combine_with_retain;
 use super::{log_sigmoid, logits, reference_seq_nll, seq_nll, Ctx, LossOutput, Method, RetainLoss};
 use crate::error::{Error, Result};
 use crate::model::Decoder;

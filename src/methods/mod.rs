@@ -268,6 +268,25 @@ pub fn kl_ref_model(reference_logits: &Tensor, logits: &Tensor) -> Result<Tensor
     Ok((kl / (b * t) as f64)?)
 }
 
+/// γ·L_f (+ α·L_r when α ≠ 0), with the usual logs.
+pub fn combine_with_retain(
+    lf: Tensor,
+    gamma: f64,
+    alpha: f64,
+    retain: RetainLoss,
+    ctx: &Ctx,
+    batch: &PairedBatch,
+) -> Result<LossOutput> {
+    let mut logs = vec![("forget_loss".into(), scalar(&lf)?)];
+    let mut loss = (lf * gamma)?;
+    if alpha != 0.0 {
+        let lr = retain_loss(retain, ctx, batch.retain()?)?;
+        logs.push(("retain_loss".into(), scalar(&lr)?));
+        loss = (loss + (lr * alpha)?)?;
+    }
+    Ok(LossOutput { loss, logs })
+}
+
 /// The forget term shared by the constrained methods.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ForgetLoss {

@@ -1,10 +1,8 @@
 //! NPO (arXiv 2404.05868): L_f = −(2/β)·mean_b log σ(β·(ℓ_sum^θ − ℓ_sum^ref)), with summed
 //! (not length-normalised) answer NLLs; L = γ·L_f + α·L_r. The reference is the model with
 //! the adapter disabled; its ℓ_sum on the fixed forget set is computed once in `prepare`.
-use super::{
-    log_sigmoid, logits, reference_seq_nll, retain_loss, scalar, seq_nll, Ctx, LossOutput, Method,
-    RetainLoss,
-};
+use super::combine_with_retain;
+use super::{log_sigmoid, logits, reference_seq_nll, seq_nll, Ctx, LossOutput, Method, RetainLoss};
 use crate::error::{Error, Result};
 use crate::model::Decoder;
 use crate::recipe::method_params;
@@ -97,14 +95,7 @@ impl Method for Npo {
             &self.reference,
             self.beta,
         )?;
-        let mut logs = vec![("forget_loss".into(), scalar(&lf)?)];
-        let mut loss = (lf * self.gamma)?;
-        if self.alpha != 0.0 {
-            let lr = retain_loss(self.retain, ctx, batch.retain()?)?;
-            logs.push(("retain_loss".into(), scalar(&lr)?));
-            loss = (loss + (lr * self.alpha)?)?;
-        }
-        Ok(LossOutput { loss, logs })
+        combine_with_retain(lf, self.gamma, self.alpha, self.retain, ctx, batch)
     }
     fn needs_retain(&self) -> bool {
         self.alpha != 0.0

@@ -3,7 +3,8 @@
 //!
 //! Defaults follow open-unlearning's trainer config (β1 = 5, β2 = 1, γ = 0.1, α = 1); its README
 //! says γ = 1, α = 0.1, which conflicts with the config.
-use super::wga::{combine_with_retain, weighted_ascent_loss};
+use super::combine_with_retain;
+use super::wga::weighted_ascent_loss;
 use super::{logits, Ctx, LossOutput, Method, RetainLoss};
 use crate::error::Result;
 use crate::recipe::method_params;

@@ -1,9 +1,8 @@
 //! SimNPO (arXiv 2410.07163): L_f = −(2/β)·mean log σ(β·(ℓ_sum/|y| − δ)), no reference model;
 //! |y| counts the labelled tokens of the unshifted labels, as open-unlearning does.
 //! L = γ·L_f + α·L_r.
-use super::{
-    log_sigmoid, logits, retain_loss, scalar, seq_nll, Ctx, LossOutput, Method, RetainLoss,
-};
+use super::combine_with_retain;
+use super::{log_sigmoid, logits, seq_nll, Ctx, LossOutput, Method, RetainLoss};
 use crate::error::{Error, Result};
 use crate::recipe::method_params;
 use crate::train::batch::{ItemBatch, PairedBatch};
@@ -88,13 +87,6 @@ impl Method for SimNpo {
             self.beta,
             self.delta,
         )?;
-        let mut logs = vec![("forget_loss".into(), scalar(&lf)?)];
-        let mut loss = (lf * self.gamma)?;
-        if self.alpha != 0.0 {
-            let lr = retain_loss(self.retain, ctx, batch.retain()?)?;
-            logs.push(("retain_loss".into(), scalar(&lr)?));
-            loss = (loss + (lr * self.alpha)?)?;
-        }
-        Ok(LossOutput { loss, logs })
+        combine_with_retain(lf, self.gamma, self.alpha, self.retain, ctx, batch)
     }
 }

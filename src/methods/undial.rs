@@ -7,7 +7,7 @@
 //! Masking (our choice): the mean covers only the **answer positions** (labels[:, t + 1] ≠ −100).
 //! open-unlearning's `compute_undial_loss` has no mask: label −100 indexes vocabulary slot
 //! V − 100 and the mean covers prompt and padding positions too.
-use super::wga::combine_with_retain;
+use super::combine_with_retain;
 use super::{
     answer_positions, flat_rows, logits, one_hot, reference_logits, soft_cross_entropy, Ctx,
     LossOutput, Method, RetainLoss,

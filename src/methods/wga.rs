@@ -1,9 +1,8 @@
 //! WGA (weighted gradient ascent): L_f = −mean over the batch's answer tokens of
 //! [sg(p_t)^β · CE_t], with CE_t = −log p_θ(y_t | y_<t), p_t = exp(−CE_t) and sg a stop-gradient
 //! (open-unlearning `compute_wga_loss`). L = γ·L_f + α·L_r, L_r the retain NLL or KL.
-use super::{
-    answer_ce, answer_positions, logits, retain_loss, scalar, Ctx, LossOutput, Method, RetainLoss,
-};
+use super::combine_with_retain;
+use super::{answer_ce, answer_positions, logits, Ctx, LossOutput, Method, RetainLoss};
 use crate::error::Result;
 use crate::recipe::method_params;
 use crate::train::batch::{ItemBatch, PairedBatch};
@@ -63,25 +62,6 @@ pub fn weighted_ascent_loss(
 /// The WGA forget loss.
 pub fn wga_loss(logits: &Tensor, batch: &ItemBatch, beta: f64) -> Result<Tensor> {
     weighted_ascent_loss(logits, batch, |p| Ok(p.powf(beta)?))
-}
-
-/// γ·L_f (+ α·L_r when α ≠ 0), with the usual logs.
-pub(crate) fn combine_with_retain(
-    lf: Tensor,
-    gamma: f64,
-    alpha: f64,
-    retain: RetainLoss,
-    ctx: &Ctx,
-    batch: &PairedBatch,
-) -> Result<LossOutput> {
-    let mut logs = vec![("forget_loss".into(), scalar(&lf)?)];
-    let mut loss = (lf * gamma)?;
-    if alpha != 0.0 {
-        let lr = retain_loss(retain, ctx, batch.retain()?)?;
-        logs.push(("retain_loss".into(), scalar(&lr)?));
-        loss = (loss + (lr * alpha)?)?;
-    }
-    Ok(LossOutput { loss, logs })
 }
 
 impl Method for Wga {
