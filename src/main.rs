@@ -148,7 +148,22 @@ enum Command {
     },
 }
 
+/// Keep freed memory in the process instead of returning it to the kernel after every step.
+/// Training allocates and frees the same large activation buffers each step; with glibc's
+/// defaults every one of them is a fresh mmap and a storm of page faults (measured ≈20% of step
+/// time on CPU). This is set by the program itself so users need no environment tuning.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any other thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 * 1024 * 1024);
+    }
+}
+
 fn main() {
+    tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -195,11 +195,12 @@ fn lora_gradients_match_finite_differences() {
     };
     assert_eq!(attach_lora(&mut model, &cfg, &mut Rng::new(1)).unwrap(), 3);
     // make B non-zero so A also gets a gradient
+    let mut noise_rng = Rng::new(17);
     for (_, v) in lora_vars(&model) {
         let t = v.as_tensor();
-        let noise = (Tensor::randn(0f32, 0.05, t.dims(), &cpu()).unwrap())
-            .to_dtype(DType::F32)
-            .unwrap();
+        let n: usize = t.dims().iter().product();
+        let vals: Vec<f32> = (0..n).map(|_| (noise_rng.normal() * 0.05) as f32).collect();
+        let noise = Tensor::from_vec(vals, t.dims(), &cpu()).unwrap();
         v.set(&(t + noise).unwrap()).unwrap();
     }
     let r = reference("gemma2");
@@ -236,7 +237,7 @@ fn lora_gradients_match_finite_differences() {
             .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
             .unwrap()
             .0;
-        let h = 1e-2f32;
+        let h = 1e-3f32;
         let mut plus = flat.clone();
         plus[idx] += h;
         v.set(&Tensor::from_vec(plus, orig.dims(), &cpu()).unwrap())
@@ -251,7 +252,7 @@ fn lora_gradients_match_finite_differences() {
         let fd = (lp - lm) / (2.0 * h as f64);
         let rel = (fd - g[idx]).abs() / g[idx].abs().max(1e-8);
         assert!(
-            rel < 2e-3,
+            rel < 1e-4,
             "{name}: analytic {} vs finite difference {fd}",
             g[idx]
         );

@@ -23,8 +23,8 @@ pub struct Norm {
 impl Norm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self.kind {
-            NormKind::Rms => ops::rms_norm(x, &self.weight, self.eps, false)?,
-            NormKind::RmsPlusOne => ops::rms_norm(x, &self.weight, self.eps, true)?,
+            NormKind::Rms => ops::rms_norm_fused(x, &self.weight, self.eps, false)?,
+            NormKind::RmsPlusOne => ops::rms_norm_fused(x, &self.weight, self.eps, true)?,
             NormKind::LayerNorm => {
                 let b = self
                     .bias
@@ -678,7 +678,7 @@ impl Decoder {
         }
         let scores = scores.broadcast_add(&mask.additive)?;
         let mut probs =
-            ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
+            ops::softmax(&scores.to_dtype(ops::accum_dtype(x.dtype()))?)?.to_dtype(x.dtype())?;
         if let Some(keep) = &mask.empty_rows {
             probs = probs.broadcast_mul(keep)?;
         }

@@ -95,7 +95,13 @@ impl Linear {
         if let (true, Some(lora)) = (opts.lora, &self.lora) {
             // The branch runs in f32 whatever the base dtype: LoRA weights, gradients and
             // optimizer state stay f32.
-            let mut h = x.to_dtype(DType::F32)?;
+            // (f64 models — used for gradient checks — keep f64)
+            let branch_dtype = if x.dtype() == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            };
+            let mut h = x.to_dtype(branch_dtype)?;
             if lora.dropout > 0.0 {
                 if let Some(rng) = &opts.dropout_rng {
                     h = dropout(&h, lora.dropout, &mut rng.borrow_mut())?;
@@ -109,8 +115,10 @@ impl Linear {
             } else {
                 (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
             };
-            let low = h2.matmul(&a.t()?)?;
-            let up = (low.matmul(&b.t()?)? * lora.scale)?;
+            let (a, b) = (a.to_dtype(branch_dtype)?, b.to_dtype(branch_dtype)?);
+            // scale the rank-r intermediate, not the full-width output (one small tensor less)
+            let low = (h2.matmul(&a.t()?)? * lora.scale)?;
+            let up = low.matmul(&b.t()?)?;
             let mut out_dims = dims;
             let last = out_dims.len() - 1;
             out_dims[last] = self.out_features();

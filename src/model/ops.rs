@@ -8,6 +8,15 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 
 use crate::model::config::Activation;
 
+/// The dtype reductions run in: f32, or f64 for f64 inputs (gradient checks need it).
+pub fn accum_dtype(d: DType) -> DType {
+    if d == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// `x · Wᵀ` for a frozen `W`: the backward returns only the input gradient.
 ///
 /// candle's matmul backward always computes the gradient of both operands; for a frozen base
@@ -101,24 +110,24 @@ pub fn activation(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
 /// `plus_one` is Gemma's variant, which scales by (1 + w).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, plus_one: bool) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
+    let x = x.to_dtype(accum_dtype(dtype))?;
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x.broadcast_mul(&(ms + eps)?.sqrt()?.recip()?)?;
-    let w = w.to_dtype(DType::F32)?;
+    let w = w.to_dtype(accum_dtype(dtype))?;
     let w = if plus_one { (w + 1.0)? } else { w };
     normed.broadcast_mul(&w)?.to_dtype(dtype)
 }
 
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
+    let x = x.to_dtype(accum_dtype(dtype))?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centered.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
     normed
-        .broadcast_mul(&w.to_dtype(DType::F32)?)?
-        .broadcast_add(&b.to_dtype(DType::F32)?)?
+        .broadcast_mul(&w.to_dtype(accum_dtype(dtype))?)?
+        .broadcast_add(&b.to_dtype(accum_dtype(dtype))?)?
         .to_dtype(dtype)
 }
 
@@ -166,7 +175,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
 /// Cross-entropy per position: `-log p(label)`, with `labels` i64 [N] (−100 = ignore) and
 /// `logits` [N, V]. Returns (per-position NLL [N] with zeros where ignored, mask [N] as f32).
 pub fn token_nll(logits: &Tensor, labels: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-    let logits = logits.to_dtype(DType::F32)?;
+    let logits = logits.to_dtype(accum_dtype(logits.dtype()))?;
     let labels_v = labels.to_dtype(DType::I64)?.to_vec1::<i64>()?;
     let mask: Vec<f32> = labels_v
         .iter()
@@ -176,7 +185,7 @@ pub fn token_nll(logits: &Tensor, labels: &Tensor) -> candle_core::Result<(Tenso
     let n = safe.len();
     let dev = logits.device();
     let idx = Tensor::from_vec(safe, (n, 1), dev)?;
-    let mask = Tensor::from_vec(mask, n, dev)?;
+    let mask = Tensor::from_vec(mask, n, dev)?.to_dtype(logits.dtype())?;
     let logp = log_softmax_last_dim(&logits)?;
     let picked = logp.gather(&idx, 1)?.squeeze(1)?;
     let nll = (picked.neg()? * &mask)?;
@@ -189,11 +198,11 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> candle_core::Result<T
     let shift_logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
     let shift_labels = labels.narrow(1, 1, t - 1)?.reshape(b * (t - 1))?;
     let (nll, mask) = token_nll(&shift_logits, &shift_labels)?;
-    let count = mask.sum_all()?.to_scalar::<f32>()?;
+    let count = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     if count == 0.0 {
         candle_core::bail!("no label positions to compute a loss on");
     }
-    nll.sum_all()? / count as f64
+    nll.sum_all()? / count
 }
 
 #[cfg(test)]
@@ -244,5 +253,229 @@ mod tests {
         let diff = (ls - 1.0)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-6);
         Ok(())
+    }
+}
+
+// ---- fused CPU kernels with a backward -----------------------------------------------------
+//
+// candle's fused softmax / RMSNorm kernels drop the gradient; the composed forms above keep it
+// but allocate 4–6 full-size intermediates each, all kept alive by the graph. These custom ops
+// compute the forward in one pass (f32, contiguous, CPU) and give the analytic backward. Other
+// devices and dtypes use the composed forms.
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Some(&v[start..end]),
+        _ => None,
+    }
+}
+
+struct FusedSoftmax;
+
+impl candle_core::CustomOp1 for FusedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l).ok_or_else(|| {
+            candle_core::Error::Msg("fused-softmax: f32 contiguous input expected".into())
+        })?;
+        let d = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; x.len()];
+        use rayon::prelude::*;
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, row)| {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (oi, &xi) in o.iter_mut().zip(row) {
+                    let e = (xi - m).exp();
+                    *oi = e;
+                    sum += e;
+                }
+                let inv = 1.0 / sum;
+                for oi in o.iter_mut() {
+                    *oi *= inv;
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // ∂x = y ⊙ (g − Σ g⊙y)
+        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((y * g.broadcast_sub(&dot)?)?))
+    }
+}
+
+/// RMSNorm over the last dimension: y = x · rsqrt(mean x² + ε) · (w or 1 + w).
+struct FusedRmsNorm {
+    eps: f32,
+    plus_one: bool,
+}
+
+impl CustomOp2 for FusedRmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let err =
+            || candle_core::Error::Msg("fused-rms-norm: f32 contiguous inputs expected".into());
+        let x = contiguous_f32(s1, l1).ok_or_else(err)?;
+        let w = contiguous_f32(s2, l2).ok_or_else(err)?;
+        let d = w.len();
+        if d == 0 || x.len() % d != 0 {
+            candle_core::bail!("fused-rms-norm: weight of {d} does not fit the input");
+        }
+        let mut out = vec![0f32; x.len()];
+        use rayon::prelude::*;
+        let (eps, plus_one) = (self.eps, self.plus_one);
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, row)| {
+                let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                let r = 1.0 / (ms + eps).sqrt();
+                for ((oi, &xi), &wi) in o.iter_mut().zip(row).zip(w) {
+                    let scale = if plus_one { 1.0 + wi } else { wi };
+                    *oi = xi * r * scale;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(D::Minus1)? as f64;
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?
+            .sqrt()?
+            .recip()?;
+        let scale = if self.plus_one { (w + 1.0)? } else { w.clone() };
+        let u = g.broadcast_mul(&scale)?;
+        // ∂x = r·u − r³·x·Σ(u⊙x)/d
+        let ux = ((&u * x)?.sum_keepdim(D::Minus1)? / d)?;
+        let gx = (u.broadcast_mul(&r)? - x.broadcast_mul(&(r.powf(3.0)? * ux)?)?)?;
+        let gw = if w.is_variable() || w.track_op() {
+            let normed = x.broadcast_mul(&r)?;
+            let rows = normed.elem_count() / w.elem_count();
+            Some((g * normed)?.reshape((rows, w.elem_count()))?.sum(0)?)
+        } else {
+            None
+        };
+        Ok((Some(gx), gw))
+    }
+}
+
+fn fusable(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// Softmax over the last dimension with a backward; fused on CPU f32.
+pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+    if fusable(x) {
+        x.contiguous()?.apply_op1(FusedSoftmax)
+    } else {
+        softmax_last_dim(x)
+    }
+}
+
+/// RMSNorm with a backward; fused on CPU f32, composed elsewhere.
+pub fn rms_norm_fused(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    plus_one: bool,
+) -> candle_core::Result<Tensor> {
+    if fusable(x) && w.dtype() == DType::F32 {
+        x.contiguous()?.apply_op2(
+            &w.contiguous()?,
+            FusedRmsNorm {
+                eps: eps as f32,
+                plus_one,
+            },
+        )
+    } else {
+        rms_norm(x, w, eps, plus_one)
+    }
+}
+
+#[cfg(test)]
+mod fused_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn maxdiff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_softmax_equals_composed_in_value_and_gradient() {
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 3.0, (2, 3, 5, 7), &Device::Cpu).unwrap()))
+            .unwrap();
+        let t = Tensor::randn(0f32, 1.0, (2, 3, 5, 7), &Device::Cpu).unwrap();
+        let run = |fused: bool| {
+            let y = if fused {
+                softmax(x.as_tensor()).unwrap()
+            } else {
+                softmax_last_dim(x.as_tensor()).unwrap()
+            };
+            let g = (&y * &t).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, g.get(x.as_tensor()).unwrap().clone())
+        };
+        let (y1, g1) = run(true);
+        let (y2, g2) = run(false);
+        assert!(maxdiff(&y1, &y2) < 1e-6);
+        assert!(maxdiff(&g1, &g2) < 1e-6);
+    }
+
+    #[test]
+    fn fused_rms_norm_equals_composed_in_value_and_gradients() {
+        for plus_one in [false, true] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 4, 16), &Device::Cpu).unwrap())
+                .unwrap();
+            let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, 16, &Device::Cpu).unwrap()).unwrap();
+            let t = Tensor::randn(0f32, 1.0, (3, 4, 16), &Device::Cpu).unwrap();
+            let run = |fused: bool| {
+                let y = if fused {
+                    rms_norm_fused(x.as_tensor(), w.as_tensor(), 1e-6, plus_one).unwrap()
+                } else {
+                    rms_norm(x.as_tensor(), w.as_tensor(), 1e-6, plus_one).unwrap()
+                };
+                let g = (&y * &t).unwrap().sum_all().unwrap().backward().unwrap();
+                (
+                    y,
+                    g.get(x.as_tensor()).unwrap().clone(),
+                    g.get(w.as_tensor()).unwrap().clone(),
+                )
+            };
+            let (y1, gx1, gw1) = run(true);
+            let (y2, gx2, gw2) = run(false);
+            assert!(maxdiff(&y1, &y2) < 1e-5, "value");
+            assert!(
+                maxdiff(&gx1, &gx2) < 1e-4,
+                "grad x: {}",
+                maxdiff(&gx1, &gx2)
+            );
+            assert!(maxdiff(&gw1, &gw2) < 1e-4, "grad w");
+        }
     }
 }
