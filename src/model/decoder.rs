@@ -107,6 +107,24 @@ impl<'a> ModelInput<'a> {
     }
 }
 
+/// Keys and values of earlier positions, per layer ([B, kv_heads, T_past, D], after RoPE), so
+/// generation feeds only the new token each step.
+#[derive(Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// positions already in the cache
+    pub len: usize,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Decoder {
     pub cfg: ArchConfig,
@@ -464,6 +482,25 @@ impl Decoder {
         Ok(logits)
     }
 
+    /// Logits [B, t_new, V] for new tokens given a cache of the earlier ones. `attention_mask`
+    /// covers the cached and the new positions ([B, cache.len + t_new]); `position_ids` are the
+    /// new tokens' positions. Evaluation only: LoRA weights are used as constants.
+    pub fn forward_cached(&self, input: &ModelInput, cache: &mut KvCache) -> Result<Tensor> {
+        if cache.layers.len() != self.layers.len() {
+            *cache = KvCache::new(self.layers.len());
+        }
+        let opts = ForwardOptions::eval();
+        let t_new = input.input_ids.dim(1)?;
+        let hidden = self.run_layers_cached(input, &opts, None, Some(&mut *cache))?;
+        cache.len += t_new;
+        let normed = self.final_norm.forward(&hidden)?;
+        let mut logits = self.lm_head.forward(&normed, &opts)?;
+        if let Some(cap) = self.cfg.final_softcap {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        Ok(logits)
+    }
+
     /// The hidden state [B, T, H] after decoder layer `layer` (0-based; transformers'
     /// `hidden_states[layer + 1]`). Layers above it are not computed.
     pub fn hidden_after_layer(
@@ -488,6 +525,17 @@ impl Decoder {
         opts: &ForwardOptions,
         stop_after: Option<usize>,
     ) -> Result<Tensor> {
+        self.run_layers_cached(input, opts, stop_after, None)
+    }
+
+    fn run_layers_cached(
+        &self,
+        input: &ModelInput,
+        opts: &ForwardOptions,
+        stop_after: Option<usize>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let past = cache.as_ref().map_or(0, |c| c.len);
         let (b, t) = input.input_ids.dims2()?;
         if t == 0 {
             return Err(Error::InvalidArgument("empty input sequence".into()));
@@ -502,12 +550,18 @@ impl Decoder {
         }
         let positions: Vec<Vec<u32>> = match input.position_ids {
             Some(p) => p.to_dtype(DType::U32)?.to_vec2::<u32>()?,
-            None => vec![(0..t as u32).collect(); b],
+            None => vec![(past as u32..(past + t) as u32).collect(); b],
         };
         let mask_rows: Vec<Vec<u32>> = match input.attention_mask {
             Some(m) => m.to_dtype(DType::U32)?.to_vec2::<u32>()?,
-            None => vec![vec![1; t]; b],
+            None => vec![vec![1; past + t]; b],
         };
+        if mask_rows.iter().any(|r| r.len() != past + t) || positions.iter().any(|p| p.len() != t) {
+            return Err(Error::InvalidArgument(format!(
+                "attention mask must cover {} positions ({past} cached + {t} new) and position ids {t}",
+                past + t
+            )));
+        }
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
             b,
             t,
@@ -553,6 +607,7 @@ impl Decoder {
                 None => {
                     let m = build_mask(
                         &mask_rows,
+                        past,
                         window,
                         zero_empty_rows,
                         &self.device,
@@ -562,7 +617,8 @@ impl Decoder {
                     m
                 }
             };
-            x = self.layer_forward(layer, &x, &mask, rope.as_ref(), opts)?;
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            x = self.layer_forward(layer, &x, &mask, rope.as_ref(), opts, slot)?;
             if stop_after == Some(i) {
                 break;
             }
@@ -577,9 +633,10 @@ impl Decoder {
         mask: &AttnMask,
         rope: Option<&(Tensor, Tensor)>,
         opts: &ForwardOptions,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let h = layer.input_norm.forward(x)?;
-        let mut attn = self.attention(&layer.attn, &h, mask, rope, opts)?;
+        let mut attn = self.attention(&layer.attn, &h, mask, rope, opts, cache)?;
         if let Some(n) = &layer.post_attn_norm {
             attn = n.forward(&attn)?;
         }
@@ -602,6 +659,7 @@ impl Decoder {
         mask: &AttnMask,
         rope: Option<&(Tensor, Tensor)>,
         opts: &ForwardOptions,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, t, _) = x.dims3()?;
@@ -658,13 +716,25 @@ impl Decoder {
             Some((cos, sin)) => (ops::rope(&q, cos, sin)?, ops::rope(&k, cos, sin)?),
             None => (q, k),
         };
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k.contiguous()?, v.contiguous()?),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let t_kv = k.dim(2)?;
         let (k, v) = if nkv != nh {
             let rep = nh / nkv;
             let expand = |t_: &Tensor| -> Result<Tensor> {
                 Ok(t_
                     .unsqueeze(2)?
-                    .expand((b, nkv, rep, t, hd))?
-                    .reshape((b, nh, t, hd))?)
+                    .expand((b, nkv, rep, t_kv, hd))?
+                    .reshape((b, nh, t_kv, hd))?)
             };
             (expand(&k)?, expand(&v)?)
         } else {
@@ -791,34 +861,38 @@ struct AttnMask {
 /// for the architecture so that every position matches, padding included.
 fn build_mask(
     rows: &[Vec<u32>],
+    past: usize,
     window: Option<usize>,
     zero_empty_rows: bool,
     device: &Device,
     dtype: DType,
 ) -> Result<AttnMask> {
     let b = rows.len();
-    let t = rows.first().map_or(0, |r| r.len());
-    let mut data = vec![0f32; b * t * t];
+    // keys: cached + new positions; queries: the new positions only
+    let t_kv = rows.first().map_or(0, |r| r.len());
+    let t = t_kv.saturating_sub(past);
+    let mut data = vec![0f32; b * t * t_kv];
     let mut keep = vec![1f32; b * t];
     let mut any_empty = false;
     for (bi, row) in rows.iter().enumerate() {
-        for i in 0..t {
+        for qi in 0..t {
+            let i = past + qi;
             let mut seen = false;
-            for j in 0..t {
+            for j in 0..t_kv {
                 let allowed = j <= i && row[j] != 0 && window.is_none_or(|w| i - j < w);
                 if allowed {
                     seen = true;
                 } else {
-                    data[(bi * t + i) * t + j] = -1e9;
+                    data[(bi * t + qi) * t_kv + j] = -1e9;
                 }
             }
             if !seen {
-                keep[bi * t + i] = 0.0;
+                keep[bi * t + qi] = 0.0;
                 any_empty = true;
             }
         }
     }
-    let additive = Tensor::from_vec(data, (b, 1, t, t), device)?.to_dtype(dtype)?;
+    let additive = Tensor::from_vec(data, (b, 1, t, t_kv), device)?.to_dtype(dtype)?;
     let empty_rows = if any_empty && zero_empty_rows {
         Some(Tensor::from_vec(keep, (b, 1, t, 1), device)?.to_dtype(dtype)?)
     } else {

@@ -1,0 +1,60 @@
+//! Greedy generation: with cache == without cache == alone or in a left-padded batch of 4.
+mod common;
+use candle_core::DType;
+use common::*;
+use unlearn::generate::{greedy, greedy_uncached, GenerationConfig};
+use unlearn::model::Decoder;
+
+fn prompts(name: &str) -> Vec<Vec<u32>> {
+    let r = reference(name);
+    let ids = r["input_ids"].to_vec2::<i64>().unwrap();
+    // four prompts of different lengths cut from the reference rows
+    [(0, 5), (1, 17), (0, 11), (1, 3)]
+        .iter()
+        .map(|&(row, len)| ids[row][..len].iter().map(|&x| x as u32).collect())
+        .collect()
+}
+
+#[test]
+fn cached_uncached_and_batch_sizes_agree() {
+    for name in [
+        "llama", "mistral", "gemma2", "qwen3", "phi3", "gpt_neox", "gpt2",
+    ] {
+        let model = Decoder::load(&fixture(name), DType::F32, &cpu()).unwrap();
+        let mut cfg = GenerationConfig::new(vec![1], 2);
+        cfg.max_new_tokens = 14;
+        let ps = prompts(name);
+        let batched = greedy(&model, &ps, &cfg).unwrap();
+        let uncached = greedy_uncached(&model, &ps, &cfg).unwrap();
+        assert_eq!(batched, uncached, "{name}: cache changes the output");
+        for (i, p) in ps.iter().enumerate() {
+            let alone = greedy(&model, std::slice::from_ref(p), &cfg).unwrap();
+            assert_eq!(
+                alone[0], batched[i],
+                "{name}: prompt {i} alone vs in a batch of 4"
+            );
+            assert!(batched[i].len() <= 14);
+        }
+        assert!(
+            batched.iter().any(|o| !o.is_empty()),
+            "{name}: nothing generated"
+        );
+    }
+}
+
+#[test]
+fn generation_stops_at_eos_and_respects_the_limit() {
+    let model = Decoder::load(&fixture("llama"), DType::F32, &cpu()).unwrap();
+    let ps = prompts("llama");
+    let mut cfg = GenerationConfig::new(vec![], 2);
+    cfg.max_new_tokens = 6;
+    let free = greedy(&model, &ps, &cfg).unwrap();
+    assert!(free.iter().all(|o| o.len() == 6));
+    // declare the third generated token of prompt 0 an EOS: that row stops before it
+    let stop = free[0][2];
+    let first = free[0].iter().position(|&t| t == stop).unwrap();
+    cfg.eos_token_ids = vec![stop];
+    let stopped = greedy(&model, &ps[..1], &cfg).unwrap();
+    assert_eq!(stopped[0], free[0][..first].to_vec());
+    assert!(greedy(&model, &[vec![]], &cfg).is_err());
+}
