@@ -150,6 +150,20 @@ pub fn log_softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 /// each head; the rest pass through (partial rotary, GPT-NeoX / Phi).
 /// `x`: [B, H, T, D]; `cos`, `sin`: [B, 1, T, rot/2].
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    if fusable(x) && cos.dtype() == DType::F32 && x.rank() == 4 {
+        let (b, _, t, _) = x.dims4()?;
+        if cos.dims() == [b, 1, t, cos.dim(D::Minus1)?] {
+            return x.contiguous()?.apply_op1(FusedRope {
+                cos: cos.contiguous()?,
+                sin: sin.contiguous()?,
+            });
+        }
+    }
+    rope_composed(x, cos, sin)
+}
+
+/// The composed form of [`rope`] (any device or dtype).
+pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let half = cos.dim(D::Minus1)?;
     let rot = 2 * half;
@@ -476,6 +490,94 @@ mod fused_tests {
                 maxdiff(&gx1, &gx2)
             );
             assert!(maxdiff(&gw1, &gw2) < 1e-4, "grad w");
+        }
+    }
+}
+
+/// RoPE as one pass over a contiguous f32 [B, H, T, D] input. RoPE is a rotation, so the
+/// backward is the same op with sin negated.
+struct FusedRope {
+    /// [B, 1, T, rot/2]
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl candle_core::CustomOp1 for FusedRope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l).ok_or_else(|| {
+            candle_core::Error::Msg("fused-rope: f32 contiguous input expected".into())
+        })?;
+        let (_, h, t, d) = l.shape().dims4()?;
+        let half = self.cos.dim(D::Minus1)?;
+        let cos = self.cos.flatten_all()?.to_vec1::<f32>()?;
+        let sin = self.sin.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = x.to_vec();
+        use rayon::prelude::*;
+        // one chunk per (batch, head, position) row of D values
+        out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+            let bi = row / (h * t);
+            let ti = row % t;
+            let base = (bi * t + ti) * half;
+            for k in 0..half {
+                let (c, s_) = (cos[base + k], sin[base + k]);
+                let (x1, x2) = (o[k], o[k + half]);
+                o[k] = x1 * c - x2 * s_;
+                o[k + half] = x2 * c + x1 * s_;
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let inverse = FusedRope {
+            cos: self.cos.clone(),
+            sin: self.sin.neg()?,
+        };
+        Ok(Some(g.contiguous()?.apply_op1(inverse)?))
+    }
+}
+
+#[cfg(test)]
+mod rope_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_rope_equals_composed_in_value_and_gradient_with_partial_rotary() {
+        let dev = Device::Cpu;
+        for (d, half) in [(16, 8), (16, 2)] {
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 5, d), &dev).unwrap()).unwrap();
+            let ang = Tensor::randn(0f32, 2.0, (2, 1, 5, half), &dev).unwrap();
+            let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+            let t = Tensor::randn(0f32, 1.0, (2, 3, 5, d), &dev).unwrap();
+            let run = |fused: bool| {
+                let y = if fused {
+                    rope(x.as_tensor(), &cos, &sin).unwrap()
+                } else {
+                    rope_composed(x.as_tensor(), &cos, &sin).unwrap()
+                };
+                let g = (&y * &t).unwrap().sum_all().unwrap().backward().unwrap();
+                (y, g.get(x.as_tensor()).unwrap().clone())
+            };
+            let (y1, g1) = run(true);
+            let (y2, g2) = run(false);
+            let md = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert!(md(&y1, &y2) < 1e-6, "value, d {d} half {half}");
+            assert!(md(&g1, &g2) < 1e-6, "gradient, d {d} half {half}");
         }
     }
 }
