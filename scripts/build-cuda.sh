@@ -33,6 +33,9 @@ if [ ! -e "$libdir/stubs/libcuda.so" ]; then
   { for s in $syms; do echo "int $s(void) { return 999; }"; done; } > "$root/libcuda_stub.c"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$libdir/stubs/libcuda.so" "$root/libcuda_stub.c"
 fi
+# lets the binary start here for a CPU smoke test (LD_LIBRARY_PATH=$libdir:$libdir/stubs); never
+# carried to the GPU machine, which has the real driver
+ln -sf libcuda.so "$libdir/stubs/libcuda.so.1"
 export LIBRARY_PATH="$libdir:$libdir/stubs:${LIBRARY_PATH:-}"
 export RUSTFLAGS="${RUSTFLAGS:-} -L $libdir -L $libdir/stubs"
 CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda
