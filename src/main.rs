@@ -133,6 +133,47 @@ enum Command {
         #[arg(long)]
         max_length: Option<usize>,
     },
+    /// Evaluate a model (optionally with an adapter) on a suite: tofu, perplexity, mcq, or a
+    /// suite .toml. Writes OUT/EVAL.json (every item: inputs, generation, scores),
+    /// OUT/SUMMARY.json (metric → value) and OUT/report.md.
+    ///
+    /// Example: unlearn eval --model M --adapter A --suite tofu --data forget=forget10_perturbed.json
+    /// --data retain=retain_perturbed.json --data holdout=holdout10.json --retain-log retain/EVAL.json --out eval/
+    Eval {
+        /// model directory or hub id org/name[@revision]
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT adapter directory applied on top of the model
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// built-in suite name (tofu, perplexity, mcq) or a suite .toml file
+        #[arg(long, default_value = "tofu")]
+        suite: String,
+        /// a split's data: SPLIT=PATH (JSONL/JSON file or hf://datasets/org/name/file), or SPLIT
+        /// alone for the suite's default source; repeat for each split
+        #[arg(long = "data", value_name = "SPLIT=PATH")]
+        data: Vec<String>,
+        /// the retain model (directory or hub id), evaluated on the forget (and holdout) split
+        /// for forget_quality and privleak
+        #[arg(long, conflicts_with = "retain_log")]
+        retain_model: Option<PathBuf>,
+        /// EVAL.json of an earlier tofu-suite run of the retain model (or an open-unlearning
+        /// TOFU_EVAL.json), instead of --retain-model
+        #[arg(long)]
+        retain_log: Option<PathBuf>,
+        /// output directory
+        #[arg(long)]
+        out: PathBuf,
+        /// batch size for scoring and generation (overrides the suite)
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// generation length (overrides the suite; default 200)
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
+        /// evaluate only the first N items of each split
+        #[arg(long)]
+        limit: Option<usize>,
+    },
     /// Merge a PEFT LoRA adapter into its base model and write a checkpoint transformers loads.
     Merge {
         #[arg(long)]
@@ -272,6 +313,32 @@ fn run(cli: Cli) -> Result<()> {
             batch_size,
             max_length,
             &device,
+        ),
+        Command::Eval {
+            model,
+            adapter,
+            suite,
+            data,
+            retain_model,
+            retain_log,
+            out,
+            batch_size,
+            max_new_tokens,
+            limit,
+        } => eval_command(
+            EvalArgs {
+                model,
+                adapter,
+                suite,
+                data,
+                retain_model,
+                retain_log,
+                out,
+                batch_size,
+                max_new_tokens,
+                limit,
+            },
+            device,
         ),
         Command::Merge {
             model,
@@ -520,6 +587,68 @@ fn score(
         tokens,
         total / tokens.max(1) as f64,
         out.display()
+    );
+    Ok(())
+}
+
+/// The arguments of `unlearn eval`.
+struct EvalArgs {
+    model: PathBuf,
+    adapter: Option<PathBuf>,
+    suite: String,
+    data: Vec<String>,
+    retain_model: Option<PathBuf>,
+    retain_log: Option<PathBuf>,
+    out: PathBuf,
+    batch_size: Option<usize>,
+    max_new_tokens: Option<usize>,
+    limit: Option<usize>,
+}
+
+fn eval_command(a: EvalArgs, device: Device) -> Result<()> {
+    use unlearn::eval::{DataArg, EvalRequest, Reference, Suite};
+    let suite = Suite::resolve(&a.suite)?;
+    let data = a
+        .data
+        .iter()
+        .map(|d| DataArg::parse(d))
+        .collect::<unlearn::Result<Vec<_>>>()?;
+    let reference = match (&a.retain_model, &a.retain_log) {
+        (Some(m), _) => Some(Reference::Model {
+            dir: model_dir(m)?,
+            label: m.display().to_string(),
+        }),
+        (None, Some(p)) => Some(Reference::Log(p.clone())),
+        (None, None) => None,
+    };
+    let req = EvalRequest {
+        suite,
+        data,
+        model: model_dir(&a.model)?,
+        model_label: a.model.display().to_string(),
+        adapter: a.adapter,
+        reference,
+        batch_size: a.batch_size,
+        max_new_tokens: a.max_new_tokens,
+        limit: a.limit,
+        device,
+        progress: true,
+    };
+    let started = std::time::Instant::now();
+    let out = unlearn::eval::evaluate(&req)?;
+    unlearn::eval::write_outputs(&a.out, &out)?;
+    let headline: Vec<String> = out
+        .summary
+        .iter()
+        .filter_map(|(k, v)| v.as_f64().map(|x| format!("{k} {x:.4}")))
+        .take(8)
+        .collect();
+    eprintln!(
+        "evaluated in {:.1}s: {}
+→ {}",
+        started.elapsed().as_secs_f64(),
+        headline.join(", "),
+        a.out.join(unlearn::eval::REPORT_FILE).display()
     );
     Ok(())
 }
