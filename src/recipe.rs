@@ -17,7 +17,50 @@ pub struct Recipe {
     pub method: MethodSection,
     #[serde(default)]
     pub train: TrainSection,
+    /// evaluation before, during and after the run (optional)
+    #[serde(default)]
+    pub eval: Option<EvalSection>,
     pub output: OutputSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// suite name (tofu, perplexity, mcq) or a suite TOML file
+    pub suite: String,
+    /// `SPLIT=PATH` entries (paths may be local or hf://datasets/…)
+    pub data: Vec<String>,
+    /// retain model for forget quality / privleak (evaluated once, then reused)
+    #[serde(default)]
+    pub retain_model: Option<String>,
+    /// an earlier EVAL.json of the retain model instead
+    #[serde(default)]
+    pub retain_log: Option<String>,
+    /// evaluate every N optimizer steps (0: only before and after training)
+    #[serde(default)]
+    pub every: usize,
+    /// also evaluate the starting model (adapter off) as step 0
+    #[serde(default = "yes")]
+    pub before: bool,
+    #[serde(default)]
+    pub max_new_tokens: Option<usize>,
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+    /// only the first N items of each split
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// pick the best evaluated checkpoint by this summary key (higher is better)…
+    #[serde(default)]
+    pub select: Option<String>,
+    /// …among those whose `floor_key` is at least `floor`
+    #[serde(default)]
+    pub floor_key: Option<String>,
+    #[serde(default)]
+    pub floor: Option<f64>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -195,6 +238,17 @@ impl Recipe {
         }
         self.lora_config()
             .map_err(|e| Error::config(path, e.to_string()))?;
+        if let Some(e) = &self.eval {
+            if e.data.is_empty() {
+                return bad("eval.data must name at least one split (SPLIT=PATH)".into());
+            }
+            if e.retain_model.is_some() && e.retain_log.is_some() {
+                return bad("give eval.retain_model or eval.retain_log, not both".into());
+            }
+            if e.floor_key.is_some() != e.floor.is_some() {
+                return bad("eval.floor_key and eval.floor go together".into());
+            }
+        }
         Ok(())
     }
 
@@ -215,6 +269,21 @@ impl Recipe {
             }
         };
         self.model.path = fix(&self.model.path);
+        if let Some(e) = &mut self.eval {
+            e.data = e
+                .data
+                .iter()
+                .map(|d| match d.split_once('=') {
+                    Some((k, v)) => format!("{k}={}", fix(v)),
+                    None => d.clone(),
+                })
+                .collect();
+            e.retain_model = e.retain_model.as_deref().map(fix);
+            e.retain_log = e.retain_log.as_deref().map(fix);
+            if e.suite.ends_with(".toml") {
+                e.suite = fix(&e.suite);
+            }
+        }
         self.data.forget = fix(&self.data.forget);
         self.data.retain = self.data.retain.as_deref().map(fix);
         self

@@ -656,6 +656,25 @@ fn bad_recipes_are_clear_errors() {
     let e = run(&r, &RunOptions::default()).unwrap_err().to_string();
     assert!(e.contains("/nonexistent/forget.jsonl"), "{e}");
 
+    let e = Recipe::load(
+        &p,
+        &["eval.suite=\"perplexity\"".into(), "eval.data=[]".into()],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("eval.data"), "{e}");
+    let e = Recipe::load(
+        &p,
+        &[
+            "eval.suite=\"tofu\"".into(),
+            "eval.data=[\"forget=x\"]".into(),
+            "eval.flor=1".into(),
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("flor"), "{e}");
+
     let empty = tmp.path().join("empty.jsonl");
     std::fs::write(&empty, "\n").unwrap();
     let r = Recipe::load(&p, &[format!("data.retain=\"{}\"", empty.display())]).unwrap();
@@ -688,4 +707,53 @@ fn log_sigmoid_value_and_gradient_including_zero() {
             g[i]
         );
     }
+}
+
+#[test]
+fn evaluation_during_the_run_logs_summaries_and_selects_the_best_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = write_recipe(tmp.path(), "gradascent", "", "steps = 4\nlr = 1e-2");
+    let eval = format!(
+        "\n[eval]\nsuite = \"perplexity\"\ndata = [\"forget={}\", \"retain={}\"]\nevery = 2\nselect = \"forget_nll\"\n",
+        data("forget.jsonl").display(),
+        data("retain.jsonl").display()
+    );
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("[output]", &format!("{eval}\n[output]"));
+    std::fs::write(&p, text).unwrap();
+    run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default()).unwrap();
+    let out = tmp.path().join("out");
+    let evals: Vec<(u64, f64)> = metrics(&out)
+        .iter()
+        .filter(|l| l.get("eval").is_some())
+        .map(|l| {
+            (
+                l["step"].as_u64().unwrap(),
+                l["eval"]["forget_nll"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), vec![0, 2, 4]);
+    for (step, nll) in &evals {
+        let summary: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(format!("evals/step-{step:06}/SUMMARY.json")))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(summary["forget_nll"].as_f64().unwrap(), *nll);
+    }
+    assert!(
+        evals[2].1 > evals[0].1,
+        "gradient ascent raises the forget NLL: {evals:?}"
+    );
+    let best: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("best.json")).unwrap()).unwrap();
+    let argmax = evals.iter().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+    assert_eq!(best["step"].as_u64().unwrap(), argmax.0);
+    assert_eq!(best["value"].as_f64().unwrap(), argmax.1);
+    assert!(
+        out.join(format!("checkpoints/step-{:06}", 2)).exists(),
+        "evaluated steps are checkpointed"
+    );
 }

@@ -1,4 +1,5 @@
 //! Training: batches, optimizer and the run loop. The trainer knows no method by name.
 pub mod batch;
+pub mod evaluation;
 pub mod optim;
 pub mod trainer;

@@ -170,6 +170,17 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
     method.prepare_text(&tok)?;
     method.prepare(&model, &forget.examples, pad_id)?;
 
+    let mut evaluator = match &recipe.eval {
+        Some(section) => Some(crate::train::evaluation::RunEvaluator::new(
+            section,
+            &model_dir,
+            &recipe.model.path,
+            &opts.device,
+            &out_dir,
+        )?),
+        None => None,
+    };
+
     let metrics_path = out_dir.join("metrics.jsonl");
     truncate_metrics(&metrics_path, start_step)?;
     let mut metrics = std::fs::OpenOptions::new()
@@ -177,6 +188,13 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         .append(true)
         .open(&metrics_path)
         .map_err(|e| Error::io(&metrics_path, e))?;
+    if let Some(ev) = &mut evaluator {
+        ev.replay(&metrics_path)?;
+        if start_step == 0 && ev.before() {
+            let summary = ev.run(0, None)?;
+            write_eval_line(&mut metrics, &metrics_path, 0, summary)?;
+        }
+    }
 
     let bar = progress_bar(opts.progress, total_steps, start_step);
     let started = std::time::Instant::now();
@@ -289,8 +307,11 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         }
         last_logs = logs_acc;
         interrupted = opts.interrupt.is_some_and(|f| f.load(Ordering::SeqCst));
+        let eval_due = evaluator
+            .as_ref()
+            .is_some_and(|ev| ev.due(step, total_steps));
         let due = t.checkpoint_every > 0 && step % t.checkpoint_every == 0;
-        if due || interrupted || step == total_steps {
+        if due || eval_due || interrupted || step == total_steps {
             save_checkpoint(
                 &out_dir,
                 step,
@@ -302,6 +323,11 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
                 &var_names,
                 method.as_ref(),
             )?;
+        }
+        if let (true, Some(ev)) = (eval_due, evaluator.as_mut()) {
+            let ckpt = out_dir.join("checkpoints").join(format!("step-{step:06}"));
+            let summary = ev.run(step, Some(&ckpt))?;
+            write_eval_line(&mut metrics, &metrics_path, step, summary)?;
         }
         if interrupted {
             break;
@@ -317,6 +343,22 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
             &out_dir.join("adapter"),
             Some(&recipe.model.path),
         )?;
+        if let Some(ev) = &evaluator {
+            if let Some((best_step, value)) = ev.best {
+                let adapter = if best_step == 0 {
+                    serde_json::Value::Null
+                } else {
+                    serde_json::json!(format!("checkpoints/step-{best_step:06}"))
+                };
+                let best = serde_json::json!({
+                    "step": best_step,
+                    "key": ev.select_key(),
+                    "value": value,
+                    "adapter": adapter,
+                });
+                write_atomic(&out_dir.join("best.json"), best.to_string().as_bytes())?;
+            }
+        }
         if recipe.output.merge {
             let merged = out_dir.join("merged");
             if merged.exists() {
@@ -352,6 +394,17 @@ fn accumulate(acc: &mut Vec<(String, f64)>, logs: &Logs, n: usize) {
             None => acc.push((k.clone(), avg)),
         }
     }
+}
+
+fn write_eval_line(
+    file: &mut std::fs::File,
+    path: &Path,
+    step: usize,
+    summary: serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    let line = serde_json::json!({"step": step, "eval": summary}).to_string();
+    writeln!(file, "{line}").map_err(|e| Error::io(path, e))?;
+    file.flush().map_err(|e| Error::io(path, e))
 }
 
 fn format_logs(logs: &Logs, tok_s: f64) -> String {

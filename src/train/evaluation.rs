@@ -1,0 +1,153 @@
+//! Evaluation during `unlearn run`: the recipe's `[eval]` suite on the starting model, every N
+//! steps and at the end; results land in `evals/step-N/` and as `{"step", "eval": {…}}` lines in
+//! metrics.jsonl; optionally the best checkpoint by a summary key, subject to a floor.
+use crate::error::{Error, Result};
+use crate::eval::{evaluate, write_outputs, DataArg, EvalRequest, Reference, Suite, EVAL_FILE};
+use crate::recipe::EvalSection;
+use candle_core::Device;
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+
+pub struct RunEvaluator {
+    section: EvalSection,
+    suite: Suite,
+    data: Vec<DataArg>,
+    reference: Option<Reference>,
+    model_dir: PathBuf,
+    model_label: String,
+    device: Device,
+    root: PathBuf,
+    /// best (step, value) so far by `section.select`
+    pub best: Option<(usize, f64)>,
+}
+
+impl RunEvaluator {
+    /// Resolve the suite and data; a retain model is evaluated once here and its log reused.
+    pub fn new(
+        section: &EvalSection,
+        model_dir: &Path,
+        model_label: &str,
+        device: &Device,
+        out_dir: &Path,
+    ) -> Result<Self> {
+        let suite = Suite::resolve(&section.suite)?;
+        let data = section
+            .data
+            .iter()
+            .map(|d| DataArg::parse(d))
+            .collect::<Result<Vec<_>>>()?;
+        let root = out_dir.join("evals");
+        let mut ev = RunEvaluator {
+            section: section.clone(),
+            suite,
+            data,
+            reference: section
+                .retain_log
+                .as_ref()
+                .map(PathBuf::from)
+                .map(Reference::Log),
+            model_dir: model_dir.to_path_buf(),
+            model_label: model_label.to_string(),
+            device: device.clone(),
+            root,
+            best: None,
+        };
+        if let Some(spec) = &section.retain_model {
+            let log = ev.root.join("retain-model").join(EVAL_FILE);
+            if !log.exists() {
+                let dir = crate::train::trainer::model_path(spec)?;
+                let out = evaluate(&ev.request(dir, spec.clone(), None, None))?;
+                write_outputs(&ev.root.join("retain-model"), &out)?;
+            }
+            ev.reference = Some(Reference::Log(log));
+        }
+        Ok(ev)
+    }
+
+    fn request(
+        &self,
+        model: PathBuf,
+        label: String,
+        adapter: Option<PathBuf>,
+        reference: Option<Reference>,
+    ) -> EvalRequest {
+        EvalRequest {
+            suite: self.suite.clone(),
+            data: self.data.clone(),
+            model,
+            model_label: label,
+            adapter,
+            reference,
+            batch_size: self.section.batch_size,
+            max_new_tokens: self.section.max_new_tokens,
+            limit: self.section.limit,
+            device: self.device.clone(),
+            progress: false,
+        }
+    }
+
+    pub fn before(&self) -> bool {
+        self.section.before
+    }
+
+    pub fn due(&self, step: usize, total: usize) -> bool {
+        step == total || (self.section.every > 0 && step.is_multiple_of(self.section.every))
+    }
+
+    /// Evaluate the model (with `adapter`, or the base model) as of `step`.
+    pub fn run(&mut self, step: usize, adapter: Option<&Path>) -> Result<Map<String, Value>> {
+        let req = self.request(
+            self.model_dir.clone(),
+            self.model_label.clone(),
+            adapter.map(Path::to_path_buf),
+            self.reference.clone(),
+        );
+        let out = evaluate(&req)?;
+        write_outputs(&self.root.join(format!("step-{step:06}")), &out)?;
+        self.consider(step, &out.summary);
+        Ok(out.summary)
+    }
+
+    /// Track the best step by the selection key, among evaluations above the floor.
+    pub fn consider(&mut self, step: usize, summary: &Map<String, Value>) {
+        let Some(key) = &self.section.select else {
+            return;
+        };
+        if let (Some(fk), Some(floor)) = (&self.section.floor_key, self.section.floor) {
+            if summary
+                .get(fk)
+                .and_then(Value::as_f64)
+                .is_none_or(|v| v < floor)
+            {
+                return;
+            }
+        }
+        if let Some(v) = summary.get(key).and_then(Value::as_f64) {
+            if self.best.is_none_or(|(_, b)| v > b) {
+                self.best = Some((step, v));
+            }
+        }
+    }
+
+    /// Re-read earlier evaluation lines of metrics.jsonl (after a resume).
+    pub fn replay(&mut self, metrics_path: &Path) -> Result<()> {
+        if !metrics_path.exists() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(metrics_path).map_err(|e| Error::io(metrics_path, e))?;
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            if let (Some(step), Some(Value::Object(summary))) = (v["step"].as_u64(), v.get("eval"))
+            {
+                self.consider(step as usize, summary);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn select_key(&self) -> Option<&str> {
+        self.section.select.as_deref()
+    }
+}
