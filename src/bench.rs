@@ -215,3 +215,46 @@ pub fn bench_method(c: &BenchConfig, label: &str, device: &Device) -> Result<Ben
         peak_rss_mb: peak_rss_mb(),
     })
 }
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateResult {
+    pub batch: usize,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub seconds: f64,
+    /// generated tokens per second over the whole batch (prefill included in the time)
+    pub tokens_per_second: f64,
+}
+
+/// Time batched greedy generation with the KV cache on the random-weight model of `c`:
+/// `c.batch` prompts of `c.seq` random tokens, `new_tokens` tokens each (no EOS).
+pub fn bench_generate(
+    c: &BenchConfig,
+    new_tokens: usize,
+    device: &Device,
+) -> Result<GenerateResult> {
+    let cfg = llama_config(c)?;
+    let model = Decoder::random(cfg, c.seed, 0.02, crate::device::base_dtype(device), device)?;
+    let mut rng = Rng::new(c.seed + 3);
+    let prompts: Vec<Vec<u32>> = (0..c.batch)
+        .map(|_| (0..c.seq).map(|_| rng.below(c.vocab) as u32).collect())
+        .collect();
+    let mut gen = crate::generate::GenerationConfig::new(vec![], 0);
+    gen.max_new_tokens = new_tokens;
+    // one short warm-up run
+    let mut warm = gen.clone();
+    warm.max_new_tokens = 2;
+    crate::generate::greedy(&model, &prompts, &warm)?;
+    let started = std::time::Instant::now();
+    let out = crate::generate::greedy(&model, &prompts, &gen)?;
+    device.synchronize()?;
+    let seconds = started.elapsed().as_secs_f64();
+    let generated: usize = out.iter().map(Vec::len).sum();
+    Ok(GenerateResult {
+        batch: c.batch,
+        prompt_tokens: c.seq,
+        new_tokens,
+        seconds,
+        tokens_per_second: generated as f64 / seconds,
+    })
+}

@@ -101,6 +101,10 @@ enum Command {
         /// print JSON lines instead of a table
         #[arg(long)]
         json: bool,
+        /// time greedy generation (KV cache) of this many new tokens per prompt instead of
+        /// training steps; --batch prompts of --seq tokens
+        #[arg(long)]
+        generate: Option<usize>,
     },
     /// Describe a checkpoint: architecture, sizes, parameter count, dtype and LoRA targets.
     Inspect {
@@ -240,6 +244,7 @@ fn run(cli: Cli) -> Result<()> {
             steps,
             warmup,
             json,
+            generate,
         } => {
             if steps == 0 {
                 bail!("--steps must be ≥ 1");
@@ -258,6 +263,18 @@ fn run(cli: Cli) -> Result<()> {
                 warmup,
                 seed: 0,
             };
+            if let Some(new_tokens) = generate {
+                let r = unlearn::bench::bench_generate(&cfg, new_tokens, &device)?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "greedy generation, batch {} × prompt {} + {} new tokens: {:.2} s, {:.1} generated tokens/s",
+                        r.batch, r.prompt_tokens, r.new_tokens, r.seconds, r.tokens_per_second
+                    );
+                }
+                return Ok(());
+            }
             let mut first: Option<f64> = None;
             if !json {
                 println!(

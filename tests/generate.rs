@@ -58,3 +58,35 @@ fn generation_stops_at_eos_and_respects_the_limit() {
     assert_eq!(stopped[0], free[0][..first].to_vec());
     assert!(greedy(&model, &[vec![]], &cfg).is_err());
 }
+
+/// The benchmark harness itself works (tiny shape, so the test is quick; the numbers in the
+/// README come from the release build at the default shape).
+#[test]
+fn bench_harness_runs_on_a_tiny_shape() {
+    let c = unlearn::bench::BenchConfig {
+        hidden: 32,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 64,
+        vocab: 128,
+        rank: 2,
+        batch: 2,
+        seq: 16,
+        steps: 2,
+        warmup: 1,
+        seed: 0,
+    };
+    let g = unlearn::bench::bench_generate(&c, 5, &cpu()).unwrap();
+    assert_eq!((g.batch, g.new_tokens), (2, 5));
+    assert!(g.tokens_per_second > 0.0);
+    for m in ["gradascent", "graddiff", "eupmu", "eupmu-fast", "surgery"] {
+        let r = unlearn::bench::bench_method(&c, m, &cpu()).unwrap();
+        assert!(
+            r.seconds_per_step > 0.0
+                && r.tokens_per_step == if m == "gradascent" { 32 } else { 64 },
+            "{m}: {r:?}"
+        );
+    }
+    assert!(unlearn::bench::bench_method(&c, "nope", &cpu()).is_err());
+}
