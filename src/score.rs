@@ -1,7 +1,7 @@
 //! Per-example negative log-likelihood: the `score` command, and the building block of
 //! evaluation (answer probabilities, perplexity).
 use crate::error::{Error, Result};
-use crate::model::ops::token_nll;
+use crate::model::ops::shifted_token_nll;
 use crate::model::{Decoder, ForwardOptions, ModelInput};
 use crate::tokenizer::EncodedExample;
 use candle_core::{Device, Tensor};
@@ -51,18 +51,13 @@ pub fn collate(examples: &[&EncodedExample], pad_id: u32, device: &Device) -> Re
 
 /// Sum of NLL and number of scored tokens per row: logits[:, :-1] predict labels[:, 1:].
 pub fn row_nll(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (b, t, v) = logits.dims3()?;
+    let (b, t, _) = logits.dims3()?;
     if t < 2 {
         let z = Tensor::zeros(b, candle_core::DType::F32, logits.device())?;
         return Ok((z.clone(), z));
     }
-    let shift_logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
-    let shift_labels = labels.narrow(1, 1, t - 1)?.reshape(b * (t - 1))?;
-    let (nll, mask) = token_nll(&shift_logits, &shift_labels)?;
-    Ok((
-        nll.reshape((b, t - 1))?.sum(1)?,
-        mask.reshape((b, t - 1))?.sum(1)?,
-    ))
+    let (nll, mask) = shifted_token_nll(logits, labels)?;
+    Ok((nll.sum(1)?, mask.sum(1)?))
 }
 
 /// Score examples in batches of `batch_size`. Examples are grouped by length to waste little

@@ -206,12 +206,103 @@ pub fn token_nll(logits: &Tensor, labels: &Tensor) -> candle_core::Result<(Tenso
     Ok((nll, mask))
 }
 
-/// transformers' causal-LM loss: logits[:, :-1] predict labels[:, 1:], mean over labels ≠ −100.
-pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
+/// Next-token NLL per position: logits[:, t] predict labels[:, t+1]. Returns (nll [B, T−1] with
+/// zeros where the label is −100, mask [B, T−1]). On CPU f32 this is one fused op over the
+/// unshifted logits (no shifted copy, no log-softmax intermediates of vocabulary size).
+pub fn shifted_token_nll(
+    logits: &Tensor,
+    labels: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let (b, t, v) = logits.dims3()?;
+    if fusable(logits) {
+        let lab = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+        // row b·T + i is scored against labels[b][i + 1]; the last position of each row has none
+        let shifted: Vec<i64> = lab
+            .iter()
+            .flat_map(|row| (0..t).map(move |i| if i + 1 < t { row[i + 1] } else { -100 }))
+            .collect();
+        let mask: Vec<f32> = shifted
+            .iter()
+            .map(|&l| if l < 0 { 0.0 } else { 1.0 })
+            .collect();
+        let flat = logits.contiguous()?.reshape((b * t, v))?;
+        let nll = flat
+            .apply_op1(FusedNll { labels: shifted })?
+            .reshape((b, t))?
+            .narrow(1, 0, t - 1)?;
+        let mask = Tensor::from_vec(mask, (b, t), logits.device())?.narrow(1, 0, t - 1)?;
+        return Ok((nll, mask));
+    }
     let shift_logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
     let shift_labels = labels.narrow(1, 1, t - 1)?.reshape(b * (t - 1))?;
     let (nll, mask) = token_nll(&shift_logits, &shift_labels)?;
+    Ok((nll.reshape((b, t - 1))?, mask.reshape((b, t - 1))?))
+}
+
+/// −log softmax(z)[label] per row of contiguous f32 logits [N, V]; 0 where label < 0.
+/// Backward: g·(softmax(z) − onehot(label)).
+struct FusedNll {
+    labels: Vec<i64>,
+}
+
+impl candle_core::CustomOp1 for FusedNll {
+    fn name(&self) -> &'static str {
+        "fused-nll"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l).ok_or_else(|| {
+            candle_core::Error::Msg("fused-nll: f32 contiguous logits expected".into())
+        })?;
+        let (n, v) = l.shape().dims2()?;
+        if self.labels.len() != n {
+            candle_core::bail!("fused-nll: {} labels for {n} rows", self.labels.len());
+        }
+        use rayon::prelude::*;
+        let out: Vec<f32> = x
+            .par_chunks(v)
+            .zip(self.labels.par_iter())
+            .map(|(row, &label)| {
+                if label < 0 || label as usize >= v {
+                    return 0.0;
+                }
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = m + row.iter().map(|z| (z - m).exp()).sum::<f32>().ln();
+                lse - row[label as usize]
+            })
+            .collect();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (n, v) = x.dims2()?;
+        let z = x.detach().to_vec2::<f32>()?;
+        let gv = g.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        use rayon::prelude::*;
+        let grad: Vec<f32> = z
+            .par_iter()
+            .zip(self.labels.par_iter())
+            .zip(gv.par_iter())
+            .flat_map_iter(|((row, &label), &gi)| {
+                let mut out = vec![0f32; v];
+                if label >= 0 && (label as usize) < v && gi != 0.0 {
+                    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f32 = row.iter().map(|z| (z - m).exp()).sum();
+                    for (o, zi) in out.iter_mut().zip(row) {
+                        *o = gi * (zi - m).exp() / sum;
+                    }
+                    out[label as usize] -= gi;
+                }
+                out
+            })
+            .collect();
+        Ok(Some(Tensor::from_vec(grad, (n, v), x.device())?))
+    }
+}
+
+/// transformers' causal-LM loss: logits[:, :-1] predict labels[:, 1:], mean over labels ≠ −100.
+pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
+    let (nll, mask) = shifted_token_nll(logits, labels)?;
     let count = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     if count == 0.0 {
         candle_core::bail!("no label positions to compute a loss on");
@@ -579,5 +670,56 @@ mod rope_tests {
             assert!(md(&y1, &y2) < 1e-6, "value, d {d} half {half}");
             assert!(md(&g1, &g2) < 1e-6, "gradient, d {d} half {half}");
         }
+    }
+}
+
+#[cfg(test)]
+mod nll_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_shifted_nll_equals_the_composed_form_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let logits32 = Tensor::randn(0f32, 3.0, (2, 5, 11), &dev).unwrap();
+        let labels =
+            Tensor::new(&[[-100i64, 3, 7, -100, 10], [-100, -100, 0, 5, 5]], &dev).unwrap();
+        let weights = Tensor::randn(0f32, 1.0, (2, 4), &dev).unwrap();
+        // f32 takes the fused path, f64 the composed one
+        let run = |dtype: DType| {
+            let x = Var::from_tensor(&logits32.to_dtype(dtype).unwrap()).unwrap();
+            let (nll, mask) = shifted_token_nll(x.as_tensor(), &labels).unwrap();
+            let w = weights.to_dtype(dtype).unwrap();
+            let g = (nll.clone() * w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gx = g.get(x.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
+            (
+                nll.to_dtype(DType::F32).unwrap(),
+                mask.to_dtype(DType::F32).unwrap(),
+                gx,
+            )
+        };
+        let (n1, m1, g1) = run(DType::F32);
+        let (n2, m2, g2) = run(DType::F64);
+        let md = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert_eq!(n1.dims(), &[2, 4]);
+        assert!(md(&n1, &n2) < 1e-5, "values");
+        assert_eq!(md(&m1, &m2), 0.0);
+        assert!(md(&g1, &g2) < 1e-5, "gradients");
+        // ignored positions contribute nothing
+        assert_eq!(n1.to_vec2::<f32>().unwrap()[0][2], 0.0);
     }
 }
