@@ -275,28 +275,54 @@ impl candle_core::CustomOp1 for FusedNll {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let (n, v) = x.dims2()?;
-        let z = x.detach().to_vec2::<f32>()?;
-        let gv = g.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let upstream = g.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let grad = x.detach().contiguous()?.apply_op1(FusedNllGrad {
+            labels: self.labels.clone(),
+            upstream,
+        })?;
+        Ok(Some(grad))
+    }
+}
+
+/// The gradient of [`FusedNll`] as one pass over the logits: g·(softmax(z) − onehot(label)).
+struct FusedNllGrad {
+    labels: Vec<i64>,
+    upstream: Vec<f32>,
+}
+
+impl candle_core::CustomOp1 for FusedNllGrad {
+    fn name(&self) -> &'static str {
+        "fused-nll-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l).ok_or_else(|| {
+            candle_core::Error::Msg("fused-nll-grad: f32 contiguous logits expected".into())
+        })?;
+        let (_, v) = l.shape().dims2()?;
+        let mut out = vec![0f32; x.len()];
         use rayon::prelude::*;
-        let grad: Vec<f32> = z
-            .par_iter()
-            .zip(self.labels.par_iter())
-            .zip(gv.par_iter())
-            .flat_map_iter(|((row, &label), &gi)| {
-                let mut out = vec![0f32; v];
-                if label >= 0 && (label as usize) < v && gi != 0.0 {
-                    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let sum: f32 = row.iter().map(|z| (z - m).exp()).sum();
-                    for (o, zi) in out.iter_mut().zip(row) {
-                        *o = gi * (zi - m).exp() / sum;
-                    }
-                    out[label as usize] -= gi;
+        out.par_chunks_mut(v)
+            .zip(x.par_chunks(v))
+            .zip(self.labels.par_iter().zip(self.upstream.par_iter()))
+            .for_each(|((o, row), (&label, &gi))| {
+                if label < 0 || label as usize >= v || gi == 0.0 {
+                    return;
                 }
-                out
-            })
-            .collect();
-        Ok(Some(Tensor::from_vec(grad, (n, v), x.device())?))
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (oi, &zi) in o.iter_mut().zip(row) {
+                    let e = (zi - m).exp();
+                    *oi = e;
+                    sum += e;
+                }
+                let scale = gi / sum;
+                for oi in o.iter_mut() {
+                    *oi *= scale;
+                }
+                o[label as usize] -= gi;
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }
 
