@@ -137,8 +137,8 @@ enum Command {
         #[arg(long)]
         max_length: Option<usize>,
     },
-    /// Evaluate a model (optionally with an adapter) on a suite: tofu, perplexity, mcq, or a
-    /// suite .toml. Writes OUT/EVAL.json (every item: inputs, generation, scores),
+    /// Evaluate a model (optionally with an adapter) on a suite: tofu, muse, perplexity, mcq, or
+    /// a suite .toml. Writes OUT/EVAL.json (every item: inputs, generation, scores),
     /// OUT/SUMMARY.json (metric → value) and OUT/report.md.
     ///
     /// Example: unlearn eval --model M --adapter A --suite tofu --data forget=forget10_perturbed.json
@@ -150,7 +150,7 @@ enum Command {
         /// PEFT adapter directory applied on top of the model
         #[arg(long)]
         adapter: Option<PathBuf>,
-        /// built-in suite name (tofu, perplexity, mcq) or a suite .toml file
+        /// built-in suite name (tofu, muse, perplexity, mcq) or a suite .toml file
         #[arg(long, default_value = "tofu")]
         suite: String,
         /// a split's data: SPLIT=PATH (JSONL/JSON file or hf://datasets/org/name/file), or SPLIT
@@ -161,8 +161,8 @@ enum Command {
         /// for forget_quality and privleak
         #[arg(long, conflicts_with = "retain_log")]
         retain_model: Option<PathBuf>,
-        /// EVAL.json of an earlier tofu-suite run of the retain model (or an open-unlearning
-        /// TOFU_EVAL.json), instead of --retain-model
+        /// EVAL.json of an earlier run of the same suite on the retain model (or an
+        /// open-unlearning TOFU_EVAL.json / MUSE_EVAL.json), instead of --retain-model
         #[arg(long)]
         retain_log: Option<PathBuf>,
         /// output directory
@@ -177,6 +177,13 @@ enum Command {
         /// evaluate only the first N items of each split
         #[arg(long)]
         limit: Option<usize>,
+    },
+    /// Draw a run's charts as SVG: RUN_DIR/plots/training.svg (losses and λ over steps, from
+    /// RUN_DIR/metrics.jsonl) and, when the run evaluated, RUN_DIR/plots/tradeoff.svg (forget
+    /// metric against utility per evaluation). Prints the paths written.
+    Plot {
+        /// output directory of `unlearn run` (holds metrics.jsonl)
+        run_dir: PathBuf,
     },
     /// Merge a PEFT LoRA adapter into its base model and write a checkpoint transformers loads.
     Merge {
@@ -357,6 +364,7 @@ fn run(cli: Cli) -> Result<()> {
             },
             device,
         ),
+        Command::Plot { run_dir } => plot(&run_dir),
         Command::Merge {
             model,
             adapter,
@@ -605,6 +613,17 @@ fn score(
         total / tokens.max(1) as f64,
         out.display()
     );
+    Ok(())
+}
+
+fn plot(run_dir: &Path) -> Result<()> {
+    let plots = unlearn::eval::plots::plot_run(run_dir)?;
+    for n in &plots.notes {
+        eprintln!("note: {n}");
+    }
+    for p in &plots.written {
+        println!("{}", p.display());
+    }
     Ok(())
 }
 

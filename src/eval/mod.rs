@@ -6,13 +6,19 @@
 //! | `tofu` | TOFU / open-unlearning: probabilities, truth ratio, ROUGE, forget quality, model utility, privleak | [`tofu`] |
 //! | `perplexity` | token-weighted NLL and perplexity per split | [`perplexity`] |
 //! | `mcq` | WMDP / MMLU zero-shot multiple choice by letter log-likelihood | [`mcq`] |
+//! | `muse` | MUSE: knowmem / verbmem ROUGE-L F1, extraction strength, privleak | [`muse`] |
+//!
+//! [`plots`] draws SVG charts: the tofu truth-ratio histogram written next to report.md, and the
+//! training curves and forget/utility trade-off of `unlearn plot RUN_DIR`.
 //!
 //! Suites are TOML files ([`suite`]); the built-in ones are `evals/*.toml`, compiled in. The
 //! statistics come from [`crate::metrics`]; NLLs from [`crate::score`]; generations from
 //! [`crate::generate::greedy`].
 pub mod lm;
 pub mod mcq;
+pub mod muse;
 pub mod perplexity;
+pub mod plots;
 mod report;
 pub mod suite;
 pub mod tofu;
@@ -108,12 +114,15 @@ pub struct EvalOutput {
     pub log: Value,
     pub summary: Map<String, Value>,
     pub report: String,
+    /// charts written next to report.md: (file name, SVG)
+    pub plots: Vec<(String, String)>,
 }
 
 enum Prepared {
     Tofu(Vec<tofu::Prepared>),
     Perplexity(Vec<perplexity::Prepared>),
     Mcq(Vec<mcq::Prepared>),
+    Muse(Vec<muse::Prepared>),
 }
 
 /// Read and check every input (suite settings, split files, retain log) before any model work.
@@ -149,6 +158,12 @@ fn read_splits(suite: &Suite, req: &EvalRequest) -> Result<Vec<(SplitData, suite
             }
         };
         let limit = match (req.limit, settings.max_items) {
+            // in-context examples are not evaluated items
+            _ if suite.kind == SuiteKind::Muse
+                && muse::split_role(&arg.split) == Some(muse::Role::Icl) =>
+            {
+                settings.max_items
+            }
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -169,6 +184,9 @@ fn effective_suite(req: &EvalRequest) -> Result<Suite> {
     }
     if let Some(n) = req.max_new_tokens {
         suite.generation.max_new_tokens = n;
+        for s in suite.splits.values_mut() {
+            s.max_new_tokens = None;
+        }
     }
     if req.limit == Some(0) {
         return Err(Error::InvalidArgument("--limit must be ≥ 1".into()));
@@ -180,10 +198,18 @@ fn effective_suite(req: &EvalRequest) -> Result<Suite> {
 pub fn evaluate(req: &EvalRequest) -> Result<EvalOutput> {
     let suite = effective_suite(req)?;
     let raw = read_splits(&suite, req)?;
-    if req.reference.is_some() {
+    if req.reference.is_some() && suite.kind == SuiteKind::Muse {
+        let has = |n: &str| raw.iter().any(|(d, _)| d.name == n);
+        if !has(muse::FORGET) || !has(muse::HOLDOUT) {
+            return Err(Error::InvalidArgument(format!(
+                "--retain-model / --retain-log need the '{}' and '{}' text splits (--data {}=PATH --data {}=PATH): privleak compares their Min-K% AUC",
+                muse::FORGET, muse::HOLDOUT, muse::FORGET, muse::HOLDOUT
+            )));
+        }
+    } else if req.reference.is_some() {
         if suite.kind != SuiteKind::Tofu {
             return Err(Error::InvalidArgument(format!(
-                "--retain-model / --retain-log apply to tofu suites; '{}' is a {} suite",
+                "--retain-model / --retain-log apply to tofu suites (and to privleak of muse suites); '{}' is a {} suite",
                 suite.name,
                 suite.kind.as_str()
             )));
@@ -212,8 +238,10 @@ pub fn evaluate(req: &EvalRequest) -> Result<EvalOutput> {
                 .map(|(d, s)| mcq::prepare(d, &s))
                 .collect::<Result<_>>()?,
         ),
+        SuiteKind::Muse => Prepared::Muse(muse::prepare_all(raw, &suite)?),
     };
     let ref_values = match &req.reference {
+        Some(Reference::Log(p)) if suite.kind == SuiteKind::Muse => Some(muse::read_retain_log(p)?),
         Some(Reference::Log(p)) => Some(tofu::read_retain_log(p)?),
         _ => None,
     };
@@ -250,6 +278,23 @@ pub fn evaluate(req: &EvalRequest) -> Result<EvalOutput> {
         Prepared::Mcq(splits) => {
             let bar = progress_bar(req.progress, splits.iter().map(|s| s.items() as u64).sum());
             let out = mcq::run(&lm, &suite, splits, &bar)?;
+            bar.finish_and_clear();
+            out
+        }
+        Prepared::Muse(splits) => {
+            let mut work: u64 = splits.iter().map(|s| s.work()).sum();
+            if ref_lm.is_some() {
+                work += muse::reference_work(splits);
+            }
+            let bar = progress_bar(req.progress, work);
+            let reference = match (&req.reference, &ref_lm, ref_values) {
+                (_, _, Some(v)) => tofu::RefInput::Values(v),
+                (Some(Reference::Model { label, .. }), Some(l), None) => {
+                    tofu::RefInput::Model(l, format!("model {label}"))
+                }
+                _ => tofu::RefInput::None,
+            };
+            let out = muse::run(&lm, &suite, splits, reference, &bar)?;
             bar.finish_and_clear();
             out
         }
@@ -296,16 +341,19 @@ fn assemble(req: &EvalRequest, suite: &Suite, lm: &Lm, out: SuiteOutput) -> Eval
         "reference": reference,
         "splits": splits,
     });
-    let report = report::render(&log, suite);
+    let mut report = report::render(&log, suite);
+    let plots = plots::eval_plots(&log);
+    report.push_str(&plots::report_section(&plots));
     EvalOutput {
         summary: out.summary,
         log,
         report,
+        plots,
     }
 }
 
-/// Write EVAL.json, SUMMARY.json and report.md into `dir` (created if needed), each through a
-/// temporary name and a rename.
+/// Write EVAL.json, SUMMARY.json, report.md and the charts it links to into `dir` (created if
+/// needed), each through a temporary name and a rename.
 pub fn write_outputs(dir: &Path, out: &EvalOutput) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let json_bytes = |v: &Value| -> Result<Vec<u8>> {
@@ -319,5 +367,8 @@ pub fn write_outputs(dir: &Path, out: &EvalOutput) -> Result<()> {
         &dir.join(SUMMARY_FILE),
         &json_bytes(&Value::Object(out.summary.clone()))?,
     )?;
+    for (name, svg) in &out.plots {
+        write_atomic(&dir.join(name), svg.as_bytes())?;
+    }
     write_atomic(&dir.join(REPORT_FILE), out.report.as_bytes())
 }

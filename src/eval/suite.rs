@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The built-in suites: (name, TOML source).
-pub const BUILTIN: [(&str, &str); 3] = [
+pub const BUILTIN: [(&str, &str); 4] = [
     ("tofu", include_str!("../../evals/tofu.toml")),
     ("perplexity", include_str!("../../evals/perplexity.toml")),
     ("mcq", include_str!("../../evals/mcq.toml")),
+    ("muse", include_str!("../../evals/muse.toml")),
 ];
 
 /// Which evaluator runs the suite.
@@ -21,6 +22,7 @@ pub enum SuiteKind {
     Tofu,
     Perplexity,
     Mcq,
+    Muse,
 }
 
 impl SuiteKind {
@@ -29,6 +31,7 @@ impl SuiteKind {
             SuiteKind::Tofu => "tofu",
             SuiteKind::Perplexity => "perplexity",
             SuiteKind::Mcq => "mcq",
+            SuiteKind::Muse => "muse",
         }
     }
 }
@@ -53,7 +56,7 @@ pub struct Suite {
     pub generation: GenerationSection,
     #[serde(default)]
     pub scoring: ScoringSection,
-    /// mcq only
+    /// mcq and muse only
     #[serde(default)]
     pub prompt: Option<PromptSection>,
     #[serde(default)]
@@ -128,6 +131,10 @@ pub struct PromptSection {
     /// tokenize contexts with the tokenizer's special tokens (BOS)
     #[serde(default)]
     pub add_bos: bool,
+    /// muse: in-context examples per knowmem prompt, the first N of the split's `{split}_icl`
+    /// examples (default: all of them)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shots: Option<usize>,
 }
 
 /// The field that holds the correct answer for the truth ratio.
@@ -179,6 +186,13 @@ pub struct SplitSection {
     /// evaluate only the first N items (legacy TOFU scored 300)
     #[serde(default)]
     pub max_items: Option<usize>,
+    /// muse: this split's generation length (overrides generation.max_new_tokens;
+    /// `--max-new-tokens` overrides both)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_new_tokens: Option<usize>,
+    /// muse: this split's stop strings (overrides generation.stop)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Vec<String>>,
 }
 
 /// The metrics a tofu split may list.
@@ -266,6 +280,23 @@ impl Suite {
                     "splits.{name}.subject applies to kind = \"mcq\" only"
                 ));
             }
+            if (split.max_new_tokens.is_some() || split.stop.is_some())
+                && self.kind != SuiteKind::Muse
+            {
+                return bad(format!(
+                    "splits.{name}: max_new_tokens and stop apply to kind = \"muse\" only"
+                ));
+            }
+            if let Some(s) = split
+                .stop
+                .as_ref()
+                .and_then(|s| s.iter().position(String::is_empty))
+            {
+                return bad(format!("splits.{name}.stop[{s}] is empty"));
+            }
+            if self.kind == SuiteKind::Muse && super::muse::split_role(name).is_none() {
+                return bad(format!("splits.{name}: {}", super::muse::SPLIT_NAMES_HELP));
+            }
             for (i, m) in split.metrics.iter().enumerate() {
                 if !TOFU_METRICS.contains(&m.as_str()) {
                     return bad(format!(
@@ -284,14 +315,20 @@ impl Suite {
                     return bad("any_split does not apply to kind = \"tofu\": a tofu split needs its metrics".into());
                 }
             }
+            SuiteKind::Muse if self.any_split => {
+                return bad("any_split does not apply to kind = \"muse\": a muse split's name says what it measures".into());
+            }
             _ => {
                 if !self.model_utility.is_empty() {
                     return bad("model_utility applies to kind = \"tofu\" only".into());
                 }
             }
         }
-        if self.prompt.is_some() && self.kind != SuiteKind::Mcq {
-            return bad("[prompt] applies to kind = \"mcq\" only".into());
+        if self.prompt.is_some() && !matches!(self.kind, SuiteKind::Mcq | SuiteKind::Muse) {
+            return bad("[prompt] applies to kind = \"mcq\" and \"muse\" only".into());
+        }
+        if self.prompt.as_ref().is_some_and(|p| p.shots.is_some()) && self.kind != SuiteKind::Muse {
+            return bad("prompt.shots applies to kind = \"muse\" only".into());
         }
         Ok(())
     }
