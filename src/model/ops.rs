@@ -80,7 +80,8 @@ pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let in_features = dims[dims.len() - 1];
     let rows: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.reshape((rows, in_features))?;
-    let y = if w.is_variable() {
+    // a weight derived from a variable (e.g. a transposed Conv1D Var) must keep its gradient too
+    let y = if w.track_op() {
         x2.matmul(&w.t()?)?
     } else {
         let x2 = x2.contiguous()?;
@@ -747,5 +748,31 @@ mod nll_tests {
         assert!(md(&g1, &g2) < 1e-5, "gradients");
         // ignored positions contribute nothing
         assert_eq!(n1.to_vec2::<f32>().unwrap()[0][2], 0.0);
+    }
+}
+
+#[cfg(test)]
+mod trainable_weight_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn a_weight_derived_from_a_variable_gets_its_gradient() {
+        let dev = Device::Cpu;
+        // stored [in, out] like GPT-2's Conv1D, used as [out, in]
+        let stored =
+            Var::from_tensor(&Tensor::new(&[[1.0f32, 2.0], [3.0, 4.0], [5.0, 6.0]], &dev).unwrap())
+                .unwrap();
+        let w = stored.as_tensor().t().unwrap().contiguous().unwrap();
+        let x = Tensor::new(&[[1.0f32, -1.0, 0.5]], &dev).unwrap();
+        let y = linear(&x, &w).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let gs = g
+            .get(stored.as_tensor())
+            .expect("gradient of the stored weight")
+            .to_vec2::<f32>()
+            .unwrap();
+        // d/dW_stored[i][j] of Σ_j Σ_i x_i W_stored[i][j] = x_i
+        assert_eq!(gs, vec![vec![1.0, 1.0], vec![-1.0, -1.0], vec![0.5, 0.5]]);
     }
 }
