@@ -177,6 +177,13 @@ enum Command {
         /// evaluate only the first N items of each split
         #[arg(long)]
         limit: Option<usize>,
+        /// system message before each question (open-unlearning uses "You are a helpful
+        /// assistant." for Llama-3.x)
+        #[arg(long)]
+        system_prompt: Option<String>,
+        /// `date_string` for the chat template (open-unlearning: "10 Apr 2025" for Llama-3.x)
+        #[arg(long)]
+        date_string: Option<String>,
     },
     /// Draw a run's charts as SVG: RUN_DIR/plots/training.svg (losses and λ over steps, from
     /// RUN_DIR/metrics.jsonl) and, when the run evaluated, RUN_DIR/plots/tradeoff.svg (forget
@@ -349,6 +356,8 @@ fn run(cli: Cli) -> Result<()> {
             batch_size,
             max_new_tokens,
             limit,
+            system_prompt,
+            date_string,
         } => eval_command(
             EvalArgs {
                 model,
@@ -361,6 +370,8 @@ fn run(cli: Cli) -> Result<()> {
                 batch_size,
                 max_new_tokens,
                 limit,
+                system_prompt,
+                date_string,
             },
             device,
         ),
@@ -639,6 +650,8 @@ struct EvalArgs {
     batch_size: Option<usize>,
     max_new_tokens: Option<usize>,
     limit: Option<usize>,
+    system_prompt: Option<String>,
+    date_string: Option<String>,
 }
 
 fn eval_command(a: EvalArgs, device: Device) -> Result<()> {
@@ -669,6 +682,10 @@ fn eval_command(a: EvalArgs, device: Device) -> Result<()> {
         limit: a.limit,
         device,
         progress: true,
+        prompt_style: unlearn::tokenizer::PromptStyle {
+            system_prompt: a.system_prompt.clone(),
+            date_string: a.date_string.clone(),
+        },
     };
     let started = std::time::Instant::now();
     let out = unlearn::eval::evaluate(&req)?;

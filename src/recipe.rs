@@ -109,6 +109,13 @@ pub struct DataSection {
     pub retain: Option<String>,
     #[serde(default = "default_max_length")]
     pub max_length: usize,
+    /// system message before each question (open-unlearning: "You are a helpful assistant."
+    /// for Llama-3.x); also used by the run's evaluation
+    #[serde(default)]
+    pub system_prompt: Option<String>,
+    /// `date_string` for the chat template (open-unlearning: "10 Apr 2025" for Llama-3.x)
+    #[serde(default)]
+    pub date_string: Option<String>,
 }
 
 fn default_max_length() -> usize {
@@ -186,6 +193,15 @@ pub struct OutputSection {
     /// also write the merged model to `<dir>/merged`
     #[serde(default)]
     pub merge: bool,
+}
+
+impl DataSection {
+    pub fn prompt_style(&self) -> crate::tokenizer::PromptStyle {
+        crate::tokenizer::PromptStyle {
+            system_prompt: self.system_prompt.clone(),
+            date_string: self.date_string.clone(),
+        }
+    }
 }
 
 impl Recipe {

@@ -137,6 +137,18 @@ pub struct ChatTokenizer {
     unk_id: Option<u32>,
     template: Option<ChatTemplate>,
     clean_up_tokenization_spaces: bool,
+    prompt_style: PromptStyle,
+}
+
+/// How question prompts are built beyond the model's own template: open-unlearning prompts
+/// Llama-3.x with the system prompt "You are a helpful assistant." and the template variable
+/// `date_string` = "10 Apr 2025"; both are off by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PromptStyle {
+    /// a system message placed before the question (chat templates only)
+    pub system_prompt: Option<String>,
+    /// passed to the chat template as `date_string`
+    pub date_string: Option<String>,
 }
 
 impl ChatTokenizer {
@@ -254,7 +266,18 @@ impl ChatTokenizer {
             unk_id,
             template,
             clean_up_tokenization_spaces,
+            prompt_style: PromptStyle::default(),
         })
+    }
+
+    /// Use a system prompt and/or template date for question prompts.
+    pub fn with_prompt_style(mut self, style: PromptStyle) -> Self {
+        self.prompt_style = style;
+        self
+    }
+
+    pub fn prompt_style(&self) -> &PromptStyle {
+        &self.prompt_style
     }
 
     /// The underlying `tokenizers` tokenizer.
@@ -374,6 +397,9 @@ impl ChatTokenizer {
                 ctx.insert(name, Value::from(tok));
             }
         }
+        if let Some(date) = &self.prompt_style.date_string {
+            ctx.insert("date_string", Value::from(date.as_str()));
+        }
         template
             .render(ctx)
             .map_err(|e| template_err(describe_jinja_error(&e)))
@@ -383,7 +409,12 @@ impl ChatTokenizer {
     /// `add_generation_prompt=true`, or `"Question: {q}\nAnswer: "` when there is no template.
     pub fn question_prompt(&self, question: &str) -> Result<String> {
         if self.has_chat_template() {
-            self.apply_chat_template(&[ChatMessage::user(question)], true)
+            let mut messages = Vec::new();
+            if let Some(system) = &self.prompt_style.system_prompt {
+                messages.push(ChatMessage::system(system.as_str()));
+            }
+            messages.push(ChatMessage::user(question));
+            self.apply_chat_template(&messages, true)
         } else {
             Ok(format!("Question: {question}\nAnswer: "))
         }

@@ -93,6 +93,7 @@ fn request(suite: &str, data: &[(&str, PathBuf)]) -> EvalRequest {
         limit: None,
         device: cpu(),
         progress: false,
+        prompt_style: Default::default(),
     }
 }
 

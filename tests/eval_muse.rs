@@ -93,6 +93,7 @@ fn request(suite: Suite, dir: &Path, splits: &[&str]) -> EvalRequest {
         limit: None,
         device: cpu(),
         progress: false,
+        prompt_style: Default::default(),
     }
 }
 

@@ -312,6 +312,7 @@ fn tofu_report_embeds_the_truth_ratio_histogram() {
         limit: None,
         device: cpu(),
         progress: false,
+        prompt_style: Default::default(),
     };
     let out = tmp.path().join("with_ref");
     write_outputs(&out, &evaluate(&req).unwrap()).unwrap();

@@ -502,3 +502,45 @@ fn chat_tokenizer_can_be_shared_across_threads() {
     });
     assert_eq!(ids, tok.encode_qa(QUESTION, ANSWER, None).unwrap());
 }
+
+/// open-unlearning's Llama-3 prompt style: a system message and the template's `date_string`.
+#[test]
+fn prompt_style_adds_the_system_message_and_date_string() {
+    use unlearn::tokenizer::PromptStyle;
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama");
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let plain = ChatTokenizer::from_dir(dir.path()).unwrap();
+    assert_eq!(
+        plain.question_prompt("Who?").unwrap(),
+        "<|begin_of_text|><|user|>\nWho?<|end_of_text|><|assistant|>\n"
+    );
+    let style = PromptStyle {
+        system_prompt: Some("You are a helpful assistant.".into()),
+        date_string: Some("10 Apr 2025".into()),
+    };
+    let styled = plain.clone().with_prompt_style(style.clone());
+    assert_eq!(
+        styled.question_prompt("Who?").unwrap(),
+        "<|begin_of_text|><|system|>\nYou are a helpful assistant.<|end_of_text|><|user|>\nWho?<|end_of_text|><|assistant|>\n"
+    );
+    // the answer labels start after the longer prompt
+    let ex = styled.encode_qa("Who?", "Me.", None).unwrap();
+    let prompt_len = styled.encode_prompt("Who?").unwrap().len();
+    assert!(ex.labels[..prompt_len].iter().all(|&l| l == -100));
+    assert!(ex.labels[prompt_len..].iter().all(|&l| l >= 0));
+    // date_string reaches the template
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{% if date_string is defined %}[{{ date_string }}]{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    )
+    .unwrap();
+    let t = ChatTokenizer::from_dir(dir.path()).unwrap();
+    assert_eq!(t.question_prompt("Q").unwrap(), "Q");
+    assert_eq!(
+        t.with_prompt_style(style).question_prompt("Q").unwrap(),
+        "[10 Apr 2025]You are a helpful assistant.Q"
+    );
+}

@@ -90,6 +90,8 @@ pub struct EvalRequest {
     pub device: Device,
     /// show a progress bar on stderr
     pub progress: bool,
+    /// system prompt / template date for question prompts (the retain model gets the same)
+    pub prompt_style: crate::tokenizer::PromptStyle,
 }
 
 /// One split's per-item records.
@@ -246,9 +248,14 @@ pub fn evaluate(req: &EvalRequest) -> Result<EvalOutput> {
         _ => None,
     };
 
-    let lm = Lm::load(&req.model, req.adapter.as_deref(), &req.device)?;
+    let mut lm = Lm::load(&req.model, req.adapter.as_deref(), &req.device)?;
+    lm.tok = lm.tok.clone().with_prompt_style(req.prompt_style.clone());
     let ref_lm = match &req.reference {
-        Some(Reference::Model { dir, .. }) => Some(Lm::load(dir, None, &req.device)?),
+        Some(Reference::Model { dir, .. }) => {
+            let mut r = Lm::load(dir, None, &req.device)?;
+            r.tok = r.tok.clone().with_prompt_style(req.prompt_style.clone());
+            Some(r)
+        }
         _ => None,
     };
     let output = match &prepared {

@@ -19,6 +19,7 @@ pub struct RunEvaluator {
     root: PathBuf,
     /// best (step, value) so far by `section.select`
     pub best: Option<(usize, f64)>,
+    prompt_style: crate::tokenizer::PromptStyle,
 }
 
 impl RunEvaluator {
@@ -29,6 +30,7 @@ impl RunEvaluator {
         model_label: &str,
         device: &Device,
         out_dir: &Path,
+        prompt_style: crate::tokenizer::PromptStyle,
     ) -> Result<Self> {
         let suite = Suite::resolve(&section.suite)?;
         let data = section
@@ -51,6 +53,7 @@ impl RunEvaluator {
             device: device.clone(),
             root,
             best: None,
+            prompt_style,
         };
         if let Some(spec) = &section.retain_model {
             let log = ev.root.join("retain-model").join(EVAL_FILE);
@@ -83,6 +86,7 @@ impl RunEvaluator {
             limit: self.section.limit,
             device: self.device.clone(),
             progress: false,
+            prompt_style: self.prompt_style.clone(),
         }
     }
 

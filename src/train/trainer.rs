@@ -74,7 +74,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
     let t = &recipe.train;
     let out_dir = PathBuf::from(&recipe.output.dir);
     let model_dir = model_path(&recipe.model.path)?;
-    let tok = ChatTokenizer::from_dir(&model_dir)?;
+    let tok = ChatTokenizer::from_dir(&model_dir)?.with_prompt_style(recipe.data.prompt_style());
     let mut model = Decoder::load(
         &model_dir,
         crate::device::base_dtype(&opts.device),
@@ -177,6 +177,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
             &recipe.model.path,
             &opts.device,
             &out_dir,
+            recipe.data.prompt_style(),
         )?),
         None => None,
     };
