@@ -459,7 +459,8 @@ fn run_recipe(
         eprintln!(
             "stopped at step {}; resume with: unlearn run {} --resume {}",
             summary.steps,
-            path.display(),
+            // the resolved recipe carries every --set override of this run
+            summary.out_dir.join("recipe.toml").display(),
             summary.out_dir.display()
         );
     } else {
