@@ -474,7 +474,12 @@ impl Decoder {
     /// Logits [B, T, V] for every position.
     pub fn forward(&self, input: &ModelInput, opts: &ForwardOptions) -> Result<Tensor> {
         let hidden = self.run_layers(input, opts, None)?;
-        let normed = self.final_norm.forward(&hidden)?;
+        self.logits(&hidden, opts)
+    }
+
+    /// Final norm, LM head and (Gemma 2) final soft-capping of the last hidden state.
+    fn logits(&self, hidden: &Tensor, opts: &ForwardOptions) -> Result<Tensor> {
+        let normed = self.final_norm.forward(hidden)?;
         let mut logits = self.lm_head.forward(&normed, opts)?;
         if let Some(cap) = self.cfg.final_softcap {
             logits = ((logits / cap)?.tanh()? * cap)?;
@@ -493,12 +498,7 @@ impl Decoder {
         let t_new = input.input_ids.dim(1)?;
         let hidden = self.run_layers_cached(input, &opts, None, Some(&mut *cache))?;
         cache.len += t_new;
-        let normed = self.final_norm.forward(&hidden)?;
-        let mut logits = self.lm_head.forward(&normed, &opts)?;
-        if let Some(cap) = self.cfg.final_softcap {
-            logits = ((logits / cap)?.tanh()? * cap)?;
-        }
-        Ok(logits)
+        self.logits(&hidden, &opts)
     }
 
     /// The hidden state [B, T, H] after decoder layer `layer` (0-based; transformers'

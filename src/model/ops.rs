@@ -252,9 +252,7 @@ impl candle_core::CustomOp1 for FusedNll {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l).ok_or_else(|| {
-            candle_core::Error::Msg("fused-nll: f32 contiguous logits expected".into())
-        })?;
+        let x = f32_input(s, l, "fused-nll")?;
         let (n, v) = l.shape().dims2()?;
         if self.labels.len() != n {
             candle_core::bail!("fused-nll: {} labels for {n} rows", self.labels.len());
@@ -267,7 +265,7 @@ impl candle_core::CustomOp1 for FusedNll {
                 if label < 0 || label as usize >= v {
                     return 0.0;
                 }
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let m = row_max(row);
                 let lse = m + row.iter().map(|z| (z - m).exp()).sum::<f32>().ln();
                 lse - row[label as usize]
             })
@@ -297,9 +295,7 @@ impl candle_core::CustomOp1 for FusedNllGrad {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l).ok_or_else(|| {
-            candle_core::Error::Msg("fused-nll-grad: f32 contiguous logits expected".into())
-        })?;
+        let x = f32_input(s, l, "fused-nll-grad")?;
         let (_, v) = l.shape().dims2()?;
         let mut out = vec![0f32; x.len()];
         use rayon::prelude::*;
@@ -310,14 +306,7 @@ impl candle_core::CustomOp1 for FusedNllGrad {
                 if label < 0 || label as usize >= v || gi == 0.0 {
                     return;
                 }
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (oi, &zi) in o.iter_mut().zip(row) {
-                    let e = (zi - m).exp();
-                    *oi = e;
-                    sum += e;
-                }
-                let scale = gi / sum;
+                let scale = gi / exp_shifted(o, row);
                 for oi in o.iter_mut() {
                     *oi *= scale;
                 }
@@ -402,6 +391,28 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
     }
 }
 
+/// The contiguous f32 data of a custom op's input, or an error naming the op.
+fn f32_input<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    contiguous_f32(s, l)
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: f32 contiguous input expected")))
+}
+
+fn row_max(row: &[f32]) -> f32 {
+    row.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Writes exp(row − max) into `out` and returns its sum (the unnormalised softmax).
+fn exp_shifted(out: &mut [f32], row: &[f32]) -> f32 {
+    let m = row_max(row);
+    let mut sum = 0f32;
+    for (o, &x) in out.iter_mut().zip(row) {
+        let e = (x - m).exp();
+        *o = e;
+        sum += e;
+    }
+    sum
+}
+
 struct FusedSoftmax;
 
 impl candle_core::CustomOp1 for FusedSoftmax {
@@ -410,23 +421,14 @@ impl candle_core::CustomOp1 for FusedSoftmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l).ok_or_else(|| {
-            candle_core::Error::Msg("fused-softmax: f32 contiguous input expected".into())
-        })?;
+        let x = f32_input(s, l, "fused-softmax")?;
         let d = l.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; x.len()];
         use rayon::prelude::*;
         out.par_chunks_mut(d)
             .zip(x.par_chunks(d))
             .for_each(|(o, row)| {
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (oi, &xi) in o.iter_mut().zip(row) {
-                    let e = (xi - m).exp();
-                    *oi = e;
-                    sum += e;
-                }
-                let inv = 1.0 / sum;
+                let inv = 1.0 / exp_shifted(o, row);
                 for oi in o.iter_mut() {
                     *oi *= inv;
                 }
@@ -459,10 +461,8 @@ impl CustomOp2 for FusedRmsNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let err =
-            || candle_core::Error::Msg("fused-rms-norm: f32 contiguous inputs expected".into());
-        let x = contiguous_f32(s1, l1).ok_or_else(err)?;
-        let w = contiguous_f32(s2, l2).ok_or_else(err)?;
+        let x = f32_input(s1, l1, "fused-rms-norm")?;
+        let w = f32_input(s2, l2, "fused-rms-norm")?;
         let d = w.len();
         if d == 0 || x.len() % d != 0 {
             candle_core::bail!("fused-rms-norm: weight of {d} does not fit the input");
@@ -626,9 +626,7 @@ impl candle_core::CustomOp1 for FusedRope {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l).ok_or_else(|| {
-            candle_core::Error::Msg("fused-rope: f32 contiguous input expected".into())
-        })?;
+        let x = f32_input(s, l, "fused-rope")?;
         let (_, h, t, d) = l.shape().dims4()?;
         let half = self.cos.dim(D::Minus1)?;
         let cos = self.cos.flatten_all()?.to_vec1::<f32>()?;
