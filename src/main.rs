@@ -143,48 +143,7 @@ enum Command {
     ///
     /// Example: unlearn eval --model M --adapter A --suite tofu --data forget=forget10_perturbed.json
     /// --data retain=retain_perturbed.json --data holdout=holdout10.json --retain-log retain/EVAL.json --out eval/
-    Eval {
-        /// model directory or hub id org/name[@revision]
-        #[arg(long)]
-        model: PathBuf,
-        /// PEFT adapter directory applied on top of the model
-        #[arg(long)]
-        adapter: Option<PathBuf>,
-        /// built-in suite name (tofu, muse, perplexity, mcq) or a suite .toml file
-        #[arg(long, default_value = "tofu")]
-        suite: String,
-        /// a split's data: SPLIT=PATH (JSONL/JSON file or hf://datasets/org/name/file), or SPLIT
-        /// alone for the suite's default source; repeat for each split
-        #[arg(long = "data", value_name = "SPLIT=PATH")]
-        data: Vec<String>,
-        /// the retain model (directory or hub id), evaluated on the forget (and holdout) split
-        /// for forget_quality and privleak
-        #[arg(long, conflicts_with = "retain_log")]
-        retain_model: Option<PathBuf>,
-        /// EVAL.json of an earlier run of the same suite on the retain model (or an
-        /// open-unlearning TOFU_EVAL.json / MUSE_EVAL.json), instead of --retain-model
-        #[arg(long)]
-        retain_log: Option<PathBuf>,
-        /// output directory
-        #[arg(long)]
-        out: PathBuf,
-        /// batch size for scoring and generation (overrides the suite)
-        #[arg(long)]
-        batch_size: Option<usize>,
-        /// generation length (overrides the suite; default 200)
-        #[arg(long)]
-        max_new_tokens: Option<usize>,
-        /// evaluate only the first N items of each split
-        #[arg(long)]
-        limit: Option<usize>,
-        /// system message before each question (open-unlearning uses "You are a helpful
-        /// assistant." for Llama-3.x)
-        #[arg(long)]
-        system_prompt: Option<String>,
-        /// `date_string` for the chat template (open-unlearning: "10 Apr 2025" for Llama-3.x)
-        #[arg(long)]
-        date_string: Option<String>,
-    },
+    Eval(EvalArgs),
     /// Draw a run's charts as SVG: RUN_DIR/plots/training.svg (losses and λ over steps, from
     /// RUN_DIR/metrics.jsonl) and, when the run evaluated, RUN_DIR/plots/tradeoff.svg (forget
     /// metric against utility per evaluation). Prints the paths written.
@@ -345,36 +304,7 @@ fn run(cli: Cli) -> Result<()> {
             max_length,
             &device,
         ),
-        Command::Eval {
-            model,
-            adapter,
-            suite,
-            data,
-            retain_model,
-            retain_log,
-            out,
-            batch_size,
-            max_new_tokens,
-            limit,
-            system_prompt,
-            date_string,
-        } => eval_command(
-            EvalArgs {
-                model,
-                adapter,
-                suite,
-                data,
-                retain_model,
-                retain_log,
-                out,
-                batch_size,
-                max_new_tokens,
-                limit,
-                system_prompt,
-                date_string,
-            },
-            device,
-        ),
+        Command::Eval(args) => eval_command(args, device),
         Command::Plot { run_dir } => plot(&run_dir),
         Command::Merge {
             model,
@@ -640,18 +570,47 @@ fn plot(run_dir: &Path) -> Result<()> {
 }
 
 /// The arguments of `unlearn eval`.
+#[derive(clap::Args)]
 struct EvalArgs {
+    /// model directory or hub id org/name[@revision]
+    #[arg(long)]
     model: PathBuf,
+    /// PEFT adapter directory applied on top of the model
+    #[arg(long)]
     adapter: Option<PathBuf>,
+    /// built-in suite name (tofu, muse, perplexity, mcq) or a suite .toml file
+    #[arg(long, default_value = "tofu")]
     suite: String,
+    /// a split's data: SPLIT=PATH (JSONL/JSON file or hf://datasets/org/name/file), or SPLIT
+    /// alone for the suite's default source; repeat for each split
+    #[arg(long = "data", value_name = "SPLIT=PATH")]
     data: Vec<String>,
+    /// the retain model (directory or hub id), evaluated on the forget (and holdout) split
+    /// for forget_quality and privleak
+    #[arg(long, conflicts_with = "retain_log")]
     retain_model: Option<PathBuf>,
+    /// EVAL.json of an earlier run of the same suite on the retain model (or an
+    /// open-unlearning TOFU_EVAL.json / MUSE_EVAL.json), instead of --retain-model
+    #[arg(long)]
     retain_log: Option<PathBuf>,
+    /// output directory
+    #[arg(long)]
     out: PathBuf,
+    /// batch size for scoring and generation (overrides the suite)
+    #[arg(long)]
     batch_size: Option<usize>,
+    /// generation length (overrides the suite; default 200)
+    #[arg(long)]
     max_new_tokens: Option<usize>,
+    /// evaluate only the first N items of each split
+    #[arg(long)]
     limit: Option<usize>,
+    /// system message before each question (open-unlearning uses "You are a helpful
+    /// assistant." for Llama-3.x)
+    #[arg(long)]
     system_prompt: Option<String>,
+    /// `date_string` for the chat template (open-unlearning: "10 Apr 2025" for Llama-3.x)
+    #[arg(long)]
     date_string: Option<String>,
 }
 
