@@ -64,7 +64,7 @@ struct Params {
     delta: Option<f64>,
     #[serde(default = "default_combination")]
     combination: Combination,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     lambda_init: f64,
     #[serde(default = "default_lambda_lr")]
     lambda_lr: f64,
@@ -89,9 +89,6 @@ fn default_forget() -> String {
 }
 fn default_combination() -> Combination {
     Combination::Raw
-}
-fn one() -> f64 {
-    1.0
 }
 fn default_lambda_lr() -> f64 {
     0.1

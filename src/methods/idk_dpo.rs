@@ -33,9 +33,9 @@ pub const DEFAULT_IDK: &str = include_str!("../../data/idk.txt");
 struct Params {
     #[serde(default = "default_beta")]
     beta: f64,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     gamma: f64,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     alpha: f64,
     #[serde(default)]
     retain_loss: RetainLoss,
@@ -47,9 +47,6 @@ struct Params {
 
 fn default_beta() -> f64 {
     0.1
-}
-fn one() -> f64 {
-    1.0
 }
 
 pub struct IdkDpo {

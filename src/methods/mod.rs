@@ -24,6 +24,11 @@ pub mod surgery;
 pub mod undial;
 pub mod wga;
 
+/// serde default for the weights (γ, α, …) that default to 1
+pub(crate) fn one() -> f64 {
+    1.0
+}
+
 /// Named values a method reports for one step (written to metrics.jsonl).
 pub type Logs = Vec<(String, f64)>;
 

@@ -20,16 +20,12 @@ pub fn default_beta() -> f64 {
 struct Params {
     #[serde(default = "default_beta")]
     beta: f64,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     gamma: f64,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     alpha: f64,
     #[serde(default)]
     retain_loss: RetainLoss,
-}
-
-fn one() -> f64 {
-    1.0
 }
 
 pub struct Npo {

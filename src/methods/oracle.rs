@@ -38,13 +38,9 @@ struct Params {
     teacher: String,
     #[serde(default)]
     loss: MatchLoss,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     retain_weight: f64,
     top_k: Option<usize>,
-}
-
-fn one() -> f64 {
-    1.0
 }
 
 pub struct Oracle {

@@ -29,9 +29,9 @@ struct Params {
     layer: usize,
     #[serde(default = "default_coeff")]
     steering_coeff: f64,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     alpha: f64,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     gamma: f64,
     #[serde(default = "default_seed")]
     seed: u64,
@@ -42,9 +42,6 @@ fn default_layer() -> usize {
 }
 fn default_coeff() -> f64 {
     2.0
-}
-fn one() -> f64 {
-    1.0
 }
 fn default_seed() -> u64 {
     42

@@ -17,11 +17,11 @@ use serde::Deserialize;
 struct Params {
     #[serde(default = "default_beta1")]
     beta1: f64,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     beta2: f64,
     #[serde(default = "default_gamma")]
     gamma: f64,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     alpha: f64,
     #[serde(default)]
     retain_loss: RetainLoss,
@@ -32,9 +32,6 @@ fn default_beta1() -> f64 {
 }
 fn default_gamma() -> f64 {
     0.1
-}
-fn one() -> f64 {
-    1.0
 }
 
 pub struct SatImp {

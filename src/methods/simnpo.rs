@@ -23,7 +23,7 @@ struct Params {
     /// TOFU forget10 default
     #[serde(default = "default_gamma")]
     gamma: f64,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     alpha: f64,
     #[serde(default)]
     retain_loss: RetainLoss,
@@ -31,9 +31,6 @@ struct Params {
 
 fn default_gamma() -> f64 {
     0.125
-}
-fn one() -> f64 {
-    1.0
 }
 
 pub struct SimNpo {

@@ -24,7 +24,7 @@ use serde::Deserialize;
 struct Params {
     #[serde(default = "default_beta")]
     beta: f64,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     gamma: f64,
     #[serde(default)]
     alpha: f64,
@@ -34,9 +34,6 @@ struct Params {
 
 fn default_beta() -> f64 {
     10.0
-}
-fn one() -> f64 {
-    1.0
 }
 
 pub struct Undial {

@@ -12,18 +12,14 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Params {
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     beta: f64,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     gamma: f64,
-    #[serde(default = "one")]
+    #[serde(default = "super::one")]
     alpha: f64,
     #[serde(default)]
     retain_loss: RetainLoss,
-}
-
-fn one() -> f64 {
-    1.0
 }
 
 pub struct Wga {
