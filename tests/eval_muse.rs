@@ -347,7 +347,8 @@ fn muse_works_with_the_splits_present_and_shots_limit_and_split_lengths() {
     req.max_new_tokens = None;
     req.batch_size = Some(1);
     let (log, _, _) = run_and_read(&req, &dir.join("d2"));
-    let lm = unlearn::eval::lm::Lm::load(&fixture("llama"), None, &cpu()).unwrap();
+    let lm =
+        unlearn::eval::lm::Lm::load(&fixture("llama"), None, &cpu(), &Default::default()).unwrap();
     let bar = indicatif::ProgressBar::hidden();
     for (i, it) in items(&log, "knowmem_retain").iter().enumerate() {
         let prompt = format!("Question: Q?\nAnswer: A.\n\nQuestion: Who is R{i}?\nAnswer: ");

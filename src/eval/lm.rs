@@ -24,12 +24,18 @@ pub struct Lm {
 }
 
 impl Lm {
-    pub fn load(dir: &Path, adapter: Option<&Path>, device: &Device) -> Result<Lm> {
+    /// Load a model (with an optional adapter) and its tokenizer; `style` shapes question prompts.
+    pub fn load(
+        dir: &Path,
+        adapter: Option<&Path>,
+        device: &Device,
+        style: &crate::tokenizer::PromptStyle,
+    ) -> Result<Lm> {
         let mut model = Decoder::load(dir, crate::device::base_dtype(device), device)?;
         if let Some(a) = adapter {
             load_adapter(&mut model, a)?;
         }
-        let tok = ChatTokenizer::from_dir(dir)?;
+        let tok = ChatTokenizer::from_dir(dir)?.with_prompt_style(style.clone());
         let mut eos: Vec<u32> = tok.eos_token_id().into_iter().collect();
         for id in generation_eos(dir)? {
             if !eos.contains(&id) {

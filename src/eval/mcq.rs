@@ -320,7 +320,7 @@ mod tests {
     #[test]
     fn one_pass_and_per_choice_scoring_agree() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama");
-        let lm = Lm::load(&dir, None, &candle_core::Device::Cpu).unwrap();
+        let lm = Lm::load(&dir, None, &candle_core::Device::Cpu, &Default::default()).unwrap();
         let suite = Suite::resolve("mcq").unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let p = tmp.path().join("q.jsonl");

@@ -248,13 +248,15 @@ pub fn evaluate(req: &EvalRequest) -> Result<EvalOutput> {
         _ => None,
     };
 
-    let mut lm = Lm::load(&req.model, req.adapter.as_deref(), &req.device)?;
-    lm.tok = lm.tok.clone().with_prompt_style(req.prompt_style.clone());
+    let lm = Lm::load(
+        &req.model,
+        req.adapter.as_deref(),
+        &req.device,
+        &req.prompt_style,
+    )?;
     let ref_lm = match &req.reference {
         Some(Reference::Model { dir, .. }) => {
-            let mut r = Lm::load(dir, None, &req.device)?;
-            r.tok = r.tok.clone().with_prompt_style(req.prompt_style.clone());
-            Some(r)
+            Some(Lm::load(dir, None, &req.device, &req.prompt_style)?)
         }
         _ => None,
     };
