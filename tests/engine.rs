@@ -3,7 +3,7 @@
 mod common;
 use candle_core::{DType, Tensor, Var};
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use unlearn::lora::{attach_lora, lora_vars, LoraConfig, TargetModules};
 use unlearn::methods::{self, Ctx};
@@ -13,12 +13,6 @@ use unlearn::rng::Rng;
 use unlearn::tokenizer::ChatTokenizer;
 use unlearn::train::batch::{Dataset, ItemBatch, PairedBatch};
 use unlearn::train::trainer::{run, RunOptions};
-
-fn data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/unlearn")
-        .join(name)
-}
 
 /// The llama fixture with a LoRA whose B is non-zero, so adapted ≠ reference.
 fn adapted_model() -> (Decoder, Vec<Var>) {
@@ -48,8 +42,8 @@ fn adapted_model() -> (Decoder, Vec<Var>) {
 
 fn batch(forget_rows: Vec<usize>, retain_rows: Vec<usize>) -> (PairedBatch, Dataset) {
     let tok = ChatTokenizer::from_dir(&fixture("llama")).unwrap();
-    let forget = Dataset::load(&data("forget.jsonl"), &tok, 64).unwrap();
-    let retain = Dataset::load(&data("retain.jsonl"), &tok, 64).unwrap();
+    let forget = Dataset::load(&unlearn_data("forget.jsonl"), &tok, 64).unwrap();
+    let retain = Dataset::load(&unlearn_data("retain.jsonl"), &tok, 64).unwrap();
     let pb = PairedBatch {
         forget: ItemBatch::new(&forget, forget_rows, 2, &cpu()).unwrap(),
         retain: Some(ItemBatch::new(&retain, retain_rows, 2, &cpu()).unwrap()),
@@ -360,45 +354,6 @@ fn surgery_direction_satisfies_the_constraint() {
             );
         }
     }
-}
-
-fn write_recipe(dir: &Path, method: &str, extra_method: &str, train: &str) -> PathBuf {
-    let text = format!(
-        r#"
-[model]
-path = "{model}"
-[lora]
-r = 4
-alpha = 8
-target_modules = "all-linear"
-[data]
-forget = "{forget}"
-retain = "{retain}"
-max_length = 64
-[method]
-name = "{method}"
-{extra_method}
-[train]
-seed = 11
-batch_size = 2
-{lr_line}
-{train}
-[output]
-dir = "{out}"
-"#,
-        model = fixture("llama").display(),
-        forget = data("forget.jsonl").display(),
-        retain = data("retain.jsonl").display(),
-        out = dir.join("out").display(),
-        lr_line = if train.contains("lr =") {
-            ""
-        } else {
-            "lr = 5e-3"
-        },
-    );
-    let p = dir.join("recipe.toml");
-    std::fs::write(&p, text).unwrap();
-    p
 }
 
 fn metrics(out: &Path) -> Vec<serde_json::Value> {
@@ -716,16 +671,12 @@ fn log_sigmoid_value_and_gradient_including_zero() {
 #[test]
 fn evaluation_during_the_run_logs_summaries_and_selects_the_best_step() {
     let tmp = tempfile::tempdir().unwrap();
-    let p = write_recipe(tmp.path(), "gradascent", "", "steps = 4\nlr = 1e-2");
     let eval = format!(
-        "\n[eval]\nsuite = \"perplexity\"\ndata = [\"forget={}\", \"retain={}\"]\nevery = 2\nselect = \"forget_nll\"\n",
-        data("forget.jsonl").display(),
-        data("retain.jsonl").display()
+        "[eval]\nsuite = \"perplexity\"\ndata = [\"forget={}\", \"retain={}\"]\nevery = 2\nselect = \"forget_nll\"\n",
+        unlearn_data("forget.jsonl").display(),
+        unlearn_data("retain.jsonl").display()
     );
-    let text = std::fs::read_to_string(&p)
-        .unwrap()
-        .replace("[output]", &format!("{eval}\n[output]"));
-    std::fs::write(&p, text).unwrap();
+    let p = write_recipe_with(tmp.path(), "gradascent", "", "steps = 4\nlr = 1e-2", &eval);
     run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default()).unwrap();
     let out = tmp.path().join("out");
     let evals: Vec<(u64, f64)> = metrics(&out)

@@ -17,12 +17,6 @@ use unlearn::train::trainer::{run, RunOptions};
 
 const MAX_LEN: usize = 64;
 
-fn data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/unlearn")
-        .join(name)
-}
-
 struct Fx {
     tok: ChatTokenizer,
     model: Decoder,
@@ -58,8 +52,8 @@ fn setup(layers: Option<Vec<usize>>) -> Fx {
         }
     }
     let vars = lora_vars(&model).into_iter().map(|(_, v)| v).collect();
-    let forget = Dataset::load(&data("forget.jsonl"), &tok, MAX_LEN).unwrap();
-    let retain = Dataset::load(&data("retain.jsonl"), &tok, MAX_LEN).unwrap();
+    let forget = Dataset::load(&unlearn_data("forget.jsonl"), &tok, MAX_LEN).unwrap();
+    let retain = Dataset::load(&unlearn_data("retain.jsonl"), &tok, MAX_LEN).unwrap();
     let pad = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);
     Fx {
         tok,
@@ -336,7 +330,7 @@ fn idkdpo_loss_matches_hand_computation() {
     std::fs::write(&idk, "\n  I have no idea.  \n\n").unwrap();
 
     // y_w built independently: the same questions with the IDK answer, through encode_qa
-    let questions: Vec<String> = std::fs::read_to_string(data("forget.jsonl"))
+    let questions: Vec<String> = std::fs::read_to_string(unlearn_data("forget.jsonl"))
         .unwrap()
         .lines()
         .map(|l| {
@@ -706,8 +700,8 @@ lr = 1e-2
 dir = {out:?}
 "#,
         model = fixture("llama").display().to_string(),
-        forget = data("forget.jsonl").display().to_string(),
-        retain = data("retain.jsonl").display().to_string(),
+        forget = unlearn_data("forget.jsonl").display().to_string(),
+        retain = unlearn_data("retain.jsonl").display().to_string(),
         out = dir.join("out").display().to_string(),
     );
     let path = dir.join("recipe.toml");
@@ -730,7 +724,7 @@ fn before_after(out: &Path) -> (Decoder, Decoder) {
 fn forget_all() -> ItemBatch {
     let tok = ChatTokenizer::from_dir(&fixture("llama")).unwrap();
     let pad = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);
-    let ds = Dataset::load(&data("forget.jsonl"), &tok, MAX_LEN).unwrap();
+    let ds = Dataset::load(&unlearn_data("forget.jsonl"), &tok, MAX_LEN).unwrap();
     let idx = (0..ds.len()).collect();
     ItemBatch::new(&ds, idx, pad, &cpu()).unwrap()
 }

@@ -361,49 +361,14 @@ fn tofu_report_embeds_the_truth_ratio_histogram() {
         .contains("truth_ratio_hist"));
 }
 
-fn unlearn_data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/unlearn")
-        .join(name)
-}
-
-/// A tiny recipe (the pattern of tests/engine.rs): gradient ascent on the llama fixture with a
-/// perplexity evaluation every 2 steps.
+/// A tiny graddiff run on the llama fixture with a perplexity evaluation every 2 steps.
 fn write_recipe(dir: &Path) -> PathBuf {
-    let text = format!(
-        r#"
-[model]
-path = "{model}"
-[lora]
-r = 4
-alpha = 8
-target_modules = "all-linear"
-[data]
-forget = "{forget}"
-retain = "{retain}"
-max_length = 64
-[method]
-name = "graddiff"
-[train]
-seed = 11
-batch_size = 2
-lr = 5e-3
-steps = 4
-[eval]
-suite = "perplexity"
-data = ["forget={forget}", "retain={retain}"]
-every = 2
-[output]
-dir = "{out}"
-"#,
-        model = fixture("llama").display(),
-        forget = unlearn_data("forget.jsonl").display(),
-        retain = unlearn_data("retain.jsonl").display(),
-        out = dir.join("out").display(),
+    let eval = format!(
+        "[eval]\nsuite = \"perplexity\"\ndata = [\"forget={}\", \"retain={}\"]\nevery = 2\n",
+        unlearn_data("forget.jsonl").display(),
+        unlearn_data("retain.jsonl").display()
     );
-    let p = dir.join("recipe.toml");
-    std::fs::write(&p, text).unwrap();
-    p
+    write_recipe_with(dir, "graddiff", "", "steps = 4", &eval)
 }
 
 #[test]

@@ -1,7 +1,7 @@
 #![allow(dead_code)]
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use unlearn::model::weights::WeightStore;
 
 pub fn fixture(name: &str) -> PathBuf {
@@ -48,4 +48,63 @@ pub fn scalar(t: &Tensor) -> f32 {
 
 pub fn cpu() -> Device {
     Device::Cpu
+}
+
+/// The small forget/retain QA files of the engine tests.
+pub fn unlearn_data(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/unlearn")
+        .join(name)
+}
+
+pub fn write_recipe(dir: &Path, method: &str, extra_method: &str, train: &str) -> PathBuf {
+    write_recipe_with(dir, method, extra_method, train, "")
+}
+
+/// A tiny recipe on the llama fixture and the unlearn fixture data; `extra_tables` (e.g. an
+/// `[eval]` table) goes before `[output]`.
+pub fn write_recipe_with(
+    dir: &Path,
+    method: &str,
+    extra_method: &str,
+    train: &str,
+    extra_tables: &str,
+) -> PathBuf {
+    let text = format!(
+        r#"
+[model]
+path = "{model}"
+[lora]
+r = 4
+alpha = 8
+target_modules = "all-linear"
+[data]
+forget = "{forget}"
+retain = "{retain}"
+max_length = 64
+[method]
+name = "{method}"
+{extra_method}
+[train]
+seed = 11
+batch_size = 2
+{lr_line}
+{train}
+{extra_tables}
+[output]
+dir = "{out}"
+"#,
+        model = fixture("llama").display(),
+        forget = unlearn_data("forget.jsonl").display(),
+        retain = unlearn_data("retain.jsonl").display(),
+        out = dir.join("out").display(),
+        lr_line = if train.contains("lr =") {
+            ""
+        } else {
+            "lr = 5e-3"
+        },
+    );
+    let p = dir.join("recipe.toml");
+    std::fs::write(&p, text).unwrap();
+    p
 }
