@@ -109,8 +109,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
     std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
     write_atomic(&out_dir.join("recipe.toml"), recipe.to_toml()?.as_bytes())?;
 
-    let vars: Vec<Var> = lora_vars(&model).into_iter().map(|(_, v)| v).collect();
-    let var_names: Vec<String> = lora_vars(&model).into_iter().map(|(n, _)| n).collect();
+    let (var_names, vars): (Vec<String>, Vec<Var>) = lora_vars(&model).into_iter().unzip();
     let mut optimizer = AdamW::new(
         AdamWConfig {
             lr: t.lr,
@@ -140,7 +139,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         let mut restored = model.clone();
         crate::lora::detach_lora(&mut restored);
         load_adapter(&mut restored, &ckpt)?;
-        for ((name, var), (_, saved)) in lora_vars(&model).iter().zip(lora_vars(&restored)) {
+        for ((name, var), (_, saved)) in var_names.iter().zip(&vars).zip(lora_vars(&restored)) {
             if var.as_tensor().dims() != saved.as_tensor().dims() {
                 return Err(Error::config(
                     &ckpt,
