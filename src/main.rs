@@ -46,6 +46,23 @@ enum Command {
         #[arg(long)]
         resume: Option<PathBuf>,
     },
+    /// Train a model with next-token loss: the whole model or a LoRA adapter, from a checkpoint
+    /// or from seeded random weights for a config.json. Builds target, retain and oracle models.
+    ///
+    /// The recipe has [model] (path, or config + tokenizer + init_std), optional [lora],
+    /// [data] train = [files…] of question/answer or text items, [train] and [output] dir (+ model:
+    /// where the trained model directory goes, default <dir>/model). Checkpoints, resume,
+    /// metrics.jsonl and Ctrl-C behave as in `unlearn run`. See recipes/build/.
+    Train {
+        /// TOML recipe (see recipes/build/)
+        recipe: PathBuf,
+        /// override any recipe field, e.g. --set train.steps=4
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// continue from a checkpoint dir or from the latest checkpoint of an output dir
+        #[arg(long)]
+        resume: Option<PathBuf>,
+    },
     /// List the unlearning methods a recipe can name.
     Methods,
     /// Download a model or dataset file from the Hugging Face hub into the cache (the same
@@ -203,6 +220,11 @@ fn run(cli: Cli) -> Result<()> {
             set,
             resume,
         } => run_recipe(&recipe, &set, resume, device),
+        Command::Train {
+            recipe,
+            set,
+            resume,
+        } => train_recipe(&recipe, &set, resume, device),
         Command::Bench {
             methods,
             hidden,
@@ -355,16 +377,10 @@ fn data_file(spec: &Path) -> Result<PathBuf> {
     Ok(unlearn::hub::resolve_file(&spec.to_string_lossy())?)
 }
 
-fn run_recipe(
-    path: &Path,
-    overrides: &[String],
-    resume: Option<PathBuf>,
-    device: Device,
-) -> Result<()> {
-    let recipe = unlearn::recipe::Recipe::load(path, overrides)?;
+/// First Ctrl-C: checkpoint after the current step and exit; a second one exits at once.
+fn interrupt_flag() -> Result<&'static std::sync::atomic::AtomicBool> {
     let interrupt: &'static std::sync::atomic::AtomicBool =
         Box::leak(Box::new(std::sync::atomic::AtomicBool::new(false)));
-    // First Ctrl-C: checkpoint after the current step and exit; a second one exits at once.
     ctrlc::set_handler(move || {
         if interrupt.swap(true, std::sync::atomic::Ordering::SeqCst) {
             std::process::exit(130);
@@ -372,14 +388,53 @@ fn run_recipe(
         eprintln!("\ninterrupted: writing a checkpoint after this step (Ctrl-C again to abort)");
     })
     .context("installing the Ctrl-C handler")?;
+    Ok(interrupt)
+}
+
+fn run_recipe(
+    path: &Path,
+    overrides: &[String],
+    resume: Option<PathBuf>,
+    device: Device,
+) -> Result<()> {
+    let recipe = unlearn::recipe::Recipe::load(path, overrides)?;
     let opts = unlearn::train::trainer::RunOptions {
         resume,
-        interrupt: Some(interrupt),
+        interrupt: Some(interrupt_flag()?),
         device,
         progress: true,
     };
     let started = std::time::Instant::now();
     let summary = unlearn::train::trainer::run(&recipe, &opts)?;
+    report_end("run", &summary, started, &summary.out_dir.join("adapter"));
+    Ok(())
+}
+
+fn train_recipe(
+    path: &Path,
+    overrides: &[String],
+    resume: Option<PathBuf>,
+    device: Device,
+) -> Result<()> {
+    let recipe = unlearn::recipe::TrainRecipe::load(path, overrides)?;
+    let opts = unlearn::train::trainer::RunOptions {
+        resume,
+        interrupt: Some(interrupt_flag()?),
+        device,
+        progress: true,
+    };
+    let started = std::time::Instant::now();
+    let summary = unlearn::train::supervised::train(&recipe, &opts)?;
+    report_end("train", &summary, started, &recipe.model_out());
+    Ok(())
+}
+
+fn report_end(
+    command: &str,
+    summary: &unlearn::train::trainer::RunSummary,
+    started: std::time::Instant,
+    product: &Path,
+) {
     let logs: Vec<String> = summary
         .last_logs
         .iter()
@@ -387,7 +442,7 @@ fn run_recipe(
         .collect();
     if summary.interrupted {
         eprintln!(
-            "stopped at step {}; resume with: unlearn run {} --resume {}",
+            "stopped at step {}; resume with: unlearn {command} {} --resume {}",
             summary.steps,
             // the resolved recipe carries every --set override of this run
             summary.out_dir.join("recipe.toml").display(),
@@ -395,14 +450,13 @@ fn run_recipe(
         );
     } else {
         eprintln!(
-            "done: {} steps in {:.1}s; last step: {}\nadapter: {}",
+            "done: {} steps in {:.1}s; last step: {}\nwrote: {}",
             summary.steps,
             started.elapsed().as_secs_f64(),
             logs.join(", "),
-            summary.out_dir.join("adapter").display()
+            product.display()
         );
     }
-    Ok(())
 }
 
 fn inspect(spec: &Path, as_json: bool) -> Result<()> {

@@ -207,53 +207,18 @@ impl DataSection {
 impl Recipe {
     /// Read a recipe, apply `key.path=value` overrides, validate.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut value: toml::Value =
-            toml::from_str(&text).map_err(|e| Error::config(path, format!("invalid TOML: {e}")))?;
-        for o in overrides {
-            apply_override(&mut value, o).map_err(|m| Error::config(path, m))?;
-        }
-        let recipe: Recipe = value
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::config(path, e.message().to_string()))?;
+        let recipe: Recipe = parse_toml(path, overrides)?;
         recipe.validate(path)?;
         Ok(recipe.resolve_paths(path))
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
-        let t = &self.train;
         let bad = |m: String| Err(Error::config(path, m));
-        if self.lora.r == 0 {
-            return bad("lora.r must be ≥ 1".into());
-        }
-        if !(t.lr > 0.0 && t.lr.is_finite()) {
-            return bad(format!("train.lr must be > 0, got {}", t.lr));
-        }
-        if t.batch_size == 0 || t.grad_accum == 0 {
-            return bad("train.batch_size and train.grad_accum must be ≥ 1".into());
-        }
-        if t.steps.is_none() && t.epochs == 0 {
-            return bad("train.epochs must be ≥ 1 (or set train.steps)".into());
-        }
-        if t.steps == Some(0) {
-            return bad("train.steps must be ≥ 1".into());
-        }
-        if t.weight_decay < 0.0 || t.max_grad_norm < 0.0 || t.eps <= 0.0 {
-            return bad(
-                "train.weight_decay and train.max_grad_norm must be ≥ 0, train.eps > 0".into(),
-            );
-        }
-        if !(0.0..1.0).contains(&t.betas[0]) || !(0.0..1.0).contains(&t.betas[1]) {
-            return bad("train.betas must be in [0, 1)".into());
-        }
-        if !(0.0..1.0).contains(&self.lora.dropout) {
-            return bad("lora.dropout must be in [0, 1)".into());
-        }
+        self.train.validate(path)?;
+        self.lora.validate(path)?;
         if self.data.max_length < 2 {
             return bad("data.max_length must be ≥ 2".into());
         }
-        self.lora_config()
-            .map_err(|e| Error::config(path, e.to_string()))?;
         if let Some(e) = &self.eval {
             if e.data.is_empty() {
                 return bad("eval.data must name at least one split (SPLIT=PATH)".into());
@@ -271,19 +236,7 @@ impl Recipe {
     /// Relative data/model/output paths are taken relative to the working directory when they
     /// exist there, else relative to the recipe file (so recipes work from anywhere).
     fn resolve_paths(mut self, recipe_path: &Path) -> Self {
-        let base = recipe_path.parent().unwrap_or(Path::new("."));
-        let fix = |p: &str| -> String {
-            let pb = PathBuf::from(p);
-            if pb.is_absolute() || pb.exists() {
-                return p.to_string();
-            }
-            let alt = base.join(&pb);
-            if alt.exists() {
-                alt.display().to_string()
-            } else {
-                p.to_string()
-            }
-        };
+        let fix = |p: &str| resolve_path(p, recipe_path);
         self.model.path = fix(&self.model.path);
         if let Some(e) = &mut self.eval {
             e.data = e
@@ -306,7 +259,88 @@ impl Recipe {
     }
 
     pub fn lora_config(&self) -> Result<LoraConfig> {
-        let target_modules = match &self.lora.target_modules {
+        self.lora.to_config()
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self)
+            .map_err(|e| Error::InvalidArgument(format!("cannot serialise the recipe: {e}")))
+    }
+}
+
+/// Read a TOML recipe, apply `key.path=value` overrides and deserialize (unknown keys and wrong
+/// types are errors naming the file).
+fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, overrides: &[String]) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut value: toml::Value =
+        toml::from_str(&text).map_err(|e| Error::config(path, format!("invalid TOML: {e}")))?;
+    for o in overrides {
+        apply_override(&mut value, o).map_err(|m| Error::config(path, m))?;
+    }
+    value
+        .try_into()
+        .map_err(|e: toml::de::Error| Error::config(path, e.message().to_string()))
+}
+
+/// A relative path as given when it exists from the working directory, else relative to the
+/// recipe file when it exists there, else unchanged.
+fn resolve_path(p: &str, recipe_path: &Path) -> String {
+    let base = recipe_path.parent().unwrap_or(Path::new("."));
+    let pb = PathBuf::from(p);
+    if pb.is_absolute() || pb.exists() {
+        return p.to_string();
+    }
+    let alt = base.join(&pb);
+    if alt.exists() {
+        alt.display().to_string()
+    } else {
+        p.to_string()
+    }
+}
+
+impl TrainSection {
+    fn validate(&self, path: &Path) -> Result<()> {
+        let t = self;
+        let bad = |m: String| Err(Error::config(path, m));
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return bad(format!("train.lr must be > 0, got {}", t.lr));
+        }
+        if t.batch_size == 0 || t.grad_accum == 0 {
+            return bad("train.batch_size and train.grad_accum must be ≥ 1".into());
+        }
+        if t.steps.is_none() && t.epochs == 0 {
+            return bad("train.epochs must be ≥ 1 (or set train.steps)".into());
+        }
+        if t.steps == Some(0) {
+            return bad("train.steps must be ≥ 1".into());
+        }
+        if t.weight_decay < 0.0 || t.max_grad_norm < 0.0 || t.eps <= 0.0 {
+            return bad(
+                "train.weight_decay and train.max_grad_norm must be ≥ 0, train.eps > 0".into(),
+            );
+        }
+        if !(0.0..1.0).contains(&t.betas[0]) || !(0.0..1.0).contains(&t.betas[1]) {
+            return bad("train.betas must be in [0, 1)".into());
+        }
+        Ok(())
+    }
+}
+
+impl LoraSection {
+    fn validate(&self, path: &Path) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::config(path, "lora.r must be ≥ 1"));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::config(path, "lora.dropout must be in [0, 1)"));
+        }
+        self.to_config()
+            .map_err(|e| Error::config(path, e.to_string()))?;
+        Ok(())
+    }
+
+    pub fn to_config(&self) -> Result<LoraConfig> {
+        let target_modules = match &self.target_modules {
             toml::Value::String(s) if s == "all-linear" => TargetModules::Names(vec!["all-linear".into()]),
             toml::Value::String(s) => TargetModules::Regex(s.clone()),
             toml::Value::Array(a) => TargetModules::Names(
@@ -325,15 +359,125 @@ impl Recipe {
             }
         };
         let cfg = LoraConfig {
-            r: self.lora.r,
-            alpha: self.lora.alpha,
-            use_rslora: self.lora.rslora,
-            dropout: self.lora.dropout,
+            r: self.r,
+            alpha: self.alpha,
+            use_rslora: self.rslora,
+            dropout: self.dropout,
             target_modules,
-            layers: self.lora.layers.clone(),
+            layers: self.layers.clone(),
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+}
+
+/// A recipe for `unlearn train`: supervised training (next-token loss on the answers of QA items
+/// and on every token of text items) of a whole model or a LoRA adapter, from a checkpoint or
+/// from seeded random weights. Used to build target, retain and oracle models.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainRecipe {
+    pub model: InitSection,
+    /// train a LoRA adapter (merged into the output model) instead of every weight
+    #[serde(default)]
+    pub lora: Option<LoraSection>,
+    pub data: TrainDataSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    pub output: TrainOutputSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InitSection {
+    /// start from this checkpoint (local directory or hub id)…
+    #[serde(default)]
+    pub path: Option<String>,
+    /// …or from seeded random weights for this config.json
+    #[serde(default)]
+    pub config: Option<String>,
+    /// directory with tokenizer.json and tokenizer_config.json (with `config`)
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+    /// standard deviation of the random init (transformers' `initializer_range`)
+    #[serde(default = "default_init_std")]
+    pub init_std: f64,
+}
+
+fn default_init_std() -> f64 {
+    0.02
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainDataSection {
+    /// JSONL/JSON files of `question`/`answer` or `text` items, trained on together
+    pub train: Vec<String>,
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    #[serde(default)]
+    pub system_prompt: Option<String>,
+    #[serde(default)]
+    pub date_string: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainOutputSection {
+    /// run directory: recipe, metrics.jsonl, checkpoints
+    pub dir: String,
+    /// where the trained model directory goes (default `<dir>/model`)
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+impl TrainRecipe {
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let mut recipe: TrainRecipe = parse_toml(path, overrides)?;
+        let bad = |m: &str| Err(Error::config(path, m));
+        match (&recipe.model.path, &recipe.model.config) {
+            (Some(_), Some(_)) => return bad("give model.path or model.config, not both"),
+            (None, None) => return bad(
+                "give model.path (a checkpoint) or model.config (a config.json for random init)",
+            ),
+            (None, Some(_)) if recipe.model.tokenizer.is_none() => {
+                return bad("model.config needs model.tokenizer (a directory with tokenizer.json)")
+            }
+            _ => {}
+        }
+        if !(recipe.model.init_std > 0.0 && recipe.model.init_std.is_finite()) {
+            return bad("model.init_std must be > 0");
+        }
+        if recipe.data.train.is_empty() {
+            return bad("data.train must name at least one file");
+        }
+        if recipe.data.max_length < 2 {
+            return bad("data.max_length must be ≥ 2");
+        }
+        recipe.train.validate(path)?;
+        if let Some(l) = &recipe.lora {
+            l.validate(path)?;
+        }
+        let fix = |p: &str| resolve_path(p, path);
+        recipe.model.path = recipe.model.path.as_deref().map(fix);
+        recipe.model.config = recipe.model.config.as_deref().map(fix);
+        recipe.model.tokenizer = recipe.model.tokenizer.as_deref().map(fix);
+        recipe.data.train = recipe.data.train.iter().map(|p| fix(p)).collect();
+        Ok(recipe)
+    }
+
+    pub fn prompt_style(&self) -> crate::tokenizer::PromptStyle {
+        crate::tokenizer::PromptStyle {
+            system_prompt: self.data.system_prompt.clone(),
+            date_string: self.data.date_string.clone(),
+        }
+    }
+
+    pub fn model_out(&self) -> PathBuf {
+        match &self.output.model {
+            Some(p) => PathBuf::from(p),
+            None => Path::new(&self.output.dir).join("model"),
+        }
     }
 
     pub fn to_toml(&self) -> Result<String> {

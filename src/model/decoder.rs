@@ -9,7 +9,7 @@ use crate::model::linear::Linear;
 pub use crate::model::linear::{ForwardOptions, LoraWeights};
 use crate::model::ops;
 use crate::model::weights::WeightStore;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 use std::path::{Path, PathBuf};
 
 #[derive(Clone)]
@@ -152,10 +152,25 @@ struct Loader<'a> {
     cfg: &'a ArchConfig,
     dtype: DType,
     device: &'a Device,
+    /// full-parameter training: every tensor becomes a `Var`, recorded under its checkpoint name
+    trainable: Option<std::cell::RefCell<Vec<(String, Var)>>>,
 }
 
 impl Loader<'_> {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.read(name, shape)?;
+        match &self.trainable {
+            None => Ok(t),
+            Some(vars) => {
+                let var = Var::from_tensor(&t)?;
+                let tensor = var.as_tensor().clone();
+                vars.borrow_mut().push((name.to_string(), var));
+                Ok(tensor)
+            }
+        }
+    }
+
+    fn read(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let store = match &self.source {
             Source::Store(s) => s,
             Source::Random(rng, std) => {
@@ -201,6 +216,12 @@ impl Loader<'_> {
     }
     /// GPT-2 Conv1D: stored [in, out]; kept as [out, in] in memory.
     fn conv1d(&self, file_prefix: &str, module: &str, out: usize, inp: usize) -> Result<Linear> {
+        if self.trainable.is_some() {
+            // the transposed copy kept in memory would not follow the optimizer's updates
+            return Err(Error::InvalidArgument(
+                "full-parameter training of GPT-2 (Conv1D weights) is not supported; add a [lora] section to train an adapter instead".into(),
+            ));
+        }
         let w = self.tensor(&format!("{file_prefix}{module}.weight"), &[inp, out])?;
         Ok(Linear {
             name: format!("transformer.{module}"),
@@ -250,6 +271,7 @@ impl Decoder {
             Path::new(""),
             DType::F32,
             &Device::Cpu,
+            false,
         )
         .map(|_| ())
     }
@@ -261,7 +283,7 @@ impl Decoder {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        Self::build(cfg, Source::Store(store), dir, dtype, device)
+        Ok(Self::build(cfg, Source::Store(store), dir, dtype, device, false)?.0)
     }
 
     /// A model with seeded random weights (N(0, std²) matrices) for a config.
@@ -273,7 +295,39 @@ impl Decoder {
         device: &Device,
     ) -> Result<Self> {
         let rng = std::cell::RefCell::new(crate::rng::Rng::new(seed));
-        Self::build(cfg, Source::Random(rng, std), Path::new(""), dtype, device)
+        Ok(Self::build(
+            cfg,
+            Source::Random(rng, std),
+            Path::new(""),
+            dtype,
+            device,
+            false,
+        )?
+        .0)
+    }
+
+    /// Full-parameter training: load a checkpoint (`from = Some(dir)`) or draw seeded random
+    /// weights (`seed`, `std`), with every base tensor a `Var` of `dtype`. Returns the trainable
+    /// tensors under their checkpoint names, in build order (a tied head shares the embedding's
+    /// `Var`).
+    pub fn trainable(
+        cfg: ArchConfig,
+        from: Option<&Path>,
+        (seed, std): (u64, f64),
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Self, Vec<(String, Var)>)> {
+        match from {
+            Some(dir) => {
+                let store = WeightStore::open_dir(dir)?;
+                Self::build(cfg, Source::Store(&store), dir, dtype, device, true)
+            }
+            None => {
+                let rng = std::cell::RefCell::new(crate::rng::Rng::new(seed));
+                let src = Source::Random(rng, std);
+                Self::build(cfg, src, Path::new(""), dtype, device, true)
+            }
+        }
     }
 
     fn build(
@@ -282,12 +336,14 @@ impl Decoder {
         dir: &Path,
         dtype: DType,
         device: &Device,
-    ) -> Result<Self> {
+        trainable: bool,
+    ) -> Result<(Self, Vec<(String, Var)>)> {
         let l = Loader {
             source,
             cfg: &cfg,
             dtype,
             device,
+            trainable: trainable.then(|| std::cell::RefCell::new(Vec::new())),
         };
         let contains = |name: &str| match &l.source {
             Source::Store(s) | Source::CheckOnly(s) => s.contains(name),
@@ -458,17 +514,21 @@ impl Decoder {
                 };
             }
         }
-        Ok(Decoder {
-            cfg,
-            dir: dir.to_path_buf(),
-            embed,
-            pos_embed,
-            layers,
-            final_norm,
-            lm_head,
-            dtype,
-            device: device.clone(),
-        })
+        let vars = l.trainable.map(|v| v.into_inner()).unwrap_or_default();
+        Ok((
+            Decoder {
+                cfg,
+                dir: dir.to_path_buf(),
+                embed,
+                pos_embed,
+                layers,
+                final_norm,
+                lm_head,
+                dtype,
+                device: device.clone(),
+            },
+            vars,
+        ))
     }
 
     /// Logits [B, T, V] for every position.

@@ -52,6 +52,19 @@ impl Dataset {
         })
     }
 
+    /// Several datasets trained on as one (items keep their order, file after file).
+    pub fn concat(parts: Vec<Dataset>) -> Self {
+        let name = parts
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" + ");
+        Dataset {
+            name,
+            examples: parts.into_iter().flat_map(|d| d.examples).collect(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.examples.len()
     }

@@ -2,4 +2,5 @@
 pub mod batch;
 pub mod evaluation;
 pub mod optim;
+pub mod supervised;
 pub mod trainer;

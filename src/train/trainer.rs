@@ -1,4 +1,4 @@
-//! The run loop: LoRA-only training with any [`Method`], gradient accumulation, clipping,
+//! The run loop: LoRA or full-parameter training with any [`Method`], gradient accumulation, clipping,
 //! AdamW, per-step `metrics.jsonl`, atomic resumable checkpoints, NaN detection.
 //!
 //! Everything random is a pure function of (seed, step): data orders, retain pairing and dropout
@@ -9,7 +9,7 @@ use crate::lora::{attach_lora, load_adapter, lora_vars, save_adapter, LoraConfig
 use crate::methods::{self, Ctx, Logs, Method};
 use crate::model::weights::{write_atomic, write_safetensors, OwnedView, WeightStore};
 use crate::model::{Decoder, ForwardOptions};
-use crate::recipe::Recipe;
+use crate::recipe::{Recipe, TrainSection};
 use crate::rng::Rng;
 use crate::tokenizer::ChatTokenizer;
 use crate::train::batch::{draw, Dataset, ItemBatch, PairedBatch};
@@ -70,6 +70,143 @@ pub fn model_path(spec: &str) -> Result<PathBuf> {
     crate::hub::resolve_model(spec)
 }
 
+/// What the optimizer updates, and how a checkpoint stores it.
+pub(crate) enum Trainable {
+    /// a LoRA adapter on a frozen base; checkpoints are PEFT adapter directories
+    Lora {
+        cfg: LoraConfig,
+        /// `base_model_name_or_path` written into adapter_config.json
+        base: String,
+    },
+    /// every base weight (`unlearn train` without `[lora]`); checkpoints are model directories
+    Full {
+        /// config.json to write next to the weights
+        config_json: Vec<u8>,
+        /// where tokenizer.json and tokenizer_config.json are copied from
+        tokenizer_dir: PathBuf,
+    },
+}
+
+impl Trainable {
+    /// The variables the optimizer updates, by checkpoint name.
+    fn write(&self, dir: &Path, model: &Decoder, params: &[(String, Var)]) -> Result<()> {
+        match self {
+            Trainable::Lora { cfg, base } => save_adapter(model, cfg, dir, Some(base)),
+            Trainable::Full {
+                config_json,
+                tokenizer_dir,
+            } => write_model_dir(dir, config_json, tokenizer_dir, params),
+        }
+    }
+
+    /// Set `vars` from a checkpoint written by [`Trainable::write`].
+    fn restore(&self, ckpt: &Path, model: &Decoder, names: &[String], vars: &[Var]) -> Result<()> {
+        let saved: Vec<(String, Tensor)> = match self {
+            Trainable::Lora { .. } => {
+                let mut restored = model.clone();
+                crate::lora::detach_lora(&mut restored);
+                load_adapter(&mut restored, ckpt)?;
+                lora_vars(&restored)
+                    .into_iter()
+                    .map(|(n, v)| (n, v.as_tensor().clone()))
+                    .collect()
+            }
+            Trainable::Full { .. } => {
+                let file = ckpt.join("model.safetensors");
+                let store = WeightStore::open_files(std::slice::from_ref(&file), file.clone())?;
+                names
+                    .iter()
+                    .map(|n| Ok((n.clone(), store.tensor_raw(n)?)))
+                    .collect::<Result<_>>()?
+            }
+        };
+        if saved.len() != vars.len() {
+            return Err(Error::config(
+                ckpt,
+                format!(
+                    "checkpoint holds {} trainable tensors, the recipe makes {}",
+                    saved.len(),
+                    vars.len()
+                ),
+            ));
+        }
+        for ((name, var), (_, t)) in names.iter().zip(vars).zip(saved) {
+            if var.as_tensor().dims() != t.dims() {
+                return Err(Error::config(
+                    ckpt,
+                    format!("tensor {name} does not match the recipe's model or LoRA config"),
+                ));
+            }
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// A model directory transformers can load: config.json, model.safetensors (f32) and the
+/// tokenizer files, written to a staging name and renamed into place.
+pub(crate) fn write_model_dir(
+    dir: &Path,
+    config_json: &[u8],
+    tokenizer_dir: &Path,
+    params: &[(String, Var)],
+) -> Result<()> {
+    let staging = crate::model::weights::tmp_path(dir);
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    }
+    std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    let mut tensors = Vec::with_capacity(params.len());
+    for (name, var) in params {
+        tensors.push((
+            name.clone(),
+            OwnedView::from_tensor(&var.as_tensor().to_dtype(candle_core::DType::F32)?)?,
+        ));
+    }
+    write_safetensors(&staging.join("model.safetensors"), &tensors)?;
+    write_atomic(&staging.join("config.json"), config_json)?;
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ] {
+        let src = tokenizer_dir.join(name);
+        if src.is_file() {
+            let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+            write_atomic(&staging.join(name), &bytes)?;
+        }
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    std::fs::rename(&staging, dir).map_err(|e| Error::io(dir, e))
+}
+
+/// Everything the step loop needs; `run` (unlearning) and `unlearn train` build one each.
+pub(crate) struct Session<'a> {
+    pub model: Decoder,
+    pub params: Vec<(String, Var)>,
+    pub trainable: Trainable,
+    pub method: Box<dyn Method>,
+    pub tok: &'a ChatTokenizer,
+    /// the forget set (unlearning) or the training set (`unlearn train`)
+    pub primary: Dataset,
+    pub retain: Option<Dataset>,
+    pub evaluator: Option<crate::train::evaluation::RunEvaluator>,
+    pub train: &'a TrainSection,
+    pub out_dir: PathBuf,
+}
+
+pub(crate) struct LoopEnd {
+    pub steps: usize,
+    pub interrupted: bool,
+    pub last_logs: Logs,
+}
+
 pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
     let t = &recipe.train;
     let out_dir = PathBuf::from(&recipe.output.dir);
@@ -88,7 +225,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
     )?;
 
     let forget = Dataset::load(Path::new(&recipe.data.forget), &tok, recipe.data.max_length)?;
-    let mut method = methods::build(&recipe.method.name, &recipe.method.params)?;
+    let method = methods::build(&recipe.method.name, &recipe.method.params)?;
     let retain = match &recipe.data.retain {
         Some(p) => Some(Dataset::load(Path::new(p), &tok, recipe.data.max_length)?),
         None if method.needs_retain() => {
@@ -99,17 +236,94 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         }
         None => None,
     };
-    let pad_id = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);
-    let per_step = t.batch_size * t.grad_accum;
-    let total_steps = t
-        .steps
-        .unwrap_or_else(|| t.epochs * forget.len().div_ceil(per_step));
 
     // Output dir: the resolved recipe first, so a run can always be repeated.
     std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
     write_atomic(&out_dir.join("recipe.toml"), recipe.to_toml()?.as_bytes())?;
 
-    let (var_names, vars): (Vec<String>, Vec<Var>) = lora_vars(&model).into_iter().unzip();
+    let evaluator = match &recipe.eval {
+        Some(section) => Some(crate::train::evaluation::RunEvaluator::new(
+            section,
+            &model_dir,
+            &recipe.model.path,
+            &opts.device,
+            &out_dir,
+            recipe.data.prompt_style(),
+        )?),
+        None => None,
+    };
+    let params = lora_vars(&model);
+    let mut session = Session {
+        model,
+        params,
+        trainable: Trainable::Lora {
+            cfg: lora_cfg.clone(),
+            base: recipe.model.path.clone(),
+        },
+        method,
+        tok: &tok,
+        primary: forget,
+        retain,
+        evaluator,
+        train: t,
+        out_dir: out_dir.clone(),
+    };
+    let end = drive(&mut session, opts)?;
+    if !end.interrupted {
+        save_adapter(
+            &session.model,
+            &lora_cfg,
+            &out_dir.join("adapter"),
+            Some(&recipe.model.path),
+        )?;
+        if let Some(ev) = &session.evaluator {
+            if let Some((best_step, value)) = ev.best {
+                let adapter = if best_step == 0 {
+                    serde_json::Value::Null
+                } else {
+                    serde_json::json!(format!("checkpoints/step-{best_step:06}"))
+                };
+                let best = serde_json::json!({
+                    "step": best_step,
+                    "key": ev.select_key(),
+                    "value": value,
+                    "adapter": adapter,
+                });
+                write_atomic(&out_dir.join("best.json"), best.to_string().as_bytes())?;
+            }
+        }
+        if recipe.output.merge {
+            let merged = out_dir.join("merged");
+            if merged.exists() {
+                std::fs::remove_dir_all(&merged).map_err(|e| Error::io(&merged, e))?;
+            }
+            crate::merge::merge(
+                &model_dir,
+                &out_dir.join("adapter"),
+                &merged,
+                &Default::default(),
+            )?;
+        }
+    }
+    Ok(RunSummary {
+        out_dir,
+        steps: end.steps,
+        interrupted: end.interrupted,
+        last_logs: end.last_logs,
+    })
+}
+
+/// The step loop: resume, evaluate before, then steps with accumulation, clipping, AdamW,
+/// metrics, checkpoints and evaluations until the step budget or an interrupt.
+pub(crate) fn drive(s: &mut Session, opts: &RunOptions) -> Result<LoopEnd> {
+    let t = s.train;
+    let out_dir = s.out_dir.clone();
+    let pad_id = s.tok.pad_token_id().or(s.tok.eos_token_id()).unwrap_or(0);
+    let per_step = t.batch_size * t.grad_accum;
+    let total_steps = t
+        .steps
+        .unwrap_or_else(|| t.epochs * s.primary.len().div_ceil(per_step));
+    let (var_names, vars): (Vec<String>, Vec<Var>) = s.params.iter().cloned().unzip();
     let mut optimizer = AdamW::new(
         AdamWConfig {
             lr: t.lr,
@@ -124,30 +338,19 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
     if let Some(resume) = &opts.resume {
         let ckpt = find_checkpoint(resume)?;
         let state: CheckpointState = crate::error::read_json(&ckpt.join("state.json"))?;
-        if state.method != method.name() || state.seed != t.seed {
+        if state.method != s.method.name() || state.seed != t.seed {
             return Err(Error::config(
                 ckpt.join("state.json"),
                 format!(
                     "checkpoint is of method '{}' seed {}, the recipe says '{}' seed {}",
                     state.method,
                     state.seed,
-                    method.name(),
+                    s.method.name(),
                     t.seed
                 ),
             ));
         }
-        let mut restored = model.clone();
-        crate::lora::detach_lora(&mut restored);
-        load_adapter(&mut restored, &ckpt)?;
-        for ((name, var), (_, saved)) in var_names.iter().zip(&vars).zip(lora_vars(&restored)) {
-            if var.as_tensor().dims() != saved.as_tensor().dims() {
-                return Err(Error::config(
-                    &ckpt,
-                    format!("adapter tensor {name} does not match the recipe's LoRA config"),
-                ));
-            }
-            var.set(saved.as_tensor())?;
-        }
+        s.trainable.restore(&ckpt, &s.model, &var_names, &vars)?;
         let moments = WeightStore::open_files(
             &[ckpt.join("optimizer.safetensors")],
             ckpt.join("optimizer.safetensors"),
@@ -161,25 +364,13 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
                 .to_device(&opts.device)?;
         }
         optimizer.step = state.adam_step;
-        method.load_state(&state.method_state)?;
+        s.method.load_state(&state.method_state)?;
         start_step = state.step;
         tracing::info!("resuming from {} at step {start_step}", ckpt.display());
     }
 
-    method.prepare_text(&tok)?;
-    method.prepare(&model, &forget.examples, pad_id)?;
-
-    let mut evaluator = match &recipe.eval {
-        Some(section) => Some(crate::train::evaluation::RunEvaluator::new(
-            section,
-            &model_dir,
-            &recipe.model.path,
-            &opts.device,
-            &out_dir,
-            recipe.data.prompt_style(),
-        )?),
-        None => None,
-    };
+    s.method.prepare_text(s.tok)?;
+    s.method.prepare(&s.model, &s.primary.examples, pad_id)?;
 
     let metrics_path = out_dir.join("metrics.jsonl");
     truncate_metrics(&metrics_path, start_step)?;
@@ -188,7 +379,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         .append(true)
         .open(&metrics_path)
         .map_err(|e| Error::io(&metrics_path, e))?;
-    if let Some(ev) = &mut evaluator {
+    if let Some(ev) = &mut s.evaluator {
         ev.replay(&metrics_path)?;
         if start_step == 0 && ev.before() {
             let summary = ev.run(0, None)?;
@@ -209,9 +400,9 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         let mut logs_acc: Vec<(String, f64)> = vec![];
         for micro in 0..t.grad_accum {
             let k = (step * t.grad_accum + micro) * t.batch_size;
-            let fidx = draw(forget.len(), t.seed, "forget", k, t.batch_size);
-            let forget_batch = ItemBatch::new(&forget, fidx, pad_id, &opts.device)?;
-            let retain_batch = match &retain {
+            let fidx = draw(s.primary.len(), t.seed, "forget", k, t.batch_size);
+            let forget_batch = ItemBatch::new(&s.primary, fidx, pad_id, &opts.device)?;
+            let retain_batch = match &s.retain {
                 Some(r) => Some(ItemBatch::new(
                     r,
                     draw(r.len(), t.seed, "retain", k, t.batch_size),
@@ -234,13 +425,13 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
                     .fork(&format!("{step}.{micro}")),
             );
             let ctx = Ctx {
-                model: &model,
+                model: &s.model,
                 vars: &vars,
                 opts: &fwd,
                 step,
                 micro,
             };
-            let (grads, logs) = method.gradients(&ctx, &batch)?;
+            let (grads, logs) = s.method.gradients(&ctx, &batch)?;
             let loss = logs
                 .iter()
                 .find(|(k, _)| k == "loss")
@@ -283,13 +474,13 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         optimizer.step(&vars, &grads, lr)?;
         let fwd = ForwardOptions::eval();
         let ctx = Ctx {
-            model: &model,
+            model: &s.model,
             vars: &vars,
             opts: &fwd,
             step,
             micro: 0,
         };
-        let after = method.after_update(&ctx, &batches)?;
+        let after = s.method.after_update(&ctx, &batches)?;
         step += 1;
         logs_acc.extend(after);
         logs_acc.push(("grad_norm".into(), grad_norm));
@@ -307,24 +498,15 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         }
         last_logs = logs_acc;
         interrupted = opts.interrupt.is_some_and(|f| f.load(Ordering::SeqCst));
-        let eval_due = evaluator
+        let eval_due = s
+            .evaluator
             .as_ref()
             .is_some_and(|ev| ev.due(step, total_steps));
         let due = t.checkpoint_every > 0 && step % t.checkpoint_every == 0;
         if due || eval_due || interrupted || step == total_steps {
-            save_checkpoint(
-                &out_dir,
-                step,
-                total_steps,
-                recipe,
-                &model,
-                &lora_cfg,
-                &optimizer,
-                &var_names,
-                method.as_ref(),
-            )?;
+            save_checkpoint(s, step, total_steps, &optimizer, &var_names)?;
         }
-        if let (true, Some(ev)) = (eval_due, evaluator.as_mut()) {
+        if let (true, Some(ev)) = (eval_due, s.evaluator.as_mut()) {
             let ckpt = out_dir.join("checkpoints").join(format!("step-{step:06}"));
             let summary = ev.run(step, Some(&ckpt))?;
             write_eval_line(&mut metrics, &metrics_path, step, summary)?;
@@ -336,44 +518,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    if !interrupted {
-        save_adapter(
-            &model,
-            &lora_cfg,
-            &out_dir.join("adapter"),
-            Some(&recipe.model.path),
-        )?;
-        if let Some(ev) = &evaluator {
-            if let Some((best_step, value)) = ev.best {
-                let adapter = if best_step == 0 {
-                    serde_json::Value::Null
-                } else {
-                    serde_json::json!(format!("checkpoints/step-{best_step:06}"))
-                };
-                let best = serde_json::json!({
-                    "step": best_step,
-                    "key": ev.select_key(),
-                    "value": value,
-                    "adapter": adapter,
-                });
-                write_atomic(&out_dir.join("best.json"), best.to_string().as_bytes())?;
-            }
-        }
-        if recipe.output.merge {
-            let merged = out_dir.join("merged");
-            if merged.exists() {
-                std::fs::remove_dir_all(&merged).map_err(|e| Error::io(&merged, e))?;
-            }
-            crate::merge::merge(
-                &model_dir,
-                &out_dir.join("adapter"),
-                &merged,
-                &Default::default(),
-            )?;
-        }
-    }
-    Ok(RunSummary {
-        out_dir,
+    Ok(LoopEnd {
         steps: step,
         interrupted,
         last_logs,
@@ -469,26 +614,21 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     write_atomic(path, kept.as_bytes())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn save_checkpoint(
-    out_dir: &Path,
+    s: &Session,
     step: usize,
     total_steps: usize,
-    recipe: &Recipe,
-    model: &Decoder,
-    lora_cfg: &LoraConfig,
     optimizer: &AdamW,
     var_names: &[String],
-    method: &dyn Method,
 ) -> Result<()> {
-    let root = out_dir.join("checkpoints");
+    let root = s.out_dir.join("checkpoints");
     std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
     let final_dir = root.join(format!("step-{step:06}"));
     let staging = root.join(format!(".step-{step:06}.tmp"));
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
     }
-    save_adapter(model, lora_cfg, &staging, Some(&recipe.model.path))?;
+    s.trainable.write(&staging, &s.model, &s.params)?;
     let mut moments = Vec::new();
     for (i, name) in var_names.iter().enumerate() {
         moments.push((
@@ -504,9 +644,9 @@ fn save_checkpoint(
     let state = CheckpointState {
         step,
         total_steps,
-        seed: recipe.train.seed,
-        method: method.name().to_string(),
-        method_state: method.state(),
+        seed: s.train.seed,
+        method: s.method.name().to_string(),
+        method_state: s.method.state(),
         adam_step: optimizer.step,
     };
     let text =
