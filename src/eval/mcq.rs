@@ -79,13 +79,17 @@ pub fn prepare(data: SplitData, settings: &SplitSection) -> Result<Prepared> {
     Ok(Prepared { data, rows })
 }
 
-/// lm-eval's context: description + question + lettered choices + "Answer:".
-fn context(description: &str, row: &Row) -> String {
+/// lm-eval's context: description + question + lettered choices + "Answer:"; in cloze form
+/// description + question alone.
+fn context(description: &str, row: &Row, cloze: bool) -> String {
     let desc = match (&row.subject, description.contains("{subject}")) {
         (Some(s), true) => description.replace("{subject}", &s.replace('_', " ")),
         (None, true) => String::new(),
         (_, false) => description.to_string(),
     };
+    if cloze {
+        return format!("{desc}{}", row.question.trim());
+    }
     let mut c = format!("{desc}{}\n", row.question.trim());
     for (k, choice) in row.choices.iter().enumerate() {
         c.push_str(&format!("{}. {choice}\n", &LETTERS[k..k + 1]));
@@ -125,16 +129,15 @@ fn loglikelihoods(
     // (row, one example per choice)
     let mut each: Vec<(usize, EncodedExample)> = vec![];
     for (i, row) in split.rows.iter().enumerate() {
-        let ctx = context(&prompt.description, row);
+        let ctx = context(&prompt.description, row, prompt.cloze);
         let mut pairs = vec![];
-        for k in 0..row.choices.len() {
-            let letter = &LETTERS[k..k + 1];
-            pairs.push(encode_pair(
-                lm,
-                &ctx,
-                &format!(" {letter}"),
-                prompt.add_bos,
-            )?);
+        for (k, choice) in row.choices.iter().enumerate() {
+            let cont = if prompt.cloze {
+                format!(" {}", choice.trim())
+            } else {
+                format!(" {}", &LETTERS[k..k + 1])
+            };
+            pairs.push(encode_pair(lm, &ctx, &cont, prompt.add_bos)?);
         }
         if pairs
             .iter()
@@ -256,7 +259,10 @@ pub fn run(lm: &Lm, suite: &Suite, splits: &[Prepared], bar: &ProgressBar) -> Re
             m.insert("choices".into(), json!(row.choices));
             m.insert("answer".into(), json!(row.answer));
             m.insert("subject".into(), json!(row.subject));
-            m.insert("prompt".into(), json!(context(&prompt.description, row)));
+            m.insert(
+                "prompt".into(),
+                json!(context(&prompt.description, row, prompt.cloze)),
+            );
             m.insert(
                 "scores".into(),
                 json!({"loglikelihoods": ll, "prediction": pred, "correct": ok}),
@@ -304,15 +310,19 @@ mod tests {
             subject: Some("college_biology".into()),
         };
         assert_eq!(
-            context("About {subject}.\n\n", &row),
+            context("About {subject}.\n\n", &row, false),
             "About college biology.\n\nWhat?\nA. x\nB. y\nAnswer:"
+        );
+        assert_eq!(
+            context("About {subject}.\n\n", &row, true),
+            "About college biology.\n\nWhat?"
         );
         let row = Row {
             subject: None,
             ..row
         };
         assert_eq!(
-            context("About {subject}.\n\n", &row),
+            context("About {subject}.\n\n", &row, false),
             "What?\nA. x\nB. y\nAnswer:"
         );
     }
@@ -341,6 +351,57 @@ mod tests {
             for (a, b) in f.iter().zip(s) {
                 assert!((a - b).abs() < 1e-4, "{f:?} vs {s:?}");
             }
+        }
+    }
+
+    #[test]
+    fn cloze_scores_each_choice_text_after_the_question() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama");
+        let lm = Lm::load(&dir, None, &candle_core::Device::Cpu, &Default::default()).unwrap();
+        let mut suite = Suite::resolve("mcq").unwrap();
+        suite.prompt = Some(super::super::suite::PromptSection {
+            cloze: true,
+            ..Default::default()
+        });
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("q.jsonl");
+        std::fs::write(
+            &p,
+            "{\"question\":\"The capital of Ana is\",\"choices\":[\"Lisboa\",\"a long river\"],\"answer\":0}\n",
+        )
+        .unwrap();
+        let data = SplitData::read("wmdp_bio", p.to_str().unwrap(), None).unwrap();
+        let split = prepare(data, &suite.splits["wmdp_bio"]).unwrap();
+        let lls = loglikelihoods(&lm, &suite, &split, &ProgressBar::hidden(), false).unwrap();
+        // reference: log p(choice tokens | question) from one forward of question + " " + choice
+        for (k, choice) in ["Lisboa", "a long river"].iter().enumerate() {
+            let q = lm.tok.encode("The capital of Ana is", false).unwrap();
+            let whole = lm
+                .tok
+                .encode(&format!("The capital of Ana is {choice}"), false)
+                .unwrap();
+            assert_eq!(&whole[..q.len()], &q[..], "the question is a token prefix");
+            let ids = candle_core::Tensor::new(whole.as_slice(), &candle_core::Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = lm
+                .model
+                .forward(&ModelInput::new(&ids, None), &ForwardOptions::eval())
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            let lsm = log_softmax_last_dim(&logits).unwrap();
+            let mut expected = 0f64;
+            for pos in q.len()..whole.len() {
+                let row = lsm.get(pos - 1).unwrap().to_vec1::<f32>().unwrap();
+                expected += f64::from(row[whole[pos] as usize]);
+            }
+            assert!(
+                (lls[0][k] - expected).abs() < 1e-4,
+                "choice {k}: {} vs {expected}",
+                lls[0][k]
+            );
         }
     }
 }

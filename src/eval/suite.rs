@@ -131,6 +131,10 @@ pub struct PromptSection {
     /// tokenize contexts with the tokenizer's special tokens (BOS)
     #[serde(default)]
     pub add_bos: bool,
+    /// mcq: score each choice's own text as the continuation of description + question
+    /// (lm-eval's cloze form, as in ARC/PIQA `acc`) instead of lettered choices and " A", " B", …
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cloze: bool,
     /// muse: in-context examples per knowmem prompt, the first N of the split's `{split}_icl`
     /// examples (default: all of them)
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -326,6 +330,9 @@ impl Suite {
         }
         if self.prompt.is_some() && !matches!(self.kind, SuiteKind::Mcq | SuiteKind::Muse) {
             return bad("[prompt] applies to kind = \"mcq\" and \"muse\" only".into());
+        }
+        if self.prompt.as_ref().is_some_and(|p| p.cloze) && self.kind != SuiteKind::Mcq {
+            return bad("prompt.cloze applies to kind = \"mcq\" only".into());
         }
         if self.prompt.as_ref().is_some_and(|p| p.shots.is_some()) && self.kind != SuiteKind::Muse {
             return bad("prompt.shots applies to kind = \"muse\" only".into());
