@@ -230,7 +230,10 @@ pub fn grads_of(loss: &Tensor, vars: &[Var]) -> Result<Vec<Tensor>> {
     vars.iter()
         .enumerate()
         .map(|(i, v)| {
-            store.get(v.as_tensor()).cloned().ok_or_else(|| {
+            // candle leaves a variable's gradient attached to the forward graph (when the
+            // activations it was multiplied with are tracked, as with full-parameter training);
+            // detached, the optimizer's moments do not chain every step's graph together.
+            store.get(v.as_tensor()).map(Tensor::detach).ok_or_else(|| {
                 Error::InvalidArgument(format!(
                     "trainable tensor #{i} received no gradient: the objective does not depend on it (e.g. RMU with adapters above the chosen layer)"
                 ))

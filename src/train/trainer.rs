@@ -445,6 +445,8 @@ pub(crate) fn drive(s: &mut Session, opts: &RunOptions) -> Result<LoopEnd> {
                 )));
             }
             accumulate(&mut logs_acc, &logs, t.grad_accum);
+            // a method's combined gradients must not keep this step's graph alive
+            let grads: Vec<Tensor> = grads.iter().map(Tensor::detach).collect();
             let scaled: Vec<Tensor> = if t.grad_accum > 1 {
                 grads
                     .iter()
