@@ -18,6 +18,7 @@ pub mod model;
 pub mod recipe;
 pub mod rng;
 pub mod score;
+pub mod synth;
 pub mod tokenizer;
 pub mod train;
 

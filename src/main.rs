@@ -63,6 +63,16 @@ enum Command {
         #[arg(long)]
         resume: Option<PathBuf>,
     },
+    /// Regenerate the bundled fictional benchmark (OUT/tofu, OUT/wmdp) and train its tokenizer
+    /// (OUT/tokenizer). Deterministic: the output equals the committed data/ byte for byte.
+    Synth {
+        /// output directory
+        #[arg(long, default_value = "data")]
+        out: PathBuf,
+        /// BPE vocabulary size of the tokenizer
+        #[arg(long, default_value_t = 2048)]
+        vocab_size: usize,
+    },
     /// List the unlearning methods a recipe can name.
     Methods,
     /// Download a model or dataset file from the Hugging Face hub into the cache (the same
@@ -225,6 +235,21 @@ fn run(cli: Cli) -> Result<()> {
             set,
             resume,
         } => train_recipe(&recipe, &set, resume, device),
+        Command::Synth { out, vocab_size } => {
+            let mut files = unlearn::synth::write_benchmark(&out)?;
+            let corpus: Vec<PathBuf> = files
+                .iter()
+                .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+                .cloned()
+                .collect();
+            let tok_dir = out.join("tokenizer");
+            unlearn::synth::train_tokenizer(&corpus, vocab_size, &tok_dir)?;
+            files.push(tok_dir);
+            for f in &files {
+                println!("{}", f.display());
+            }
+            Ok(())
+        }
         Command::Bench {
             methods,
             hidden,
