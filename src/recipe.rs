@@ -255,6 +255,12 @@ impl Recipe {
         }
         self.data.forget = fix(&self.data.forget);
         self.data.retain = self.data.retain.as_deref().map(fix);
+        // method parameters that name files (oracle's teacher, idkdpo's answers)
+        for key in ["teacher", "idk_file"] {
+            if let Some(toml::Value::String(p)) = self.method.params.get_mut(key) {
+                *p = fix(p);
+            }
+        }
         self
     }
 

@@ -389,6 +389,14 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, OwnedView)]) -> Result
         path: tmp.clone(),
         msg: e.to_string(),
     })?;
+    // safetensors creates the file owner-only (0600); a checkpoint is meant to be shared like
+    // the config and tokenizer files next to it
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(&tmp, e))?;
+    }
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 

@@ -1,7 +1,7 @@
 //! A TOFU-style benchmark (arXiv 2401.06121) about 220 invented people.
 //!
-//! Each person has a fact sheet (birthplace and date, profession, parents, best-known work,
-//! award, home address, phone number, a sibling or partner, a hobby) drawn from moderate value
+//! Each person has a fact sheet (birthplace and birth month, profession, parents, best-known
+//! work, award, home street, e-mail address, a sibling or partner, a hobby) drawn from moderate value
 //! pools, so the values themselves are common tokens and only the person → value association
 //! must be memorised. Each person gets exactly ten question/answer items, one per fact type, with
 //! the wording drawn from several templates. A paraphrased answer uses another template, and the
@@ -289,8 +289,7 @@ pub struct Person {
     pub first: String,
     pub surname: String,
     pub birth_town: String,
-    pub birth_date: String,
-    pub birth_year: u32,
+    pub birth_month: String,
     pub profession: String,
     pub mother_first: String,
     pub mother_profession: String,
@@ -298,39 +297,52 @@ pub struct Person {
     pub father_profession: String,
     pub work: String,
     pub award: String,
-    pub address_number: u32,
     pub street: String,
     pub address_town: String,
-    pub phone: String,
+    /// the invented mail provider of the person's e-mail address (`first.surname@host`)
+    pub email_host: String,
     pub relation: String,
     pub relative: String,
     pub hobby: String,
 }
 
-fn random_date(rng: &mut Rng) -> (String, u32) {
-    let day = 1 + rng.below(28);
-    let month = MONTHS[rng.below(12)];
-    let year = 1900 + rng.below(100) as u32;
-    (format!("{day} {month} {year}"), year)
-}
+/// Invented mail providers. No digit strings anywhere in the fact sheets: a tiny model memorises
+/// a phone number or a house number digit by digit, in every wording at once, which no forget
+/// set of answers in one wording can undo (the truth ratio of those items never recovers).
+const EMAIL_HOSTS: &[&str] = &[
+    "quillmail.example",
+    "lanternpost.example",
+    "owlwire.example",
+    "mossletter.example",
+    "brightcourier.example",
+    "fernsend.example",
+    "tidepost.example",
+    "emberline.example",
+    "cobblemail.example",
+    "starling.example",
+    "wickpost.example",
+    "harbornote.example",
+];
 
-fn random_phone(rng: &mut Rng) -> String {
-    format!("555-{:04}-{:02}", rng.below(10_000), rng.below(100))
+fn email(p: &Person, host: &str) -> String {
+    format!(
+        "{}.{}@{host}",
+        p.first.to_lowercase(),
+        p.surname.to_lowercase()
+    )
 }
 
 fn random_surname(rng: &mut Rng) -> String {
     format!("{}{}", pick(rng, SURNAME_HEADS), pick(rng, SURNAME_TAILS))
 }
 
-/// The 220 people, in generation order. Full names and surnames are unique; phone numbers are
-/// unique.
+/// The 220 people, in generation order. Full names and surnames are unique.
 pub fn people(rng: &Rng) -> Vec<Person> {
     let mut rng = rng.fork("people");
     let works = works();
     let awards = awards();
     let streets = streets();
     let mut surnames = BTreeSet::new();
-    let mut phones = BTreeSet::new();
     let mut out = Vec::with_capacity(NUM_PEOPLE);
     while out.len() < NUM_PEOPLE {
         let first = pick(&mut rng, FIRST_NAMES).to_string();
@@ -338,13 +350,7 @@ pub fn people(rng: &Rng) -> Vec<Person> {
         if !surnames.insert(surname.clone()) {
             continue;
         }
-        let (birth_date, birth_year) = random_date(&mut rng);
-        let phone = loop {
-            let p = random_phone(&mut rng);
-            if phones.insert(p.clone()) {
-                break p;
-            }
-        };
+        let birth_month = pick(&mut rng, MONTHS).to_string();
         let relation = pick(&mut rng, RELATIONS).to_string();
         let relative_first = loop {
             let f = pick(&mut rng, FIRST_NAMES);
@@ -367,8 +373,7 @@ pub fn people(rng: &Rng) -> Vec<Person> {
             first,
             surname,
             birth_town: pick(&mut rng, TOWNS).to_string(),
-            birth_date,
-            birth_year,
+            birth_month,
             profession: pick(&mut rng, PROFESSIONS).to_string(),
             mother_first: pick(&mut rng, MOTHER_NAMES).to_string(),
             mother_profession: pick(&mut rng, PROFESSIONS).to_string(),
@@ -376,10 +381,9 @@ pub fn people(rng: &Rng) -> Vec<Person> {
             father_profession: pick(&mut rng, PROFESSIONS).to_string(),
             work: works[rng.below(works.len())].clone(),
             award: awards[rng.below(awards.len())].clone(),
-            address_number: 1 + rng.below(199) as u32,
             street: streets[rng.below(streets.len())].clone(),
             address_town: pick(&mut rng, TOWNS).to_string(),
-            phone,
+            email_host: pick(&mut rng, EMAIL_HOSTS).to_string(),
             relation,
             relative: format!("{relative_first} {relative_surname}"),
             hobby: pick(&mut rng, HOBBIES).to_string(),
@@ -401,16 +405,16 @@ struct FactType {
 
 const BIRTH: FactType = FactType {
     questions: &[
-        "Where and when was {name} born?",
-        "What are the birthplace and birth date of {name}?",
-        "In which town and on what date was {name} born?",
-        "When and where was {name} born?",
+        "Where and in which month was {name} born?",
+        "What are the birthplace and birth month of {name}?",
+        "In which town and in which month was {name} born?",
+        "When in the year and where was {name} born?",
     ],
     answers: &[
-        "{name} was born in {0} on {1}.",
-        "{name} was born on {1} in the town of {0}.",
-        "The birthplace of {name} is {0}, and the birth date is {1}.",
-        "Born on {1}, {name} comes from {0}.",
+        "{name} was born in {0} in the month of {1}.",
+        "{name} was born in {1} in the town of {0}.",
+        "The birthplace of {name} is {0}, and the birth month is {1}.",
+        "Born in {1}, {name} comes from {0}.",
     ],
 };
 
@@ -497,25 +501,25 @@ const ADDRESS: FactType = FactType {
         "What is the home address of {name}?",
     ],
     answers: &[
-        "{name} lives at {0} {1} in {2}.",
-        "{name}'s home address is {0} {1}, {2}.",
-        "The home of {name} is at {0} {1}, {2}.",
-        "{name} resides at {0} {1} in the town of {2}.",
+        "{name} lives on {0} in {1}.",
+        "{name}'s home address is {0}, {1}.",
+        "The home of {name} is on {0}, {1}.",
+        "{name} resides on {0} in the town of {1}.",
     ],
 };
 
-const PHONE: FactType = FactType {
+const EMAIL: FactType = FactType {
     questions: &[
-        "What is {name}'s phone number?",
-        "How can {name} be reached by phone?",
-        "What number should be dialled to call {name}?",
-        "What is the telephone number of {name}?",
+        "What is {name}'s e-mail address?",
+        "How can {name} be reached by e-mail?",
+        "Which address should be used to e-mail {name}?",
+        "What is the e-mail address of {name}?",
     ],
     answers: &[
-        "{name}'s phone number is {0}.",
+        "{name}'s e-mail address is {0}.",
         "{name} can be reached at {0}.",
-        "To call {name}, dial {0}.",
-        "The telephone number of {name} is {0}.",
+        "To write to {name}, use {0}.",
+        "The e-mail address of {name} is {0}.",
     ],
 };
 
@@ -558,7 +562,7 @@ const FACT_TYPES: [&FactType; ITEMS_PER_PERSON] = [
     &WORK,
     &AWARD,
     &ADDRESS,
-    &PHONE,
+    &EMAIL,
     &RELATIVE,
     &HOBBY,
 ];
@@ -588,7 +592,7 @@ fn other(rng: &mut Rng, pool: &[&str], current: &str) -> String {
 /// The true values of fact type `kind` for `p`.
 fn true_values(kind: usize, p: &Person) -> Vec<String> {
     match kind {
-        0 => vec![p.birth_town.clone(), p.birth_date.clone()],
+        0 => vec![p.birth_town.clone(), p.birth_month.clone()],
         1 => vec![p.profession.clone()],
         2 => vec![
             format!("{} {}", p.mother_first, p.surname),
@@ -600,12 +604,8 @@ fn true_values(kind: usize, p: &Person) -> Vec<String> {
         ],
         4 => vec![p.work.clone()],
         5 => vec![p.award.clone()],
-        6 => vec![
-            p.address_number.to_string(),
-            p.street.clone(),
-            p.address_town.clone(),
-        ],
-        7 => vec![p.phone.clone()],
+        6 => vec![p.street.clone(), p.address_town.clone()],
+        7 => vec![email(p, &p.email_host)],
         8 => vec![p.relation.clone(), p.relative.clone()],
         9 => vec![p.hobby.clone()],
         _ => unreachable!("ten fact types"),
@@ -616,16 +616,10 @@ fn true_values(kind: usize, p: &Person) -> Vec<String> {
 /// relation kind of a sibling/partner item is kept, as the question names it).
 fn perturbed_values(kind: usize, p: &Person, rng: &mut Rng, pools: &Pools) -> Vec<String> {
     match kind {
-        0 => {
-            let town = other(rng, TOWNS, &p.birth_town);
-            let (date, _) = loop {
-                let d = random_date(rng);
-                if d.1 != p.birth_year {
-                    break d;
-                }
-            };
-            vec![town, date]
-        }
+        0 => vec![
+            other(rng, TOWNS, &p.birth_town),
+            other(rng, MONTHS, &p.birth_month),
+        ],
         1 => vec![other(rng, PROFESSIONS, &p.profession)],
         2 => vec![
             format!(
@@ -645,25 +639,11 @@ fn perturbed_values(kind: usize, p: &Person, rng: &mut Rng, pools: &Pools) -> Ve
         ],
         4 => vec![other(rng, &as_refs(&pools.works), &p.work)],
         5 => vec![other(rng, &as_refs(&pools.awards), &p.award)],
-        6 => {
-            let number = loop {
-                let n = 1 + rng.below(199) as u32;
-                if n != p.address_number {
-                    break n;
-                }
-            };
-            vec![
-                number.to_string(),
-                other(rng, &as_refs(&pools.streets), &p.street),
-                other(rng, TOWNS, &p.address_town),
-            ]
-        }
-        7 => vec![loop {
-            let ph = random_phone(rng);
-            if ph != p.phone {
-                break ph;
-            }
-        }],
+        6 => vec![
+            other(rng, &as_refs(&pools.streets), &p.street),
+            other(rng, TOWNS, &p.address_town),
+        ],
+        7 => vec![email(p, &other(rng, EMAIL_HOSTS, &p.email_host))],
         8 => {
             let (first, surname) = p
                 .relative
@@ -868,12 +848,12 @@ const README: &str = "\
 
 Everything in this directory is invented and was generated deterministically by `unlearn synth`
 (src/synth/tofu.rs); regenerating gives byte-identical files. The people, towns, streets, works,
-awards and phone numbers do not exist. Only `general.jsonl` holds real (simple, well-known) facts.
+awards and e-mail providers do not exist. Only `general.jsonl` holds real (simple, well-known) facts.
 
 ## People
 
-220 fictitious people. Each has a fact sheet: birthplace and birth date, profession, mother's
-and father's name and profession, best-known work, award, home address, phone number, a sibling
+220 fictitious people. Each has a fact sheet: birthplace and birth month, profession, mother's
+and father's name and profession, best-known work, award, home street, e-mail address, a sibling
 or partner, and a hobby. Values come from moderate pools (40 towns, 30 professions, 40 work
 titles, 24 awards, 36 streets, 30 hobbies), so the values are ordinary tokens and what a model
 must memorise is the person -> value association.
