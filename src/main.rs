@@ -178,6 +178,20 @@ enum Command {
         /// output directory of `unlearn run` (holds metrics.jsonl)
         run_dir: PathBuf,
     },
+    /// Compare runs: one markdown row per run directory with its method, steps and each summary
+    /// key before → after (the first and last evaluation in the run's
+    /// metrics.jsonl). E.g. `unlearn compare runs/tofu-*`.
+    Compare {
+        /// output directories of `unlearn run`
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// summary keys to show (default: the keys of the quickstart's table, those present)
+        #[arg(long, value_delimiter = ',')]
+        keys: Vec<String>,
+        /// print JSON lines instead of a markdown table
+        #[arg(long)]
+        json: bool,
+    },
     /// Merge a PEFT LoRA adapter into its base model and write a checkpoint transformers loads.
     Merge {
         #[arg(long)]
@@ -353,6 +367,7 @@ fn run(cli: Cli) -> Result<()> {
         ),
         Command::Eval(args) => eval_command(args, device),
         Command::Plot { run_dir } => plot(&run_dir),
+        Command::Compare { runs, keys, json } => compare(&runs, &keys, json),
         Command::Merge {
             model,
             adapter,
@@ -634,6 +649,89 @@ fn score(
         total / tokens.max(1) as f64,
         out.display()
     );
+    Ok(())
+}
+
+/// The first and last `{"step", "eval"}` lines of a run's metrics.jsonl.
+fn first_last_eval(run: &Path) -> Result<(serde_json::Value, serde_json::Value)> {
+    let path = run.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let evals: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("eval").is_some())
+        .collect();
+    match (evals.first(), evals.last()) {
+        (Some(a), Some(b)) if evals.len() >= 2 => Ok((a.clone(), b.clone())),
+        _ => anyhow::bail!(
+            "{}: needs at least two evaluations (a recipe with [eval] and before = true)",
+            path.display()
+        ),
+    }
+}
+
+fn compare(runs: &[PathBuf], keys: &[String], as_json: bool) -> Result<()> {
+    const DEFAULT_KEYS: &[&str] = &[
+        "forget_quality",
+        "model_utility",
+        "forget_Q_A_Prob",
+        "forget_Q_A_ROUGE",
+        "forget_truth_ratio",
+        "privleak",
+        "forget_acc",
+        "retain_acc",
+    ];
+    let mut rows = vec![];
+    for run in runs {
+        let (first, last) = first_last_eval(run)?;
+        let recipe = unlearn::recipe::Recipe::load(&run.join("recipe.toml"), &[])
+            .map(|r| r.method.name)
+            .unwrap_or_else(|_| "?".into());
+        rows.push((run.clone(), recipe, first, last));
+    }
+    let keys: Vec<String> = if keys.is_empty() {
+        DEFAULT_KEYS
+            .iter()
+            .filter(|k| rows.iter().any(|r| r.3["eval"].get(**k).is_some()))
+            .map(|k| k.to_string())
+            .collect()
+    } else {
+        keys.to_vec()
+    };
+    let num = |v: &serde_json::Value| match v.as_f64() {
+        None => "–".to_string(),
+        // forget quality is a p-value: keep its order of magnitude visible
+        Some(x) if x != 0.0 && x.abs() < 1e-3 => format!("{x:.1e}"),
+        Some(x) => format!("{x:.4}"),
+    };
+    if as_json {
+        for (run, method, first, last) in &rows {
+            let mut obj = serde_json::Map::new();
+            obj.insert("run".into(), serde_json::json!(run.display().to_string()));
+            obj.insert("method".into(), serde_json::json!(method));
+            obj.insert("steps".into(), last["step"].clone());
+            for k in &keys {
+                obj.insert(format!("{k}_before"), first["eval"][k].clone());
+                obj.insert(format!("{k}_after"), last["eval"][k].clone());
+            }
+            println!("{}", serde_json::Value::Object(obj));
+        }
+        return Ok(());
+    }
+    println!("| run | method | steps | {} |", keys.join(" | "));
+    println!("|{}", " --- |".repeat(keys.len() + 3));
+    for (run, method, first, last) in &rows {
+        let cells: Vec<String> = keys
+            .iter()
+            .map(|k| format!("{} → {}", num(&first["eval"][k]), num(&last["eval"][k])))
+            .collect();
+        println!(
+            "| {} | {method} | {} | {} |",
+            run.display(),
+            last["step"],
+            cells.join(" | ")
+        );
+    }
     Ok(())
 }
 
