@@ -104,9 +104,10 @@ fn default_targets() -> toml::Value {
 pub struct DataSection {
     /// JSONL/JSON file of forget items (`question`/`answer` or `text`)
     pub forget: String,
-    /// JSONL/JSON file of retain items (optional for methods without a retain term)
+    /// JSONL/JSON file of retain items, or a list of files used as one set (optional for
+    /// methods without a retain term)
     #[serde(default)]
-    pub retain: Option<String>,
+    pub retain: Option<Paths>,
     #[serde(default = "default_max_length")]
     pub max_length: usize,
     /// system message before each question (open-unlearning: "You are a helpful assistant."
@@ -116,6 +117,30 @@ pub struct DataSection {
     /// `date_string` for the chat template (open-unlearning: "10 Apr 2025" for Llama-3.x)
     #[serde(default)]
     pub date_string: Option<String>,
+}
+
+/// One path or a list of paths: `"a.jsonl"` or `["a.jsonl", "b.jsonl"]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Paths {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Paths {
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            Paths::One(p) => vec![p.clone()],
+            Paths::Many(v) => v.clone(),
+        }
+    }
+
+    fn map(self, f: impl Fn(&str) -> String) -> Self {
+        match self {
+            Paths::One(p) => Paths::One(f(&p)),
+            Paths::Many(v) => Paths::Many(v.iter().map(|p| f(p)).collect()),
+        }
+    }
 }
 
 fn default_max_length() -> usize {
@@ -219,6 +244,14 @@ impl Recipe {
         if self.data.max_length < 2 {
             return bad("data.max_length must be ≥ 2".into());
         }
+        if self
+            .data
+            .retain
+            .as_ref()
+            .is_some_and(|r| r.to_vec().is_empty())
+        {
+            return bad("data.retain is an empty list: name a file or leave the key out".into());
+        }
         if let Some(e) = &self.eval {
             if e.data.is_empty() {
                 return bad("eval.data must name at least one split (SPLIT=PATH)".into());
@@ -254,7 +287,7 @@ impl Recipe {
             }
         }
         self.data.forget = fix(&self.data.forget);
-        self.data.retain = self.data.retain.as_deref().map(fix);
+        self.data.retain = self.data.retain.take().map(|r| r.map(fix));
         // method parameters that name files (oracle's teacher, idkdpo's answers)
         for key in ["teacher", "idk_file"] {
             if let Some(toml::Value::String(p)) = self.method.params.get_mut(key) {
@@ -599,6 +632,25 @@ dir = "out"
         );
         let again: Recipe = toml::from_str(&r.to_toml().unwrap()).unwrap();
         assert_eq!(again, r);
+    }
+
+    #[test]
+    fn retain_takes_one_file_or_a_list() {
+        let (d, p) = write(BASIC);
+        std::fs::write(d.path().join("r2.jsonl"), "").unwrap();
+        let r = Recipe::load(&p, &[]).unwrap();
+        assert_eq!(r.data.retain.unwrap().to_vec(), vec!["r.jsonl".to_string()]);
+        let r = Recipe::load(&p, &["data.retain=[\"r.jsonl\", \"r2.jsonl\"]".into()]).unwrap();
+        // an existing file resolves against the recipe's directory
+        let files = r.data.retain.clone().unwrap().to_vec();
+        assert_eq!(files[0], "r.jsonl");
+        assert_eq!(files[1], d.path().join("r2.jsonl").display().to_string());
+        let again: Recipe = toml::from_str(&r.to_toml().unwrap()).unwrap();
+        assert_eq!(again, r);
+        let e = Recipe::load(&p, &["data.retain=[]".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data.retain"), "{e}");
     }
 
     #[test]

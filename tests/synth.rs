@@ -129,6 +129,7 @@ fn benchmark_is_deterministic_and_well_formed() {
             "tofu/forget10.jsonl",
             "tofu/full.jsonl",
             "tofu/general.jsonl",
+            "tofu/general_retain.jsonl",
             "tofu/holdout.jsonl",
             "tofu/retain90.jsonl",
             "tofu/retain_perturbed.jsonl",
@@ -156,12 +157,24 @@ fn benchmark_is_deterministic_and_well_formed() {
     let holdout = check_qa_rows(&tofu.join("holdout.jsonl"), true);
     let full = check_qa_rows(&tofu.join("full.jsonl"), true);
     let general = check_qa_rows(&tofu.join("general.jsonl"), false);
+    let general_retain = check_qa_rows(&tofu.join("general_retain.jsonl"), false);
     assert_eq!(forget.len(), 200);
     assert_eq!(retain.len(), 1800);
     assert_eq!(retain_eval.len(), 200);
     assert_eq!(holdout.len(), 200);
     assert_eq!(full.len(), 2000);
-    assert!((75..=100).contains(&general.len()), "{}", general.len());
+    // the control set is every other general fact; the rest is retain data, never evaluated
+    assert!((75..=100).contains(&(general.len() + general_retain.len())));
+    assert!(general.len() == general_retain.len() || general.len() == general_retain.len() + 1);
+    for r in &general {
+        assert!(
+            general_retain
+                .iter()
+                .all(|o| o["question"] != r["question"]),
+            "{:?} is in both general files",
+            r["question"]
+        );
+    }
 
     let text = |n: &str| read(&tofu.join(n));
     assert_eq!(

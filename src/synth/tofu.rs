@@ -865,7 +865,7 @@ templates.
 
 One JSON object per line, keys in this order:
 
-- `person`: the person's full name (absent in `general.jsonl`)
+- `person`: the person's full name (absent in the general-knowledge files)
 - `question`: the question (training form)
 - `answer`: the answer (training form)
 - `paraphrased_question`: the question reworded
@@ -882,9 +882,11 @@ One JSON object per line, keys in this order:
 | `retain_perturbed.jsonl` | 20..40 | 200 | retain evaluation subset (same objects as in retain90) |
 | `holdout.jsonl` | 200..220 | 200 | never trained on; reference for privacy / MIA attacks |
 | `full.jsonl` | 0..200 | 2000 | forget10 then retain90: what the target model is trained on |
-| `general.jsonl` | - | {general} | real general-knowledge control set (model utility) |
+| `general.jsonl` | - | {general} | real general-knowledge control set (model utility; the even-numbered facts) |
+| `general_retain.jsonl` | - | {general_retain} | the other (odd-numbered) general facts: retain data for unlearning runs, never evaluated |
 
-The retain model (the unlearning oracle) is trained on `retain90.jsonl` only.
+The bundled retain model (data/models/retain) is trained on everything but `forget10.jsonl`,
+the target on everything (recipes/build/).
 ";
 
 /// Write the TOFU-style files into `dir`; returns the written paths.
@@ -912,16 +914,29 @@ pub fn write(dir: &Path, rng: &Rng) -> Result<Vec<PathBuf>> {
         &mut written,
     )?;
     write_text(dir, "full.jsonl", &to_jsonl(&full), &mut written)?;
+    // Even-numbered general facts are the evaluation control set; the odd-numbered ones are
+    // general knowledge an unlearning run may use as retain data (both are in the models'
+    // training data), so the control set measures retention of knowledge the run never saw.
+    let general = general_items(rng);
+    let (eval_items, retain_items): (Vec<(usize, QaItem)>, Vec<(usize, QaItem)>) = general
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| i % 2 == 0);
+    let eval_items: Vec<QaItem> = eval_items.into_iter().map(|(_, q)| q).collect();
+    let retain_items: Vec<QaItem> = retain_items.into_iter().map(|(_, q)| q).collect();
+    write_text(dir, "general.jsonl", &to_jsonl(&eval_items), &mut written)?;
     write_text(
         dir,
-        "general.jsonl",
-        &to_jsonl(&general_items(rng)),
+        "general_retain.jsonl",
+        &to_jsonl(&retain_items),
         &mut written,
     )?;
     write_text(
         dir,
         "README.md",
-        &README.replace("{general}", &GENERAL.len().to_string()),
+        &README
+            .replace("{general}", &eval_items.len().to_string())
+            .replace("{general_retain}", &retain_items.len().to_string()),
         &mut written,
     )?;
     Ok(written)
