@@ -655,7 +655,8 @@ fn score(
 /// The first and last `{"step", "eval"}` lines of a run's metrics.jsonl.
 fn first_last_eval(run: &Path) -> Result<(serde_json::Value, serde_json::Value)> {
     let path = run.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let evals: Vec<serde_json::Value> = text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
