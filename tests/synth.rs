@@ -146,7 +146,7 @@ fn benchmark_is_deterministic_and_well_formed() {
     assert_eq!(relative_files(a.path(), &pa2), fa);
     for sub in ["tofu", "wmdp"] {
         let n = std::fs::read_dir(a.path().join(sub)).unwrap().count();
-        let written = fa.iter().filter(|f| f.starts_with(sub)).count();
+        let written = fa.iter().filter(|f| f.0.starts_with(sub)).count();
         assert_eq!(n, written, "{sub}: {n} entries, {written} written");
     }
 
