@@ -917,13 +917,15 @@ pub fn write(dir: &Path, rng: &Rng) -> Result<Vec<PathBuf>> {
     // Even-numbered general facts are the evaluation control set; the odd-numbered ones are
     // general knowledge an unlearning run may use as retain data (both are in the models'
     // training data), so the control set measures retention of knowledge the run never saw.
-    let general = general_items(rng);
-    let (eval_items, retain_items): (Vec<(usize, QaItem)>, Vec<(usize, QaItem)>) = general
-        .into_iter()
-        .enumerate()
-        .partition(|(i, _)| i % 2 == 0);
-    let eval_items: Vec<QaItem> = eval_items.into_iter().map(|(_, q)| q).collect();
-    let retain_items: Vec<QaItem> = retain_items.into_iter().map(|(_, q)| q).collect();
+    let mut eval_items = Vec::new();
+    let mut retain_items = Vec::new();
+    for (i, item) in general_items(rng).into_iter().enumerate() {
+        if i % 2 == 0 {
+            eval_items.push(item);
+        } else {
+            retain_items.push(item);
+        }
+    }
     write_text(dir, "general.jsonl", &to_jsonl(&eval_items), &mut written)?;
     write_text(
         dir,
