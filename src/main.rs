@@ -438,16 +438,11 @@ fn run_recipe(
     device: Device,
 ) -> Result<()> {
     let recipe = unlearn::recipe::Recipe::load(path, overrides)?;
-    let opts = unlearn::train::trainer::RunOptions {
-        resume,
-        interrupt: Some(interrupt_flag()?),
-        device,
-        progress: true,
-    };
-    let started = std::time::Instant::now();
-    let summary = unlearn::train::trainer::run(&recipe, &opts)?;
-    report_end("run", &summary, started, &summary.out_dir.join("adapter"));
-    Ok(())
+    drive_recipe("run", resume, device, |opts| {
+        let summary = unlearn::train::trainer::run(&recipe, opts)?;
+        let adapter = summary.out_dir.join("adapter");
+        Ok((summary, adapter))
+    })
 }
 
 fn train_recipe(
@@ -457,6 +452,24 @@ fn train_recipe(
     device: Device,
 ) -> Result<()> {
     let recipe = unlearn::recipe::TrainRecipe::load(path, overrides)?;
+    drive_recipe("train", resume, device, |opts| {
+        Ok((
+            unlearn::train::supervised::train(&recipe, opts)?,
+            recipe.model_out(),
+        ))
+    })
+}
+
+/// Run `unlearn run` / `unlearn train` with Ctrl-C handling and a progress bar, then say what
+/// was written (or how to resume).
+fn drive_recipe(
+    command: &str,
+    resume: Option<PathBuf>,
+    device: Device,
+    job: impl FnOnce(
+        &unlearn::train::trainer::RunOptions,
+    ) -> unlearn::error::Result<(unlearn::train::trainer::RunSummary, PathBuf)>,
+) -> Result<()> {
     let opts = unlearn::train::trainer::RunOptions {
         resume,
         interrupt: Some(interrupt_flag()?),
@@ -464,8 +477,8 @@ fn train_recipe(
         progress: true,
     };
     let started = std::time::Instant::now();
-    let summary = unlearn::train::supervised::train(&recipe, &opts)?;
-    report_end("train", &summary, started, &recipe.model_out());
+    let (summary, product) = job(&opts)?;
+    report_end(command, &summary, started, &product);
     Ok(())
 }
 

@@ -20,6 +20,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// English month names (strftime `%B`; the bundled benchmark's birth months).
+pub(crate) const MONTH_NAMES: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+
 /// Name of the tokenizer file in a model directory.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// Name of the tokenizer configuration in a model directory.
@@ -1347,20 +1363,6 @@ fn strftime(format: &str, unix_secs: i64) -> String {
         "Friday",
         "Saturday",
     ];
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
     const CUM_DAYS: [u32; 12] = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
     let days = unix_secs.div_euclid(86_400);
     let secs = unix_secs.rem_euclid(86_400);
@@ -1369,7 +1371,7 @@ fn strftime(format: &str, unix_secs: i64) -> String {
     let weekday = (days + 4).rem_euclid(7) as usize;
     let yday = CUM_DAYS[(month - 1) as usize] + day + u32::from(month > 2 && is_leap(year));
     let hour12 = if hour % 12 == 0 { 12 } else { hour % 12 };
-    let month_name = MONTHS[(month - 1) as usize];
+    let month_name = MONTH_NAMES[(month - 1) as usize];
     let day_name = DAYS[weekday];
 
     let mut out = String::with_capacity(format.len() + 16);

@@ -229,20 +229,7 @@ const HOBBIES: &[&str] = &[
 
 const RELATIONS: &[&str] = &["sister", "brother", "partner"];
 
-const MONTHS: &[&str] = &[
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-];
+const MONTHS: &[&str] = &crate::tokenizer::MONTH_NAMES;
 
 fn works() -> Vec<String> {
     let mut v = Vec::new();
