@@ -88,7 +88,8 @@ pub(crate) enum Trainable {
 }
 
 impl Trainable {
-    /// The variables the optimizer updates, by checkpoint name.
+    /// Write the trained tensors into a checkpoint directory: a PEFT adapter, or a whole model
+    /// directory for full-parameter training.
     fn write(&self, dir: &Path, model: &Decoder, params: &[(String, Var)]) -> Result<()> {
         match self {
             Trainable::Lora { cfg, base } => save_adapter(model, cfg, dir, Some(base)),
