@@ -520,19 +520,14 @@ fn run_text(
 /// Read the retain (retrain) model's Min-K% AUC from an earlier EVAL.json of a muse suite, or
 /// from an open-unlearning MUSE_EVAL.json (`mia_min_k.agg_value`).
 pub fn read_retain_log(path: &Path) -> Result<RefValues> {
-    let v: Value = crate::error::read_json(path)?;
+    let log = super::tofu::RetainLog::open(
+        path,
+        "muse",
+        "--retain-log of a muse suite needs the EVAL.json of a muse suite run on the retain (retrain) model",
+    )?;
+    let (obj, source) = (&log.obj, log.source.clone());
     let bad = |m: String| Error::data(path, m);
-    let obj = v
-        .as_object()
-        .ok_or_else(|| bad("not an evaluation log (expected a JSON object)".into()))?;
-    let source = format!("log {}", path.display());
-    if let Some(kind) = obj.get("suite_kind") {
-        let name = obj.get("suite").and_then(Value::as_str).unwrap_or("?");
-        if kind.as_str() != Some("muse") {
-            return Err(bad(format!(
-                "a log of the '{name}' suite (kind {kind}); --retain-log of a muse suite needs the EVAL.json of a muse suite run on the retain (retrain) model"
-            )));
-        }
+    if let Some(name) = &log.suite {
         let auc = obj
             .get("summary")
             .and_then(|s| s.get("mia_min_k"))
@@ -542,7 +537,7 @@ pub fn read_retain_log(path: &Path) -> Result<RefValues> {
             })?;
         return Ok(RefValues {
             source,
-            suite: Some(name.to_string()),
+            suite: Some(name.clone()),
             forget_truth_ratio: None,
             mia_min_k: Some(auc),
         });

@@ -453,22 +453,58 @@ impl RefValues {
     }
 }
 
+/// A `--retain-log` file: a JSON object that is either one of our EVAL.json files (it has
+/// `suite_kind`, checked to be `kind`; `suite` holds its suite name) or a foreign log
+/// (open-unlearning's *_EVAL.json; `suite` is None).
+pub(crate) struct RetainLog {
+    pub obj: serde_json::Map<String, Value>,
+    pub suite: Option<String>,
+    /// "log PATH", for the report
+    pub source: String,
+}
+
+impl RetainLog {
+    /// `needs` ends the error for a log of another suite kind.
+    pub(crate) fn open(path: &Path, kind: &str, needs: &str) -> Result<Self> {
+        let v: Value = crate::error::read_json(path)?;
+        let Value::Object(obj) = v else {
+            return Err(Error::data(
+                path,
+                "not an evaluation log (expected a JSON object)",
+            ));
+        };
+        let suite = match obj.get("suite_kind") {
+            None => None,
+            Some(found) => {
+                let name = obj.get("suite").and_then(Value::as_str).unwrap_or("?");
+                if found.as_str() != Some(kind) {
+                    return Err(Error::data(
+                        path,
+                        format!("a log of the '{name}' suite (kind {found}); {needs}"),
+                    ));
+                }
+                Some(name.to_string())
+            }
+        };
+        Ok(RetainLog {
+            obj,
+            suite,
+            source: format!("log {}", path.display()),
+        })
+    }
+}
+
 /// Read the reference values from an earlier EVAL.json of a tofu suite, or from an
 /// open-unlearning TOFU_EVAL.json (`forget_truth_ratio.value_by_index`, `mia_min_k.agg_value`).
 pub fn read_retain_log(path: &Path) -> Result<RefValues> {
-    let v: Value = crate::error::read_json(path)?;
+    let log = RetainLog::open(
+        path,
+        "tofu",
+        "--retain-log needs the EVAL.json of a tofu suite run on the retain model",
+    )?;
+    let (obj, source) = (&log.obj, log.source.clone());
     let bad = |m: String| Error::data(path, m);
-    let obj = v
-        .as_object()
-        .ok_or_else(|| bad("not an evaluation log (expected a JSON object)".into()))?;
-    let source = format!("log {}", path.display());
-    if let Some(kind) = obj.get("suite_kind") {
-        let name = obj.get("suite").and_then(Value::as_str).unwrap_or("?");
-        if kind.as_str() != Some("tofu") {
-            return Err(bad(format!(
-                "a log of the '{name}' suite (kind {kind}); --retain-log needs the EVAL.json of a tofu suite run on the retain model"
-            )));
-        }
+    if let Some(name) = &log.suite {
         let ratios = obj
             .get("splits")
             .and_then(|s| s.get(FORGET))
@@ -495,7 +531,7 @@ pub fn read_retain_log(path: &Path) -> Result<RefValues> {
             .and_then(Value::as_f64);
         return Ok(RefValues {
             source,
-            suite: Some(name.to_string()),
+            suite: Some(name.clone()),
             forget_truth_ratio: ratios,
             mia_min_k,
         });
