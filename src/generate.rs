@@ -112,16 +112,7 @@ pub fn greedy(
     let mut done = vec![false; b];
     let mut last_pos: Vec<u32> = pos.iter().map(|p| p.last().copied().unwrap_or(0)).collect();
     for _ in 0..cfg.max_new_tokens {
-        for r in 0..b {
-            if !done[r] {
-                if cfg.eos_token_ids.contains(&next[r]) {
-                    done[r] = true;
-                } else {
-                    out[r].push(next[r]);
-                }
-            }
-        }
-        if all_full(&out, &done, cfg) {
+        if accept(&next, &mut out, &mut done, cfg) {
             break;
         }
         // finished rows keep feeding the pad token (their output is no longer read)
@@ -151,9 +142,20 @@ pub fn greedy(
     Ok(out)
 }
 
-fn all_full(out: &[Vec<u32>], done: &[bool], cfg: &GenerationConfig) -> bool {
+/// Append each unfinished row's next token (an EOS finishes the row instead); true when every
+/// row is finished or full.
+fn accept(next: &[u32], out: &mut [Vec<u32>], done: &mut [bool], cfg: &GenerationConfig) -> bool {
+    for ((&token, row), finished) in next.iter().zip(out.iter_mut()).zip(done.iter_mut()) {
+        if !*finished {
+            if cfg.eos_token_ids.contains(&token) {
+                *finished = true;
+            } else {
+                row.push(token);
+            }
+        }
+    }
     out.iter()
-        .zip(done)
+        .zip(done.iter())
         .all(|(o, &d)| d || o.len() >= cfg.max_new_tokens)
 }
 
@@ -185,16 +187,7 @@ pub fn greedy_uncached(
             &ForwardOptions::eval(),
         )?;
         let next = argmax_last(&logits)?;
-        for r in 0..b {
-            if !done[r] {
-                if cfg.eos_token_ids.contains(&next[r]) {
-                    done[r] = true;
-                } else {
-                    out[r].push(next[r]);
-                }
-            }
-        }
-        if all_full(&out, &done, cfg) {
+        if accept(&next, &mut out, &mut done, cfg) {
             break;
         }
         for r in 0..b {

@@ -260,6 +260,14 @@ pub fn evaluate(req: &EvalRequest) -> Result<EvalOutput> {
         }
         _ => None,
     };
+    // what forget quality / privleak compare with (used by the tofu and muse suites)
+    let reference = match (&req.reference, &ref_lm, ref_values) {
+        (_, _, Some(v)) => tofu::RefInput::Values(v),
+        (Some(Reference::Model { label, .. }), Some(l), None) => {
+            tofu::RefInput::Model(l, format!("model {label}"))
+        }
+        _ => tofu::RefInput::None,
+    };
     let output = match &prepared {
         Prepared::Tofu(splits) => {
             let mut work: u64 = splits.iter().map(|s| s.work()).sum();
@@ -267,13 +275,6 @@ pub fn evaluate(req: &EvalRequest) -> Result<EvalOutput> {
                 work += tofu::reference_work(splits);
             }
             let bar = progress_bar(req.progress, work);
-            let reference = match (&req.reference, &ref_lm, ref_values) {
-                (_, _, Some(v)) => tofu::RefInput::Values(v),
-                (Some(Reference::Model { label, .. }), Some(l), None) => {
-                    tofu::RefInput::Model(l, format!("model {label}"))
-                }
-                _ => tofu::RefInput::None,
-            };
             let out = tofu::run(&lm, &suite, splits, reference, &bar)?;
             bar.finish_and_clear();
             out
@@ -296,13 +297,6 @@ pub fn evaluate(req: &EvalRequest) -> Result<EvalOutput> {
                 work += muse::reference_work(splits);
             }
             let bar = progress_bar(req.progress, work);
-            let reference = match (&req.reference, &ref_lm, ref_values) {
-                (_, _, Some(v)) => tofu::RefInput::Values(v),
-                (Some(Reference::Model { label, .. }), Some(l), None) => {
-                    tofu::RefInput::Model(l, format!("model {label}"))
-                }
-                _ => tofu::RefInput::None,
-            };
             let out = muse::run(&lm, &suite, splits, reference, &bar)?;
             bar.finish_and_clear();
             out
