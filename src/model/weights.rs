@@ -407,6 +407,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
+/// Remove a directory (and everything in it) if it exists, e.g. a stale staging directory.
+pub fn remove_dir_if_exists(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    Ok(())
+}
+
+/// Move a fully written staging directory to `dest`, replacing an older `dest`: readers see
+/// the old or the new directory, never a half-written one.
+pub fn replace_dir(staging: &Path, dest: &Path) -> Result<()> {
+    remove_dir_if_exists(dest)?;
+    if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    std::fs::rename(staging, dest).map_err(|e| Error::io(dest, e))
+}
+
 pub fn tmp_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()

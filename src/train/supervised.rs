@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::lora::{attach_lora, lora_vars, save_adapter};
 use crate::methods::{logits, mean_nll, Ctx, LossOutput, Method};
 use crate::model::config::ArchConfig;
-use crate::model::weights::write_atomic;
+use crate::model::weights::{remove_dir_if_exists, replace_dir, tmp_path, write_atomic};
 use crate::model::Decoder;
 use crate::recipe::TrainRecipe;
 use crate::rng::Rng;
@@ -160,15 +160,11 @@ pub fn train(recipe: &TrainRecipe, opts: &RunOptions) -> Result<RunSummary> {
                 let adapter = out_dir.join("adapter");
                 save_adapter(&session.model, cfg, &adapter, Some(base))?;
                 let base_dir = start_dir.as_deref().unwrap_or(Path::new("."));
-                let staging = crate::model::weights::tmp_path(&model_out);
-                if staging.exists() {
-                    std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-                }
+                // merge into a staging name first: the previous model stays until this one is whole
+                let staging = tmp_path(&model_out);
+                remove_dir_if_exists(&staging)?;
                 crate::merge::merge(base_dir, &adapter, &staging, &Default::default())?;
-                if model_out.exists() {
-                    std::fs::remove_dir_all(&model_out).map_err(|e| Error::io(&model_out, e))?;
-                }
-                std::fs::rename(&staging, &model_out).map_err(|e| Error::io(&model_out, e))?;
+                replace_dir(&staging, &model_out)?;
             }
         }
         tracing::info!("wrote the trained model to {}", model_out.display());

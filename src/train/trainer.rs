@@ -7,7 +7,10 @@
 use crate::error::{Error, Result};
 use crate::lora::{attach_lora, load_adapter, lora_vars, save_adapter, LoraConfig};
 use crate::methods::{self, Ctx, Logs, Method};
-use crate::model::weights::{write_atomic, write_safetensors, OwnedView, WeightStore};
+use crate::model::weights::{
+    remove_dir_if_exists, replace_dir, tmp_path, write_atomic, write_safetensors, OwnedView,
+    WeightStore,
+};
 use crate::model::{Decoder, ForwardOptions};
 use crate::recipe::{Recipe, TrainSection};
 use crate::rng::Rng;
@@ -96,7 +99,7 @@ impl Trainable {
             Trainable::Full {
                 config_json,
                 tokenizer_dir,
-            } => write_model_dir(dir, config_json, tokenizer_dir, params),
+            } => write_model_files(dir, config_json, tokenizer_dir, params),
         }
     }
 
@@ -152,11 +155,20 @@ pub(crate) fn write_model_dir(
     tokenizer_dir: &Path,
     params: &[(String, Var)],
 ) -> Result<()> {
-    let staging = crate::model::weights::tmp_path(dir);
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-    }
-    std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    let staging = tmp_path(dir);
+    remove_dir_if_exists(&staging)?;
+    write_model_files(&staging, config_json, tokenizer_dir, params)?;
+    replace_dir(&staging, dir)
+}
+
+/// The files of a model directory, written into `dir` (created if needed).
+fn write_model_files(
+    dir: &Path,
+    config_json: &[u8],
+    tokenizer_dir: &Path,
+    params: &[(String, Var)],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tensors = Vec::with_capacity(params.len());
     for (name, var) in params {
         tensors.push((
@@ -164,8 +176,8 @@ pub(crate) fn write_model_dir(
             OwnedView::from_tensor(&var.as_tensor().to_dtype(candle_core::DType::F32)?)?,
         ));
     }
-    write_safetensors(&staging.join("model.safetensors"), &tensors)?;
-    write_atomic(&staging.join("config.json"), config_json)?;
+    write_safetensors(&dir.join("model.safetensors"), &tensors)?;
+    write_atomic(&dir.join("config.json"), config_json)?;
     for name in [
         "tokenizer.json",
         "tokenizer_config.json",
@@ -175,16 +187,10 @@ pub(crate) fn write_model_dir(
         let src = tokenizer_dir.join(name);
         if src.is_file() {
             let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-            write_atomic(&staging.join(name), &bytes)?;
+            write_atomic(&dir.join(name), &bytes)?;
         }
     }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    }
-    std::fs::rename(&staging, dir).map_err(|e| Error::io(dir, e))
+    Ok(())
 }
 
 /// Everything the step loop needs; `run` (unlearning) and `unlearn train` build one each.
@@ -301,9 +307,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         }
         if recipe.output.merge {
             let merged = out_dir.join("merged");
-            if merged.exists() {
-                std::fs::remove_dir_all(&merged).map_err(|e| Error::io(&merged, e))?;
-            }
+            remove_dir_if_exists(&merged)?;
             crate::merge::merge(
                 &model_dir,
                 &out_dir.join("adapter"),
@@ -634,9 +638,7 @@ fn save_checkpoint(
     std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
     let final_dir = root.join(format!("step-{step:06}"));
     let staging = root.join(format!(".step-{step:06}.tmp"));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-    }
+    remove_dir_if_exists(&staging)?;
     s.trainable.write(&staging, &s.model, &s.params)?;
     let mut moments = Vec::new();
     for (i, name) in var_names.iter().enumerate() {
@@ -661,10 +663,7 @@ fn save_checkpoint(
     let text =
         serde_json::to_string_pretty(&state).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     write_atomic(&staging.join("state.json"), text.as_bytes())?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
-    }
-    std::fs::rename(&staging, &final_dir).map_err(|e| Error::io(&final_dir, e))
+    replace_dir(&staging, &final_dir)
 }
 
 /// A checkpoint dir itself, or the latest `checkpoints/step-*` of an output dir.
