@@ -52,17 +52,22 @@ impl Dataset {
         })
     }
 
-    /// Several datasets trained on as one (items keep their order, file after file).
-    pub fn concat(parts: Vec<Dataset>) -> Self {
-        let name = parts
-            .iter()
-            .map(|d| d.name.as_str())
-            .collect::<Vec<_>>()
-            .join(" + ");
-        Dataset {
-            name,
-            examples: parts.into_iter().flat_map(|d| d.examples).collect(),
+    /// Several files trained on as one dataset (items keep their order, file after file).
+    pub fn load_all(paths: &[String], tok: &ChatTokenizer, max_length: usize) -> Result<Self> {
+        if paths.is_empty() {
+            return Err(Error::InvalidArgument("no data file given".into()));
         }
+        let mut names = Vec::with_capacity(paths.len());
+        let mut examples = Vec::new();
+        for p in paths {
+            let part = Dataset::load(Path::new(p), tok, max_length)?;
+            names.push(part.name);
+            examples.extend(part.examples);
+        }
+        Ok(Dataset {
+            name: names.join(" + "),
+            examples,
+        })
     }
 
     pub fn len(&self) -> usize {

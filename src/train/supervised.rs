@@ -118,21 +118,8 @@ pub fn train(recipe: &TrainRecipe, opts: &RunOptions) -> Result<RunSummary> {
         }
     };
 
-    let mut parts = Vec::with_capacity(recipe.data.train.len());
-    for file in &recipe.data.train {
-        parts.push(Dataset::load(
-            Path::new(file),
-            &tok,
-            recipe.data.max_length,
-        )?);
-    }
-    let data = Dataset::concat(parts);
-    if data.is_empty() {
-        return Err(Error::data(
-            Path::new(&recipe.data.train[0]),
-            "the training data has no items",
-        ));
-    }
+    // every file is non-empty (read_examples) and the recipe names at least one
+    let data = Dataset::load_all(&recipe.data.train, &tok, recipe.data.max_length)?;
 
     std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
     write_atomic(&out_dir.join("recipe.toml"), recipe.to_toml()?.as_bytes())?;

@@ -234,13 +234,11 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
     let forget = Dataset::load(Path::new(&recipe.data.forget), &tok, recipe.data.max_length)?;
     let method = methods::build(&recipe.method.name, &recipe.method.params)?;
     let retain = match &recipe.data.retain {
-        Some(paths) => {
-            let mut parts = vec![];
-            for p in paths.to_vec() {
-                parts.push(Dataset::load(Path::new(&p), &tok, recipe.data.max_length)?);
-            }
-            Some(Dataset::concat(parts))
-        }
+        Some(paths) => Some(Dataset::load_all(
+            &paths.to_vec(),
+            &tok,
+            recipe.data.max_length,
+        )?),
         None if method.needs_retain() => {
             return Err(Error::InvalidArgument(format!(
                 "method '{}' needs retain data: set data.retain in the recipe",
