@@ -3,6 +3,7 @@
 //! The crate is layered: `model` (a differentiable decoder that reads Hugging Face checkpoints,
 //! knows nothing of training), `lora` (PEFT-format adapters), `merge`, `tokenizer` (tokenizer and
 //! chat template), `score` (per-record NLL).
+pub mod attribute;
 pub mod bench;
 pub mod data;
 pub mod device;

@@ -76,7 +76,7 @@ impl LoraConfig {
         Ok(())
     }
 
-    fn targets(&self, module_path: &str) -> Result<bool> {
+    pub fn targets(&self, module_path: &str) -> Result<bool> {
         if let Some(layers) = &self.layers {
             match layer_index(module_path) {
                 Some(i) if layers.contains(&i) => {}

@@ -63,6 +63,24 @@ enum Command {
         #[arg(long)]
         resume: Option<PathBuf>,
     },
+    /// Predict the model retrained without a forget set, without retraining: one influence step
+    /// δ = m·(C + λI)⁻¹·Σ_forget ∇ℓ in a LoRA-shaped subspace, written as a PEFT "shadow" adapter
+    /// (the target of `method = "dmm"`), with a report of how close it is to a real retrained
+    /// oracle when [report] names one.
+    ///
+    /// The recipe has [model] path, [subspace] (r, target_modules, layers), [data] (forget,
+    /// retain = the training data whose curvature C is estimated, calibrate = unseen items for
+    /// scale = "auto"), [attribute] (estimator cg|diagonal|identity, compare, curvature
+    /// logits|fisher|empirical, samples, damping, cg_iters, cg_tol, steps, scale, seed, batch_size), optional
+    /// [report] (oracle, data = ["SPLIT=PATH", …]) and [output] dir. Writes DIR/shadow/,
+    /// DIR/report.json and DIR/report.md. See recipes/dmm/.
+    Attribute {
+        /// TOML recipe (see recipes/dmm/attribute.toml)
+        recipe: PathBuf,
+        /// override any recipe field, e.g. --set attribute.damping=0.01
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
     /// Regenerate the bundled fictional benchmark (OUT/tofu, OUT/wmdp) and train its tokenizer
     /// (OUT/tokenizer). Deterministic: the output equals the committed data/ byte for byte.
     Synth {
@@ -192,6 +210,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// KLoM (arXiv 2410.23232): how far an ensemble of unlearned models is from an ensemble of
+    /// oracles (models retrained without the forget set), per item from the margins of the gold
+    /// answer tokens, reported at the 95th percentile per split. Direction KL(unlearned ‖ oracle).
+    ///
+    /// Models are checkpoint directories (e.g. the merged/ of `unlearn run`), one in memory at
+    /// a time; all must share the first oracle's tokenizer. scripts/klom-table.sh builds the
+    /// bundled benchmark's table.
+    Klom {
+        /// oracle model directories (retrained without the forget set), one per seed
+        #[arg(long, num_args = 1.., required = true)]
+        oracle: Vec<PathBuf>,
+        /// unlearned model directories, one per seed
+        #[arg(long, num_args = 1.., required = true)]
+        unlearned: Vec<PathBuf>,
+        /// SPLIT=PATH question/answer files (e.g. forget=data/tofu/forget10.jsonl)
+        #[arg(long, num_args = 1.., required = true)]
+        data: Vec<String>,
+        /// histogram bins per position (the paper's 20; with few models the ε floor dominates)
+        #[arg(long, default_value_t = 20)]
+        bins: usize,
+        /// the reported percentile of the per-item KLoM
+        #[arg(long, default_value_t = 95.0)]
+        percentile: f64,
+        /// a name for this ensemble in the output (e.g. the method)
+        #[arg(long, default_value = "unlearned")]
+        label: String,
+        /// also write the full report (per-item values) to this JSON file
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// print one JSON line instead of a table row
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 128)]
+        max_length: usize,
+    },
     /// Merge a PEFT LoRA adapter into its base model and write a checkpoint transformers loads.
     Merge {
         #[arg(long)]
@@ -249,6 +302,7 @@ fn run(cli: Cli) -> Result<()> {
             set,
             resume,
         } => train_recipe(&recipe, &set, resume, device),
+        Command::Attribute { recipe, set } => attribute(&recipe, &set, device),
         Command::Synth { out, vocab_size } => {
             let mut files = unlearn::synth::write_benchmark(&out)?;
             let corpus: Vec<PathBuf> = files
@@ -368,6 +422,19 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval_command(args, device),
         Command::Plot { run_dir } => plot(&run_dir),
         Command::Compare { runs, keys, json } => compare(&runs, &keys, json),
+        Command::Klom {
+            oracle,
+            unlearned,
+            data,
+            bins,
+            percentile,
+            label,
+            out,
+            json,
+            max_length,
+        } => klom_command(
+            &oracle, &unlearned, &data, bins, percentile, &label, out, json, max_length, device,
+        ),
         Command::Merge {
             model,
             adapter,
@@ -443,6 +510,116 @@ fn run_recipe(
         let adapter = summary.out_dir.join("adapter");
         Ok((summary, adapter))
     })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn klom_command(
+    oracles: &[PathBuf],
+    unlearned: &[PathBuf],
+    data: &[String],
+    bins: usize,
+    pct: f64,
+    label: &str,
+    out: Option<PathBuf>,
+    json: bool,
+    max_length: usize,
+    device: Device,
+) -> Result<()> {
+    let tok = unlearn::tokenizer::ChatTokenizer::from_dir(&oracles[0])?;
+    let pad = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);
+    let mut splits = Vec::new();
+    for entry in data {
+        let (name, path) = entry
+            .split_once('=')
+            .with_context(|| format!("--data '{entry}' must look like SPLIT=PATH"))?;
+        let ds = unlearn::train::batch::Dataset::load(Path::new(path), &tok, max_length)?;
+        splits.push((name.to_string(), ds.examples));
+    }
+    if bins == 0 {
+        bail!("--bins must be ≥ 1");
+    }
+    let params = unlearn::metrics::KlomParams {
+        bins,
+        ..Default::default()
+    };
+    let report = unlearn::eval::klom::klom_ensembles(
+        oracles,
+        unlearned,
+        &splits,
+        &params,
+        pct,
+        &device,
+        pad,
+        |d| eprintln!("margins of {}", d.display()),
+    )?;
+    if let Some(path) = &out {
+        write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    if json {
+        let mut obj = serde_json::Map::new();
+        obj.insert("label".into(), label.into());
+        obj.insert("klom_direction".into(), report.klom_direction.into());
+        obj.insert("bins".into(), bins.into());
+        for s in &report.splits {
+            obj.insert(format!("{}_p{}", s.split, pct), s.klom_percentile.into());
+            obj.insert(format!("{}_mean", s.split), s.klom_mean.into());
+        }
+        println!("{}", serde_json::Value::Object(obj));
+    } else {
+        let head: Vec<String> = report
+            .splits
+            .iter()
+            .map(|s| format!("{} KLoM p{} (mean)", s.split, pct))
+            .collect();
+        println!("| ensemble | {} |", head.join(" | "));
+        println!("|---|{}", "---|".repeat(head.len()));
+        let cells: Vec<String> = report
+            .splits
+            .iter()
+            .map(|s| format!("{:.3} ({:.3})", s.klom_percentile, s.klom_mean))
+            .collect();
+        println!("| {label} | {} |", cells.join(" | "));
+        eprintln!(
+            "KLoM direction {}, {} bins, {} oracles vs {} unlearned models",
+            report.klom_direction,
+            bins,
+            oracles.len(),
+            unlearned.len()
+        );
+    }
+    Ok(())
+}
+
+fn attribute(path: &Path, overrides: &[String], device: Device) -> Result<()> {
+    let recipe = unlearn::recipe::AttributeRecipe::load(path, overrides)?;
+    let report = unlearn::attribute::run(&recipe, &device, true)?;
+    let dir = Path::new(&recipe.output.dir);
+    for e in &report.estimators {
+        eprintln!(
+            "{:>9}: {} step(s), scale {:.4e} (first), forget NLL {:.3} → {:.3}",
+            e.estimator,
+            e.scales.len(),
+            e.scales.first().copied().unwrap_or(0.0),
+            e.forget_nll_before,
+            e.forget_nll_after
+        );
+        for s in &e.splits {
+            eprintln!(
+                "           {:<10} KL to oracle: target {:.4}, shadow {:.4} ({:.0}%), loss-change corr {}",
+                s.split,
+                s.kl_target_oracle,
+                s.kl_shadow_oracle,
+                100.0 * s.kl_shadow_oracle / s.kl_target_oracle.max(f64::MIN_POSITIVE),
+                s.loss_change_correlation.map_or("–".into(), |c| format!("{c:.3}"))
+            );
+        }
+    }
+    eprintln!(
+        "wrote {} (shadow adapter), report.json and report.md in {:.1} s",
+        dir.join("shadow").display(),
+        report.seconds
+    );
+    Ok(())
 }
 
 fn train_recipe(

@@ -288,10 +288,18 @@ impl Recipe {
         }
         self.data.forget = fix(&self.data.forget);
         self.data.retain = self.data.retain.take().map(|r| r.map(fix));
-        // method parameters that name files (oracle's teacher, idkdpo's answers)
+        // method parameters that name files (oracle's teacher, idkdpo's answers, dmm's
+        // "shadow:DIR" / "oracle:DIR" target)
         for key in ["teacher", "idk_file"] {
             if let Some(toml::Value::String(p)) = self.method.params.get_mut(key) {
                 *p = fix(p);
+            }
+        }
+        if let Some(toml::Value::String(spec)) = self.method.params.get_mut("target") {
+            if let Some((kind, p)) = spec.split_once(':') {
+                if matches!(kind, "shadow" | "oracle") {
+                    *spec = format!("{kind}:{}", fix(p));
+                }
             }
         }
         self
@@ -681,5 +689,278 @@ dir = "out"
             .unwrap_err()
             .to_string();
         assert!(e.contains("bogus"), "{e}");
+    }
+}
+
+/// An `unlearn attribute` recipe: estimate the model retrained without the forget set (a
+/// "shadow" LoRA adapter) by one influence step. See `src/attribute/mod.rs`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AttributeRecipe {
+    pub model: ModelSection,
+    #[serde(default)]
+    pub subspace: SubspaceSection,
+    pub data: AttributeDataSection,
+    #[serde(default)]
+    pub attribute: AttributeSection,
+    /// how well the shadow predicts a real retrained oracle (optional)
+    #[serde(default)]
+    pub report: Option<AttributeReportSection>,
+    pub output: AttributeOutputSection,
+}
+
+/// The LoRA-shaped parameter subspace the influence step lives in.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SubspaceSection {
+    /// rank r: each targeted module contributes out_features × r parameters (its B)
+    #[serde(default = "default_r")]
+    pub r: usize,
+    #[serde(default = "default_targets")]
+    pub target_modules: toml::Value,
+    #[serde(default)]
+    pub layers: Option<Vec<usize>>,
+}
+
+impl Default for SubspaceSection {
+    fn default() -> Self {
+        SubspaceSection {
+            r: default_r(),
+            target_modules: default_targets(),
+            layers: None,
+        }
+    }
+}
+
+impl SubspaceSection {
+    /// The shadow adapter's LoRA config: alpha = r, so PEFT's scale is 1 and ΔW = B·A.
+    pub fn to_config(&self) -> Result<LoraConfig> {
+        LoraSection {
+            r: self.r,
+            alpha: self.r as f64,
+            dropout: 0.0,
+            rslora: false,
+            target_modules: self.target_modules.clone(),
+            layers: self.layers.clone(),
+        }
+        .to_config()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AttributeDataSection {
+    /// the items to remove
+    pub forget: String,
+    /// the training data the retrained model would have seen: its curvature C is estimated on it
+    pub retain: Paths,
+    /// items the model never saw (e.g. holdout people): `scale = "auto"` makes the shadow's mean
+    /// forget NLL equal the model's mean NLL on them
+    #[serde(default)]
+    pub calibrate: Option<String>,
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    #[serde(default)]
+    pub system_prompt: Option<String>,
+    #[serde(default)]
+    pub date_string: Option<String>,
+}
+
+impl AttributeDataSection {
+    pub fn prompt_style(&self) -> crate::tokenizer::PromptStyle {
+        crate::tokenizer::PromptStyle {
+            system_prompt: self.system_prompt.clone(),
+            date_string: self.date_string.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AttributeSection {
+    /// how (C + λI)⁻¹ is applied: cg (full curvature, conjugate gradients), diagonal, identity
+    #[serde(default = "default_estimator")]
+    pub estimator: crate::attribute::influence::Estimator,
+    /// further estimators to fit and report next to the main one (only the main one is saved)
+    #[serde(default)]
+    pub compare: Vec<crate::attribute::influence::Estimator>,
+    /// per-example vectors of C: "fisher" (labels sampled from the model) or "empirical"
+    /// (the gold labels' gradients)
+    #[serde(default = "default_curvature")]
+    pub curvature: String,
+    /// retain items whose per-example gradients estimate C (C is rescaled to the whole set)
+    #[serde(default = "default_samples")]
+    pub samples: usize,
+    /// λ relative to the mean eigenvalue trace(C)/P
+    #[serde(default = "default_damping")]
+    pub damping: f64,
+    #[serde(default = "default_cg_iters")]
+    pub cg_iters: usize,
+    #[serde(default = "default_cg_tol")]
+    pub cg_tol: f64,
+    /// influence steps, each re-linearised where the last ended (1 = the plain influence step)
+    #[serde(default = "default_attr_steps")]
+    pub steps: usize,
+    /// the multiplier m of the step: a number, or "auto" (calibrated on data.calibrate; with
+    /// several steps, each raises the forget NLL by an equal ratio)
+    #[serde(default = "default_scale")]
+    pub scale: toml::Value,
+    #[serde(default)]
+    pub seed: u64,
+    /// rows per forward pass when scoring
+    #[serde(default = "default_attr_batch")]
+    pub batch_size: usize,
+}
+
+fn default_estimator() -> crate::attribute::influence::Estimator {
+    crate::attribute::influence::Estimator::Cg
+}
+fn default_curvature() -> String {
+    "fisher".into()
+}
+fn default_samples() -> usize {
+    512
+}
+fn default_damping() -> f64 {
+    0.1
+}
+fn default_cg_iters() -> usize {
+    100
+}
+fn default_cg_tol() -> f64 {
+    1e-4
+}
+fn default_scale() -> toml::Value {
+    toml::Value::String("auto".into())
+}
+fn default_attr_steps() -> usize {
+    1
+}
+fn default_attr_batch() -> usize {
+    32
+}
+
+impl Default for AttributeSection {
+    fn default() -> Self {
+        AttributeSection {
+            estimator: default_estimator(),
+            compare: vec![],
+            curvature: default_curvature(),
+            samples: default_samples(),
+            damping: default_damping(),
+            cg_iters: default_cg_iters(),
+            cg_tol: default_cg_tol(),
+            steps: default_attr_steps(),
+            scale: default_scale(),
+            seed: 0,
+            batch_size: default_attr_batch(),
+        }
+    }
+}
+
+/// The step's multiplier m.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StepScale {
+    Fixed(f64),
+    /// calibrated on `data.calibrate`
+    Auto,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AttributeReportSection {
+    /// a model really retrained without the forget set
+    pub oracle: String,
+    /// `SPLIT=PATH` entries to compare on (e.g. forget, retain, holdout)
+    pub data: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AttributeOutputSection {
+    /// run directory: recipe.toml, shadow/ (PEFT adapter), report.json, report.md
+    pub dir: String,
+}
+
+impl AttributeRecipe {
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let mut recipe: AttributeRecipe = parse_toml(path, overrides)?;
+        let bad = |m: String| Err(Error::config(path, m));
+        let a = &recipe.attribute;
+        if recipe.subspace.r == 0 {
+            return bad("subspace.r must be ≥ 1".into());
+        }
+        if a.samples == 0 || a.batch_size == 0 || a.steps == 0 {
+            return bad(
+                "attribute.samples, attribute.steps and attribute.batch_size must be ≥ 1".into(),
+            );
+        }
+        if !(a.damping > 0.0 && a.damping.is_finite()) {
+            return bad(format!("attribute.damping must be > 0, got {}", a.damping));
+        }
+        if !(a.cg_tol > 0.0) || a.cg_iters == 0 {
+            return bad("attribute.cg_iters must be ≥ 1 and attribute.cg_tol > 0".into());
+        }
+        if !matches!(a.curvature.as_str(), "logits" | "fisher" | "empirical") {
+            return bad(format!(
+                "attribute.curvature must be \"logits\", \"fisher\" or \"empirical\", got \"{}\"",
+                a.curvature
+            ));
+        }
+        let scale = recipe.step_scale().map_err(|m| Error::config(path, m))?;
+        if scale == StepScale::Auto && recipe.data.calibrate.is_none() {
+            return bad(
+                "attribute.scale = \"auto\" needs data.calibrate (items the model never saw, e.g. holdout people)"
+                    .into(),
+            );
+        }
+        if recipe.data.max_length < 2 {
+            return bad("data.max_length must be ≥ 2".into());
+        }
+        if let Some(r) = &recipe.report {
+            if r.data.is_empty() {
+                return bad("report.data must name at least one SPLIT=PATH".into());
+            }
+            if let Some(d) = r.data.iter().find(|d| !d.contains('=')) {
+                return bad(format!("report.data entry '{d}' must look like SPLIT=PATH"));
+            }
+        }
+        recipe
+            .subspace
+            .to_config()
+            .map_err(|e| Error::config(path, e.to_string()))?;
+        let fix = |p: &str| resolve_path(p, path);
+        recipe.model.path = fix(&recipe.model.path);
+        recipe.data.forget = fix(&recipe.data.forget);
+        recipe.data.retain = recipe.data.retain.clone().map(fix);
+        recipe.data.calibrate = recipe.data.calibrate.as_deref().map(fix);
+        if let Some(r) = &mut recipe.report {
+            r.oracle = fix(&r.oracle);
+            r.data = r
+                .data
+                .iter()
+                .map(|d| match d.split_once('=') {
+                    Some((k, v)) => format!("{k}={}", fix(v)),
+                    None => d.clone(),
+                })
+                .collect();
+        }
+        Ok(recipe)
+    }
+
+    pub fn step_scale(&self) -> std::result::Result<StepScale, String> {
+        match &self.attribute.scale {
+            toml::Value::String(s) if s == "auto" => Ok(StepScale::Auto),
+            toml::Value::Float(f) if *f > 0.0 && f.is_finite() => Ok(StepScale::Fixed(*f)),
+            toml::Value::Integer(i) if *i > 0 => Ok(StepScale::Fixed(*i as f64)),
+            other => Err(format!(
+                "attribute.scale must be \"auto\" or a number > 0, got {other}"
+            )),
+        }
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self)
+            .map_err(|e| Error::InvalidArgument(format!("cannot serialise the recipe: {e}")))
     }
 }

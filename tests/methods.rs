@@ -1,4 +1,4 @@
-//! The unlearning methods WGA, SatImp, UNDIAL, CE-U, IdkDPO, RMU and oracle matching on the
+//! The unlearning methods WGA, SatImp, UNDIAL, CE-U, IdkDPO, RMU, oracle matching and DMM on the
 //! llama fixture: each loss equals a hand computation (log-probabilities computed here, on the
 //! host, in f64), training moves the model in the intended direction, and unknown parameters are
 //! errors naming the key.
@@ -618,6 +618,100 @@ fn oracle_loss_matches_hand_computation() {
     assert!(!m.needs_retain());
     let k7 = |s: &[f64], t: &[f64]| on_top_k(7, &kl, s, t);
     assert_close(loss_value(&out), term(&b.forget, &k7), "oracle kl top-7 L");
+}
+
+/// DMM: s·M(forget) + (1 − s)·M(retain) against targets from a shadow adapter (the model's own
+/// base weights with a PEFT adapter switched in) or from an oracle checkpoint.
+#[test]
+fn dmm_loss_matches_hand_computation() {
+    let fx = setup(None);
+    let b = fx.batch();
+    let retain = b.retain.as_ref().unwrap();
+    let shadow_dir = fixture("llama-lora");
+    let mut shadow = Decoder::load(&fixture("llama"), DType::F32, &cpu()).unwrap();
+    load_adapter(&mut shadow, &shadow_dir).unwrap();
+    let oracle_dir = fixture("llama");
+    let oracle = Decoder::load(&oracle_dir, DType::F32, &cpu()).unwrap();
+    let mask = |batch: &ItemBatch| batch.attention_mask.to_vec2::<u32>().unwrap();
+    let term = |batch: &ItemBatch, zt: &Logits, f: &dyn Fn(&[f64], &[f64]) -> f64| {
+        let zs = trained(&fx.model, batch);
+        let mut vals = vec![];
+        for (bi, row) in mask(batch).iter().enumerate() {
+            for (t, &m) in row.iter().enumerate() {
+                if m == 1 {
+                    vals.push(f(&zs[bi][t], &zt[bi][t]));
+                }
+            }
+        }
+        mean(&vals)
+    };
+    let mse = |s: &[f64], t: &[f64]| {
+        mean(
+            &s.iter()
+                .zip(t)
+                .map(|(a, b)| (a - b).powi(2))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let kl = |s: &[f64], t: &[f64]| {
+        let (ls, lt) = (log_softmax(s), log_softmax(t));
+        lt.iter()
+            .zip(&ls)
+            .map(|(a, b)| a.exp() * (a - b))
+            .sum::<f64>()
+    };
+    let shadow_of = |batch: &ItemBatch| host_logits(&shadow, batch, &ForwardOptions::default());
+    let (m, out) = fx.eval(
+        "dmm",
+        &format!("target = \"shadow:{}\"", shadow_dir.display()),
+    );
+    assert!(m.needs_retain());
+    let f = term(&b.forget, &shadow_of(&b.forget), &mse);
+    let r = term(retain, &shadow_of(retain), &mse);
+    assert!(f > 0.0 && r > 0.0);
+    assert_close(log_value(&out, "forget_match"), f, "dmm shadow forget");
+    assert_close(log_value(&out, "retain_match"), r, "dmm shadow retain");
+    assert_close(loss_value(&out), 0.2 * f + 0.8 * r, "dmm shadow L");
+
+    let oracle_of = |batch: &ItemBatch| reference(&oracle, batch);
+    let (_, out) = fx.eval(
+        "dmm",
+        &format!(
+            "target = \"oracle:{}\"\nloss = \"kl\"\nforget_share = 0.5",
+            oracle_dir.display()
+        ),
+    );
+    let f = term(&b.forget, &oracle_of(&b.forget), &kl);
+    let r = term(retain, &oracle_of(retain), &kl);
+    assert_close(loss_value(&out), 0.5 * f + 0.5 * r, "dmm oracle kl L");
+
+    let (m, out) = fx.eval(
+        "dmm",
+        &format!(
+            "target = \"oracle:{}\"\nforget_share = 1.0\ntop_k = 5",
+            oracle_dir.display()
+        ),
+    );
+    assert!(!m.needs_retain());
+    let t5 = |s: &[f64], t: &[f64]| on_top_k(5, &mse, s, t);
+    assert_close(
+        loss_value(&out),
+        term(&b.forget, &oracle_of(&b.forget), &t5),
+        "dmm forget-only top-5 L",
+    );
+
+    // a missing shadow adapter names the directory
+    let mut m = methods::build(
+        "dmm",
+        &toml::from_str("target = \"shadow:/nonexistent/shadow\"").unwrap(),
+    )
+    .unwrap();
+    let e = m
+        .prepare(&fx.model, &fx.forget.examples, fx.pad)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("/nonexistent/shadow"), "{e}");
 }
 
 #[test]

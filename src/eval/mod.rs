@@ -14,6 +14,7 @@
 //! Suites are TOML files ([`suite`]); the built-in ones are `evals/*.toml`, compiled in. The
 //! statistics come from [`crate::metrics`]; NLLs from [`crate::score`]; generations from
 //! [`crate::generate::greedy`].
+pub mod klom;
 pub mod lm;
 pub mod mcq;
 pub mod muse;

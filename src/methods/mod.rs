@@ -11,6 +11,7 @@ use candle_core::{DType, Tensor, Var, D};
 use serde::Deserialize;
 
 pub mod ce_u;
+pub mod dmm;
 pub mod eupmu;
 pub mod grad_ascent;
 pub mod grad_diff;
@@ -152,6 +153,10 @@ pub const METHODS: &[(&str, &str)] = &[
         "oracle",
         "logit matching to a teacher checkpoint (MSE or KL), e.g. a retrained oracle",
     ),
+    (
+        "dmm",
+        "datamodel matching: logits matched to a predicted retrained model (shadow adapter) or an oracle",
+    ),
 ];
 
 /// Build a method from its recipe name and parameters (unknown parameters are errors).
@@ -170,6 +175,7 @@ pub fn build(name: &str, params: &toml::Table) -> Result<Box<dyn Method>> {
         "idkdpo" => Box::new(idk_dpo::IdkDpo::from_params(params)?),
         "rmu" => Box::new(rmu::Rmu::from_params(params)?),
         "oracle" => Box::new(oracle::Oracle::from_params(params)?),
+        "dmm" => Box::new(dmm::Dmm::from_params(params)?),
         other => {
             let names: Vec<&str> = METHODS.iter().map(|m| m.0).collect();
             return Err(Error::InvalidArgument(format!(

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The KLoM table of the bundled benchmark (arXiv 2410.23232 Def. 3): K targets (different seeds)
+# are each unlearned with every method below, and each method's K unlearned models are compared
+# with the K retain oracles by `unlearn klom` (margins of the gold answer tokens, 95th percentile
+# per split, KL(unlearned ‖ oracle)). Needs the ensemble: scripts/build-klom-ensemble.sh K.
+#
+#   scripts/klom-table.sh [K]          → runs/klom/table.md, runs/klom/table.jsonl
+#
+# Methods: the targets themselves (no unlearning), DMM on each target's own shadow adapter
+# (`unlearn attribute recipes/klom/attribute.toml`), GradDiff, NPO, and oracle matching (OM, the
+# upper bound of DMM) — OM of member k matches the retain model of member k+1 mod K, so that no
+# unlearned model is trained towards an oracle it is then compared with.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+K=${1:-5}
+bin=${UNLEARN_BIN:-target/release/unlearn}
+[ -x "$bin" ] || cargo build --release
+member() { # member k → "retain_dir target_dir"
+  if [ "$1" -eq 0 ]; then echo "data/models/retain data/models/target"
+  else echo "runs/klom/models/seed-$1/retain runs/klom/models/seed-$1/target"; fi
+}
+oracles=(); targets=()
+for k in $(seq 0 $((K - 1))); do
+  read -r r t < <(member "$k")
+  [ -f "$t/model.safetensors" ] || { echo "missing $t: run scripts/build-klom-ensemble.sh $K" >&2; exit 1; }
+  oracles+=("$r"); targets+=("$t")
+done
+methods=(dmm graddiff npo oracle)
+for k in $(seq 0 $((K - 1))); do
+  t=${targets[$k]}
+  [ -f "runs/klom/attr-$k/shadow/adapter_model.safetensors" ] ||
+    "$bin" attribute recipes/klom/attribute.toml --set model.path="$t" --set output.dir="runs/klom/attr-$k"
+  for m in "${methods[@]}"; do
+    [ -f "runs/klom/$m-$k/merged/model.safetensors" ] && continue
+    extra=()
+    case $m in
+      dmm) extra=(--set method.target="shadow:runs/klom/attr-$k/shadow") ;;
+      oracle) extra=(--set method.teacher="${oracles[$(((k + 1) % K))]}") ;;
+    esac
+    "$bin" run "recipes/klom/$m.toml" --set model.path="$t" --set output.dir="runs/klom/$m-$k" "${extra[@]}"
+  done
+done
+data=(forget=data/tofu/forget10.jsonl retain=data/tofu/retain_perturbed.jsonl holdout=data/tofu/holdout.jsonl)
+: > runs/klom/table.jsonl
+for m in target "${methods[@]}"; do
+  if [ "$m" = target ]; then models=("${targets[@]}")
+  else models=(); for k in $(seq 0 $((K - 1))); do models+=("runs/klom/$m-$k/merged"); done; fi
+  for bins in 20 5; do
+    "$bin" klom --oracle "${oracles[@]}" --unlearned "${models[@]}" --data "${data[@]}" \
+      --bins $bins --label "$m" --json --out "runs/klom/klom-$m-bins$bins.json" >> runs/klom/table.jsonl
+  done
+done
+python3 - <<'PY'
+import json
+rows = [json.loads(l) for l in open("runs/klom/table.jsonl")]
+out = ["| method | bins | forget KLoM p95 | retain KLoM p95 | holdout KLoM p95 | forget mean | retain mean |",
+       "|---|---|---|---|---|---|---|"]
+for r in rows:
+    out.append(f"| {r['label']} | {r['bins']} | {r['forget_p95']:.3f} | {r['retain_p95']:.3f} | "
+               f"{r['holdout_p95']:.3f} | {r['forget_mean']:.3f} | {r['retain_mean']:.3f} |")
+out.append("")
+out.append(f"KL direction: {rows[0]['klom_direction']}; margins of the gold answer tokens; lower is closer to the oracles.")
+open("runs/klom/table.md", "w").write("\n".join(out) + "\n")
+print("\n".join(out))
+PY

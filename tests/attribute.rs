@@ -1,0 +1,192 @@
+//! `unlearn attribute` on the bundled tiny target: the shadow adapter it writes is a PEFT adapter
+//! whose A rows are orthonormal (the forget gradient's top singular directions), whose step the
+//! auto scale sized so that the forget NLL equals the NLL of never-seen people, and which
+//! reproduces, when loaded back, the NLL the report states. Bad recipes are errors naming the key.
+mod common;
+use candle_core::DType;
+use common::*;
+use std::path::{Path, PathBuf};
+use unlearn::lora::load_adapter;
+use unlearn::model::{Decoder, ForwardOptions};
+use unlearn::recipe::AttributeRecipe;
+use unlearn::score::score_examples;
+use unlearn::tokenizer::ChatTokenizer;
+use unlearn::train::batch::Dataset;
+
+fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+/// The first `n` lines of a bundled data file, copied into `dir`.
+fn head(dir: &Path, name: &str, n: usize) -> PathBuf {
+    let text = std::fs::read_to_string(repo(&format!("data/tofu/{name}"))).unwrap();
+    let out = dir.join(name);
+    let lines: Vec<&str> = text.lines().take(n).collect();
+    std::fs::write(&out, lines.join("\n") + "\n").unwrap();
+    out
+}
+
+fn recipe(dir: &Path, extra: &str) -> PathBuf {
+    let forget = head(dir, "forget10.jsonl", 20);
+    let retain = head(dir, "retain90.jsonl", 40);
+    let holdout = head(dir, "holdout.jsonl", 20);
+    let text = format!(
+        r#"
+[model]
+path = {model:?}
+
+[subspace]
+r = 4
+target_modules = ["q_proj", "v_proj", "down_proj"]
+
+[data]
+forget = {forget:?}
+retain = [{retain:?}]
+calibrate = {holdout:?}
+max_length = 128
+
+[attribute]
+estimator = "cg"
+compare = ["diagonal"]
+curvature = "logits"
+samples = 16
+damping = 0.1
+cg_iters = 200
+cg_tol = 1e-6
+batch_size = 32
+{extra}
+
+[report]
+oracle = {oracle:?}
+data = ["forget={forget}", "holdout={holdout}"]
+
+[output]
+dir = {out:?}
+"#,
+        model = repo("data/models/target").display().to_string(),
+        oracle = repo("data/models/retain").display().to_string(),
+        forget = forget.display(),
+        retain = retain.display().to_string(),
+        holdout = holdout.display(),
+        out = dir.join("run").display().to_string(),
+    );
+    let path = dir.join("attribute.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn mean_nll(model: &Decoder, examples: &Dataset, opts: &ForwardOptions) -> f64 {
+    let rows = score_examples(model, &examples.examples, 32, 0, opts, |_| {}).unwrap();
+    let tokens: usize = rows.iter().map(|r| r.tokens).sum();
+    rows.iter().map(|r| r.sum_nll).sum::<f64>() / tokens as f64
+}
+
+#[test]
+fn shadow_adapter_is_calibrated_and_reloads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = recipe(tmp.path(), "");
+    let r = AttributeRecipe::load(&path, &[]).unwrap();
+    let report = unlearn::attribute::run(&r, &cpu(), false).unwrap();
+    // rank 4 on q, v and down of 4 layers: Σ out·r = 4·(192 + 192 + 192)·4
+    assert_eq!(report.modules, 12);
+    assert_eq!(report.parameters, 4 * 3 * 192 * 4);
+    assert_eq!(report.curvature_samples, 16);
+    assert_eq!(report.estimators.len(), 2);
+    let cg = &report.estimators[0];
+    assert_eq!(cg.estimator, "cg");
+    assert!(cg.solves[0].relative_residual < 1e-6, "{:?}", cg.solves);
+    let goal = cg.calibrate_nll.unwrap();
+    // the target has memorised forget10 and never saw the holdout people
+    assert!(cg.forget_nll_before < 0.1 && goal > 1.0, "{cg:?}");
+    assert!(
+        (cg.forget_nll_after - goal).abs() < 0.01 * goal,
+        "auto scale: {} vs {goal}",
+        cg.forget_nll_after
+    );
+    for e in &report.estimators {
+        let forget = &e.splits[0];
+        assert_eq!(forget.split, "forget");
+        assert_eq!(forget.items, 20);
+        assert!(forget.kl_target_oracle > 0.5 && forget.kl_shadow_oracle.is_finite());
+    }
+
+    // the saved adapter: A rows orthonormal, and loading it reproduces the reported NLL
+    let shadow_dir = tmp.path().join("run/shadow");
+    let tok = ChatTokenizer::from_dir(&repo("data/models/target")).unwrap();
+    let forget = Dataset::load(&tmp.path().join("forget10.jsonl"), &tok, 128).unwrap();
+    let mut model = Decoder::load(&repo("data/models/target"), DType::F32, &cpu()).unwrap();
+    let cfg = load_adapter(&mut model, &shadow_dir).unwrap();
+    assert_eq!((cfg.r, cfg.alpha), (4, 4.0));
+    for lin in model.linears() {
+        if let Some(l) = &lin.lora {
+            let a = l.a.as_tensor();
+            let gram = a.matmul(&a.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+            for (i, row) in gram.iter().enumerate() {
+                for (j, &v) in row.iter().enumerate() {
+                    let want = if i == j { 1.0 } else { 0.0 };
+                    assert!((v - want).abs() < 1e-4, "{}: AAᵀ[{i}][{j}] = {v}", lin.name);
+                }
+            }
+        }
+    }
+    let reloaded = mean_nll(&model, &forget, &ForwardOptions::eval());
+    assert!(
+        (reloaded - cg.forget_nll_after).abs() < 1e-4,
+        "{reloaded} vs {}",
+        cg.forget_nll_after
+    );
+    let base = mean_nll(&model, &forget, &ForwardOptions::base_model());
+    assert!((base - cg.forget_nll_before).abs() < 1e-5);
+    assert!(tmp.path().join("run/report.json").is_file());
+    assert!(tmp.path().join("run/report.md").is_file());
+}
+
+#[test]
+fn bad_attribute_recipes_name_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = recipe(tmp.path(), "");
+    let err = |set: &[&str]| {
+        let set: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+        AttributeRecipe::load(&path, &set)
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    let e = err(&["attribute.curvature=\"hessian\""]);
+    assert!(
+        e.contains("attribute.curvature") && e.contains("attribute.toml"),
+        "{e}"
+    );
+    let e = err(&["attribute.damping=0"]);
+    assert!(e.contains("attribute.damping"), "{e}");
+    let e = err(&["attribute.scale=\"big\""]);
+    assert!(e.contains("attribute.scale"), "{e}");
+    let e = err(&["attribute.estimator=\"kfac\""]);
+    assert!(e.contains("kfac"), "{e}");
+    let e = err(&["attribute.bogus=1"]);
+    assert!(e.contains("bogus"), "{e}");
+    // auto scale without unseen items to calibrate on
+    let text = std::fs::read_to_string(&path).unwrap();
+    let no_cal: String = text
+        .lines()
+        .filter(|l| !l.starts_with("calibrate"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&path, no_cal).unwrap();
+    let e = AttributeRecipe::load(&path, &[]).err().unwrap().to_string();
+    assert!(e.contains("data.calibrate"), "{e}");
+    // a missing forget file is named when the run starts
+    let r = AttributeRecipe::load(
+        &path,
+        &[
+            "attribute.scale=2.0".into(),
+            "data.forget=\"/nonexistent/f.jsonl\"".into(),
+        ],
+    )
+    .unwrap();
+    let e = unlearn::attribute::run(&r, &cpu(), false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("/nonexistent/f.jsonl"), "{e}");
+}
