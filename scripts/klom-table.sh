@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
 # The KLoM table of the bundled benchmark (arXiv 2410.23232 Def. 3): K targets (different seeds)
 # are each unlearned with every method below, and each method's K unlearned models are compared
-# with the K retain oracles by `unlearn klom` (margins of the gold answer tokens, 95th percentile
+# with the K retrained oracles by `unlearn klom` (margins of the gold answer tokens, 95th percentile
 # per split, KL(unlearned ‖ oracle)). Needs the ensemble: scripts/build-klom-ensemble.sh K.
 #
 #   scripts/klom-table.sh [K]          → runs/klom/table.md, runs/klom/table.jsonl
 #
 # Methods: the targets themselves (no unlearning), DMM on each target's own shadow adapter
 # (`unlearn attribute recipes/klom/attribute.toml`), GradDiff, NPO, and oracle matching (OM, the
-# upper bound of DMM) — OM of member k matches the retain model of member k+1 mod K, so that no
+# upper bound of DMM) — OM of member k matches the retrained oracle of member k+1 mod K, so that no
 # unlearned model is trained towards an oracle it is then compared with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 K=${1:-5}
 bin=${UNLEARN_BIN:-target/release/unlearn}
 [ -x "$bin" ] || cargo build --release
-member() { # member k → "retain_dir target_dir"
-  if [ "$1" -eq 0 ]; then echo "data/models/retain data/models/target"
-  else echo "runs/klom/models/seed-$1/retain runs/klom/models/seed-$1/target"; fi
+member() { # member k → "oracle_dir target_dir"
+  if [ "$1" -eq 0 ]; then echo "data/models/retrained data/models/target"
+  else echo "runs/klom/models/seed-$1/retrained runs/klom/models/seed-$1/target"; fi
 }
 oracles=(); targets=()
 for k in $(seq 0 $((K - 1))); do

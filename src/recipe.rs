@@ -784,8 +784,9 @@ pub struct AttributeSection {
     /// further estimators to fit and report next to the main one (only the main one is saved)
     #[serde(default)]
     pub compare: Vec<crate::attribute::influence::Estimator>,
-    /// per-example vectors of C: "fisher" (labels sampled from the model) or "empirical"
-    /// (the gold labels' gradients)
+    /// per-example vectors of C: "logits" (random projections of the logit Jacobian: the
+    /// Gauss-Newton matrix of the logit-MSE matching loss, JᵀJ), "fisher" (gradients of labels
+    /// sampled from the model) or "empirical" (the gold labels' gradients)
     #[serde(default = "default_curvature")]
     pub curvature: String,
     /// retain items whose per-example gradients estimate C (C is rescaled to the whole set)
@@ -816,7 +817,7 @@ fn default_estimator() -> crate::attribute::influence::Estimator {
     crate::attribute::influence::Estimator::Cg
 }
 fn default_curvature() -> String {
-    "fisher".into()
+    "logits".into()
 }
 fn default_samples() -> usize {
     512

@@ -700,6 +700,18 @@ fn dmm_loss_matches_hand_computation() {
         "dmm forget-only top-5 L",
     );
 
+    // retain targets from the starting model (adapter off) instead of the shadow
+    let (_, out) = fx.eval(
+        "dmm",
+        &format!(
+            "target = \"shadow:{}\"\nretain_target = \"base\"",
+            shadow_dir.display()
+        ),
+    );
+    let f = term(&b.forget, &shadow_of(&b.forget), &mse);
+    let r = term(retain, &reference(&fx.model, retain), &mse);
+    assert_close(loss_value(&out), 0.2 * f + 0.8 * r, "dmm base-retain L");
+
     // a missing shadow adapter names the directory
     let mut m = methods::build(
         "dmm",

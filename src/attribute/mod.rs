@@ -14,10 +14,13 @@
 //! where removing F pushes hardest, and ΔW = B·A is an ordinary PEFT adapter (alpha = r).
 //!
 //! **The curvature.** C estimates the curvature of the retain training loss from per-example
-//! gradients in that subspace on `attribute.samples` retain items, rescaled to the whole retain
-//! set: "fisher" samples each answer token from the model's own prediction (an unbiased
-//! Gauss-Newton/Fisher estimate that stays informative on memorised data, where gold-label
-//! gradients vanish), "empirical" uses the gold tokens. λ = damping · trace(C)/P.
+//! vectors in that subspace on `attribute.samples` retain items, rescaled to the whole retain
+//! set. "logits" (default) uses random projections uᵀJ of each item's answer-position logit
+//! Jacobian J (u ~ N(0, I)), so E[C] = Σ JᵀJ, the Gauss-Newton matrix of the logit-MSE loss DMM
+//! matches with: the step then moves the retain logits least. "fisher" samples each answer token
+//! from the model's own prediction (the Fisher of the NLL), "empirical" uses the gold tokens'
+//! gradients — both nearly vanish on memorised data, where the softmax is saturated.
+//! λ = damping · trace(C)/P.
 //!
 //! **The scale m.** "auto" picks m so that the shadow's mean per-token NLL on the forget set
 //! equals the model's own NLL on items it never saw (`data.calibrate`, e.g. holdout people): a

@@ -10,6 +10,11 @@
 //! `loss = "kl"`, optionally restricted to the target's `top_k` logits). The trainer draws
 //! forget and retain micro-batches of equal size, so the share is applied as this weight.
 //!
+//! `retain_target = "base"` takes the retain items' targets from the starting model itself (the
+//! adapter switched off) instead: an influence step predicts the retain set worse than "no
+//! change" does (`unlearn attribute` reports both), so this keeps the forget prediction and
+//! anchors the rest.
+//!
 //! The targets are computed on the fly, per micro-batch:
 //! - `target = "shadow:DIR"`: the shadow adapter written by `unlearn attribute` (an influence
 //!   step predicting the retrained model). The same base weights serve both: the teacher is a
@@ -39,6 +44,18 @@ struct Params {
     #[serde(default = "default_share")]
     forget_share: f64,
     top_k: Option<usize>,
+    /// where the retain items' targets come from: "target" (the same source as the forget
+    /// items, default) or "base" (the starting model itself: the adapter switched off)
+    #[serde(default)]
+    retain_target: RetainTarget,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RetainTarget {
+    #[default]
+    Target,
+    Base,
 }
 
 fn default_share() -> f64 {
@@ -69,6 +86,7 @@ pub struct Dmm {
     loss: MatchLoss,
     forget_share: f64,
     top_k: Option<usize>,
+    retain_target: RetainTarget,
     /// the model with the shadow adapter, or the oracle checkpoint
     teacher: Option<Decoder>,
 }
@@ -92,6 +110,7 @@ impl Dmm {
             loss: p.loss,
             forget_share: p.forget_share,
             top_k: p.top_k,
+            retain_target: p.retain_target,
             teacher: None,
         })
     }
@@ -113,8 +132,12 @@ impl Dmm {
             .detach())
     }
 
-    fn batch_term(&self, ctx: &Ctx, batch: &ItemBatch) -> Result<Tensor> {
-        let target = self.target_logits(batch)?;
+    fn batch_term(&self, ctx: &Ctx, batch: &ItemBatch, from_base: bool) -> Result<Tensor> {
+        let target = if from_base {
+            super::reference_logits(ctx.model, batch)?.detach()
+        } else {
+            self.target_logits(batch)?
+        };
         let student = logits(ctx, batch)?;
         match_loss(
             &student,
@@ -180,12 +203,13 @@ impl Method for Dmm {
         Ok(())
     }
     fn loss(&mut self, ctx: &Ctx, batch: &PairedBatch) -> Result<LossOutput> {
-        let lf = self.batch_term(ctx, &batch.forget)?;
+        let lf = self.batch_term(ctx, &batch.forget, false)?;
         let mut logs = vec![("forget_match".into(), scalar(&lf)?)];
         if self.forget_share >= 1.0 {
             return Ok(LossOutput { loss: lf, logs });
         }
-        let lr = self.batch_term(ctx, batch.retain()?)?;
+        let base = self.retain_target == RetainTarget::Base;
+        let lr = self.batch_term(ctx, batch.retain()?, base)?;
         logs.push(("retain_match".into(), scalar(&lr)?));
         Ok(LossOutput {
             loss: mix(&lf, &lr, self.forget_share)?,
