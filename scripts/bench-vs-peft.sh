@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command, both stacks, their ratio: `unlearn bench` (one forget-only LoRA step) vs the same
 # step in transformers + PEFT. Extra arguments (shape, --steps) go to both.
-#   scripts/bench-vs-peft.sh                      # CPU shape
+#   scripts/bench-vs-peft.sh                      # CPU shape (PYTHON=path/to/python with torch)
 #   UNLEARN_BIN=target/cuda/release/unlearn scripts/bench-vs-peft.sh --device cuda --dtype bf16 ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,10 +16,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 ours=$("$bin" --device "$device" bench --methods gradascent --json "${rust_args[@]}")
-theirs=$(python3 benches/peft_step.py --device "$device" "${py_args[@]}")
+theirs=$("${PYTHON:-python3}" benches/peft_step.py --device "$device" "${py_args[@]}")
 echo "unlearn:     $ours"
 echo "torch+peft:  $theirs"
-python3 - "$ours" "$theirs" <<'PY'
+"${PYTHON:-python3}" - "$ours" "$theirs" <<'PY'
 import json, sys
 a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 print(f"tokens/s ratio (unlearn / torch+peft): {a['tokens_per_second'] / b['tokens_per_second']:.2f}")

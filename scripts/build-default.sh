@@ -9,3 +9,4 @@ cargo build --release
 ./target/release/unlearn synth --out data
 ./target/release/unlearn train recipes/build/retain.toml
 ./target/release/unlearn train recipes/build/target.toml
+./target/release/unlearn train recipes/build/retrained.toml

@@ -899,7 +899,7 @@ impl AttributeRecipe {
         if !(a.damping > 0.0 && a.damping.is_finite()) {
             return bad(format!("attribute.damping must be > 0, got {}", a.damping));
         }
-        if !(a.cg_tol > 0.0) || a.cg_iters == 0 {
+        if a.cg_tol.is_nan() || a.cg_tol <= 0.0 || a.cg_iters == 0 {
             return bad("attribute.cg_iters must be ≥ 1 and attribute.cg_tol > 0".into());
         }
         if !matches!(a.curvature.as_str(), "logits" | "fisher" | "empirical") {

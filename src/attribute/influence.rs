@@ -191,7 +191,7 @@ pub fn conjugate_gradient(
     while iterations < max_iters && rr.sqrt() > tol * b_norm {
         let ap = apply(&p);
         let pap = dot(&p, &ap);
-        if !(pap > 0.0) {
+        if pap.is_nan() || pap <= 0.0 {
             return Err(Error::InvalidArgument(format!(
                 "conjugate gradient: the system is not positive definite (pᵀAp = {pap})"
             )));
@@ -327,8 +327,9 @@ mod tests {
             b.swap(c, p);
             for r in c + 1..n {
                 let f = a[r][c] / a[c][c];
-                for k in c..n {
-                    a[r][k] -= f * a[c][k];
+                let pivot = a[c].clone();
+                for (x, p) in a[r][c..].iter_mut().zip(&pivot[c..]) {
+                    *x -= f * p;
                 }
                 b[r] -= f * b[c];
             }

@@ -176,7 +176,7 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
     }
     let curvature = Curvature::new(parameters, rows, retain.len() as f64 / n_samples as f64)?;
     let mean_eigenvalue = curvature.mean_eigenvalue();
-    if !(mean_eigenvalue > 0.0) {
+    if mean_eigenvalue.is_nan() || mean_eigenvalue <= 0.0 {
         return Err(Error::InvalidArgument(format!(
             "{}: the per-example gradients are all zero, so the curvature is empty",
             retain.name
@@ -382,6 +382,9 @@ fn bar(progress: bool, len: usize, what: &str) -> Option<indicatif::ProgressBar>
     Some(indicatif::ProgressBar::new(len as u64).with_style(style))
 }
 
+/// (module path, out_features, in_features, row-major gradient)
+type WeightGradient = (String, usize, usize, Vec<f64>);
+
 /// Σ_F ∂ℓ/∂W for every targeted weight W (ℓ = summed answer-token NLL of one item), as
 /// (module path, out, in, row-major f64 values). The targeted weights become variables of a
 /// copy of the model that shares every other tensor.
@@ -391,7 +394,7 @@ fn forget_weight_gradients(
     forget: &[EncodedExample],
     batch_size: usize,
     pad_id: u32,
-) -> Result<Vec<(String, usize, usize, Vec<f64>)>> {
+) -> Result<Vec<WeightGradient>> {
     let mut copy = model.clone();
     let mut vars = Vec::new();
     let mut meta = Vec::new();
@@ -542,7 +545,7 @@ fn example_gradient(
             let probs = candle_nn::ops::softmax_last_dim(&logits.detach().to_dtype(DType::F32)?)?
                 .squeeze(0)?
                 .to_vec2::<f32>()?;
-            let mut labels = ex.labels.iter().map(|&l| l as i64).collect::<Vec<i64>>();
+            let mut labels = ex.labels.to_vec();
             for j in 1..labels.len() {
                 if labels[j] != -100 {
                     labels[j] = sample(&probs[j - 1], rng) as i64;

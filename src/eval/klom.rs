@@ -107,6 +107,7 @@ pub fn klom_per_item(
 
 /// Load every model in turn (one in memory at a time), compute its margins on every split, and
 /// the KLoM table.
+#[allow(clippy::too_many_arguments)]
 pub fn klom_ensembles(
     oracles: &[PathBuf],
     unlearned: &[PathBuf],
