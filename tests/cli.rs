@@ -2,6 +2,7 @@
 mod common;
 use candle_core::DType;
 use common::*;
+use std::path::Path;
 use std::process::Command;
 use unlearn::model::{Decoder, ForwardOptions};
 use unlearn::score::score_examples;
@@ -249,4 +250,58 @@ fn inspect_a_hub_id_offline_from_the_cache() {
         err.contains("HF_HUB_OFFLINE") && err.contains("config.json"),
         "{err}"
     );
+}
+
+/// `unlearn klom`: an ensemble compared with itself is at KLoM 0 on every split; the bundled
+/// target against its retrained counterfactual is far from it on the forget set (the target has
+/// memorised it) and close on the retain set (both were trained on it).
+#[test]
+fn klom_command_zero_on_identical_ensembles_and_high_for_the_target() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    // the first 10 items of each split keep the test fast
+    let mut data = vec![];
+    for (split, file) in [
+        ("forget", "forget10.jsonl"),
+        ("retain", "retain_perturbed.jsonl"),
+    ] {
+        let text = std::fs::read_to_string(root.join("data/tofu").join(file)).unwrap();
+        let path = tmp.path().join(file);
+        std::fs::write(&path, text.lines().take(10).collect::<Vec<_>>().join("\n")).unwrap();
+        data.push(format!("{split}={}", path.display()));
+    }
+    let model = |m: &str| root.join("data/models").join(m).display().to_string();
+    let (retain, retrained, target) = (model("retain"), model("retrained"), model("target"));
+    let run = |oracles: &[&str], unlearned: &[&str], bins: &str| -> serde_json::Value {
+        let mut args = vec!["klom", "--json", "--bins", bins, "--oracle"];
+        args.extend(oracles);
+        args.push("--unlearned");
+        args.extend(unlearned);
+        args.push("--data");
+        args.extend(data.iter().map(String::as_str));
+        let o = unlearn(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let same = run(&[&retain, &retrained], &[&retain, &retrained], "20");
+    assert_eq!(same["klom_direction"], "unlearned||oracle");
+    for key in ["forget_p95", "forget_mean", "retain_p95", "retain_mean"] {
+        assert_eq!(same[key].as_f64().unwrap(), 0.0, "{key}: {same}");
+    }
+    let target_vs = run(&[&retain, &retrained], &[&target, &target], "5");
+    let forget = target_vs["forget_mean"].as_f64().unwrap();
+    let retain_value = target_vs["retain_mean"].as_f64().unwrap();
+    assert!(forget > 5.0, "{target_vs}");
+    assert!(retain_value < forget, "{target_vs}");
+    let bad = unlearn(&[
+        "klom",
+        "--oracle",
+        &retain,
+        "--unlearned",
+        &target,
+        "--data",
+        "forget",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("SPLIT=PATH"));
 }
