@@ -5,6 +5,8 @@
 # per split, KL(unlearned ‖ oracle)). Needs the ensemble: scripts/build-klom-ensemble.sh K.
 #
 #   scripts/klom-table.sh [K]          → runs/klom/table.md, runs/klom/table.jsonl
+#   MEMBERS="0 1" scripts/klom-table.sh [K]   only the unlearning runs of those members (while
+#                                             the ensemble is still being built); no table
 #
 # Methods: the targets themselves (no unlearning), DMM on each target's own shadow adapter
 # (`unlearn attribute recipes/klom/attribute.toml`), GradDiff, NPO, and oracle matching (OM, the
@@ -22,11 +24,16 @@ member() { # member k → "oracle_dir target_dir"
 oracles=(); targets=()
 for k in $(seq 0 $((K - 1))); do
   read -r r t < <(member "$k")
-  [ -f "$t/model.safetensors" ] || { echo "missing $t: run scripts/build-klom-ensemble.sh $K" >&2; exit 1; }
   oracles+=("$r"); targets+=("$t")
 done
+members=${MEMBERS:-$(seq 0 $((K - 1)))}
+for k in $members; do
+  for m in "${oracles[$k]}" "${targets[$k]}" "${oracles[$(((k + 1) % K))]}"; do
+    [ -f "$m/model.safetensors" ] || { echo "missing $m: run scripts/build-klom-ensemble.sh $K" >&2; exit 1; }
+  done
+done
 methods=(dmm graddiff npo oracle)
-for k in $(seq 0 $((K - 1))); do
+for k in $members; do
   t=${targets[$k]}
   [ -f "runs/klom/attr-$k/shadow/adapter_model.safetensors" ] ||
     "$bin" attribute recipes/klom/attribute.toml --set model.path="$t" --set output.dir="runs/klom/attr-$k"
@@ -40,23 +47,26 @@ for k in $(seq 0 $((K - 1))); do
     "$bin" run "recipes/klom/$m.toml" --set model.path="$t" --set output.dir="runs/klom/$m-$k" "${extra[@]}"
   done
 done
+[ -n "${MEMBERS:-}" ] && exit 0
 data=(forget=data/tofu/forget10.jsonl retain=data/tofu/retain_perturbed.jsonl holdout=data/tofu/holdout.jsonl)
 : > runs/klom/table.jsonl
 for m in target "${methods[@]}"; do
   if [ "$m" = target ]; then models=("${targets[@]}")
   else models=(); for k in $(seq 0 $((K - 1))); do models+=("runs/klom/$m-$k/merged"); done; fi
-  for bins in 20 5; do
+  for kind in "--bins 20" "--gaussian"; do
+    # shellcheck disable=SC2086
     "$bin" klom --oracle "${oracles[@]}" --unlearned "${models[@]}" --data "${data[@]}" \
-      --bins $bins --label "$m" --json --out "runs/klom/klom-$m-bins$bins.json" >> runs/klom/table.jsonl
+      $kind --label "$m" --json --out "runs/klom/klom-$m${kind// /}.json" >> runs/klom/table.jsonl
   done
 done
 python3 - <<'PY'
 import json
 rows = [json.loads(l) for l in open("runs/klom/table.jsonl")]
-out = ["| method | bins | forget KLoM p95 | retain KLoM p95 | holdout KLoM p95 | forget mean | retain mean |",
+out = ["| method | per-position KL | forget KLoM p95 | retain KLoM p95 | holdout KLoM p95 | forget mean | retain mean |",
        "|---|---|---|---|---|---|---|"]
 for r in rows:
-    out.append(f"| {r['label']} | {r['bins']} | {r['forget_p95']:.3f} | {r['retain_p95']:.3f} | "
+    how = f"{r['bins']} bins" if r["bins"] else "Gaussian fit"
+    out.append(f"| {r['label']} | {how} | {r['forget_p95']:.3f} | {r['retain_p95']:.3f} | "
                f"{r['holdout_p95']:.3f} | {r['forget_mean']:.3f} | {r['retain_mean']:.3f} |")
 out.append("")
 out.append(f"KL direction: {rows[0]['klom_direction']}; margins of the gold answer tokens; lower is closer to the oracles.")

@@ -230,6 +230,10 @@ enum Command {
         /// histogram bins per position (the paper's 20; with few models the ε floor dominates)
         #[arg(long, default_value_t = 20)]
         bins: usize,
+        /// compare per position with a normal fit per ensemble instead of histograms (closed-form
+        /// Gaussian KL; the proxy for small ensembles, ≈ 5–20 models)
+        #[arg(long)]
+        gaussian: bool,
         /// the reported percentile of the per-item KLoM
         #[arg(long, default_value_t = 95.0)]
         percentile: f64,
@@ -427,13 +431,15 @@ fn run(cli: Cli) -> Result<()> {
             unlearned,
             data,
             bins,
+            gaussian,
             percentile,
             label,
             out,
             json,
             max_length,
         } => klom_command(
-            &oracle, &unlearned, &data, bins, percentile, &label, out, json, max_length, device,
+            &oracle, &unlearned, &data, bins, gaussian, percentile, &label, out, json, max_length,
+            device,
         ),
         Command::Merge {
             model,
@@ -518,6 +524,7 @@ fn klom_command(
     unlearned: &[PathBuf],
     data: &[String],
     bins: usize,
+    gaussian: bool,
     pct: f64,
     label: &str,
     out: Option<PathBuf>,
@@ -538,15 +545,19 @@ fn klom_command(
     if bins == 0 {
         bail!("--bins must be ≥ 1");
     }
-    let params = unlearn::metrics::KlomParams {
-        bins,
-        ..Default::default()
+    let kind = if gaussian {
+        unlearn::eval::klom::KlomKind::Gaussian
+    } else {
+        unlearn::eval::klom::KlomKind::Binned(unlearn::metrics::KlomParams {
+            bins,
+            ..Default::default()
+        })
     };
     let report = unlearn::eval::klom::klom_ensembles(
         oracles,
         unlearned,
         &splits,
-        &params,
+        &kind,
         pct,
         &device,
         pad,
@@ -559,7 +570,8 @@ fn klom_command(
         let mut obj = serde_json::Map::new();
         obj.insert("label".into(), label.into());
         obj.insert("klom_direction".into(), report.klom_direction.into());
-        obj.insert("bins".into(), bins.into());
+        obj.insert("kind".into(), report.kind.into());
+        obj.insert("bins".into(), report.bins.into());
         for s in &report.splits {
             obj.insert(format!("{}_p{}", s.split, pct), s.klom_percentile.into());
             obj.insert(format!("{}_mean", s.split), s.klom_mean.into());
@@ -580,9 +592,11 @@ fn klom_command(
             .collect();
         println!("| {label} | {} |", cells.join(" | "));
         eprintln!(
-            "KLoM direction {}, {} bins, {} oracles vs {} unlearned models",
+            "KLoM direction {}, {}, {} oracles vs {} unlearned models",
             report.klom_direction,
-            bins,
+            report
+                .bins
+                .map_or("Gaussian fit".to_string(), |b| format!("{b} bins")),
             oracles.len(),
             unlearned.len()
         );

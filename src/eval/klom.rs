@@ -5,11 +5,13 @@
 //! answer token at each answer position t (teacher forcing); per position, the binned
 //! KL(unlearned ‖ oracle) of the two ensembles' margins ([`crate::metrics::klom_sequence`]:
 //! clip ±100, `bins` equal bins over both samples, ε = 1e-5); the item's value is the mean over
-//! positions; a split reports the 95th percentile (and the mean) over its items.
+//! positions; a split reports the 95th percentile (and the mean) over its items. With few models
+//! per side (≈ 5–20) the histograms' ε floor dominates; [`KlomKind::Gaussian`] replaces them by
+//! a normal fit per side and the closed-form KL ([`crate::metrics::klom::gaussian_kl`]).
 //! **Direction: KL(unlearned ‖ oracle)**, the code direction of the released implementations,
 //! written into every result as `klom_direction`.
 use crate::error::{Error, Result};
-use crate::metrics::klom::{binned_kl, KlomParams, KLOM_DIRECTION};
+use crate::metrics::klom::{binned_kl, gaussian_kl, KlomParams, KLOM_DIRECTION};
 use crate::metrics::{logit_margin, mean, percentile};
 use crate::model::{Decoder, ForwardOptions, ModelInput};
 use crate::score::collate;
@@ -34,7 +36,9 @@ pub struct SplitKlom {
 #[derive(Debug, Clone, Serialize)]
 pub struct KlomReport {
     pub klom_direction: &'static str,
-    pub bins: usize,
+    /// "binned" (with `bins`) or "gaussian"
+    pub kind: &'static str,
+    pub bins: Option<usize>,
     pub oracles: Vec<PathBuf>,
     pub unlearned: Vec<PathBuf>,
     pub splits: Vec<SplitKlom>,
@@ -72,11 +76,20 @@ pub fn answer_margins(
     Ok(out)
 }
 
+/// How the two ensembles' margins at one position are compared.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KlomKind {
+    /// the paper's histograms ([`binned_kl`])
+    Binned(KlomParams),
+    /// a normal fit per side ([`gaussian_kl`]), for small ensembles
+    Gaussian,
+}
+
 /// KLoM per item from `unlearned[m][item][t]` and `oracle[m][item][t]`.
 pub fn klom_per_item(
     unlearned: &[Vec<Vec<f64>>],
     oracle: &[Vec<Vec<f64>>],
-    params: &KlomParams,
+    kind: &KlomKind,
 ) -> Result<Vec<f64>> {
     let items = oracle.first().map_or(0, |o| o.len());
     if unlearned.is_empty() || oracle.is_empty() || items == 0 {
@@ -97,7 +110,10 @@ pub fn klom_per_item(
                 .map(|p| {
                     let u: Vec<f64> = unlearned.iter().map(|m| m[i][p]).collect();
                     let o: Vec<f64> = oracle.iter().map(|m| m[i][p]).collect();
-                    binned_kl(&u, &o, params)
+                    match kind {
+                        KlomKind::Binned(params) => binned_kl(&u, &o, params),
+                        KlomKind::Gaussian => gaussian_kl(&u, &o),
+                    }
                 })
                 .collect::<Result<_>>()?;
             mean(&per_position)
@@ -112,7 +128,7 @@ pub fn klom_ensembles(
     oracles: &[PathBuf],
     unlearned: &[PathBuf],
     splits: &[(String, Vec<EncodedExample>)],
-    params: &KlomParams,
+    kind: &KlomKind,
     pct: f64,
     device: &Device,
     pad_id: u32,
@@ -139,7 +155,7 @@ pub fn klom_ensembles(
     for (s, (name, _)) in splits.iter().enumerate() {
         let u: Vec<Vec<Vec<f64>>> = u_margins.iter().map(|m| m[s].clone()).collect();
         let o: Vec<Vec<Vec<f64>>> = o_margins.iter().map(|m| m[s].clone()).collect();
-        let per_item = klom_per_item(&u, &o, params)?;
+        let per_item = klom_per_item(&u, &o, kind)?;
         out.push(SplitKlom {
             split: name.clone(),
             items: per_item.len(),
@@ -151,7 +167,14 @@ pub fn klom_ensembles(
     }
     Ok(KlomReport {
         klom_direction: KLOM_DIRECTION,
-        bins: params.bins,
+        kind: match kind {
+            KlomKind::Binned(_) => "binned",
+            KlomKind::Gaussian => "gaussian",
+        },
+        bins: match kind {
+            KlomKind::Binned(p) => Some(p.bins),
+            KlomKind::Gaussian => None,
+        },
         oracles: oracles.to_vec(),
         unlearned: unlearned.to_vec(),
         splits: out,
@@ -164,7 +187,7 @@ mod tests {
 
     #[test]
     fn identical_ensembles_give_zero_and_shifted_ones_match_a_hand_computation() {
-        let params = KlomParams::default();
+        let params = KlomKind::Binned(KlomParams::default());
         // 2 models × 1 item × 2 positions
         let a = vec![vec![vec![1.0, 5.0]], vec![vec![3.0, 7.0]]];
         let k = klom_per_item(&a, &a, &params).unwrap();
@@ -182,11 +205,19 @@ mod tests {
         // P = {bin(3): 0.5, bin(13): 0.5}, Q = {bin(1): 0.5, bin(3): 0.5}
         let hand = (0.5 * (0.5f64 / 0.5).ln() + 0.5 * (0.5f64 / 1e-5).ln()) / 2.0;
         assert!((k[0] - hand).abs() < 1e-12, "{} vs {hand}", k[0]);
+        // the Gaussian proxy: identical → 0; per position, then the mean
+        assert_eq!(
+            klom_per_item(&a, &a, &KlomKind::Gaussian).unwrap(),
+            vec![0.0]
+        );
+        let g = klom_per_item(&c, &a, &KlomKind::Gaussian).unwrap();
+        let hand = gaussian_kl(&[3.0, 13.0], &[1.0, 3.0]).unwrap() / 2.0;
+        assert!((g[0] - hand).abs() < 1e-12);
     }
 
     #[test]
     fn empty_inputs_are_errors() {
-        let p = KlomParams::default();
+        let p = KlomKind::Gaussian;
         assert!(klom_per_item(&[], &[vec![vec![1.0]]], &p).is_err());
         assert!(klom_per_item(&[vec![vec![]]], &[vec![vec![]]], &p).is_err());
     }

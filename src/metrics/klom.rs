@@ -163,3 +163,51 @@ pub fn klom_sequence(unlearned: &[Vec<f64>], oracle: &[Vec<f64>]) -> Result<f64>
         .collect::<Result<_>>()?;
     mean(&per_position)
 }
+
+/// Floor of the per-ensemble margin variance in [`gaussian_kl`] (margins are O(1–10) nats).
+pub const GAUSSIAN_VAR_FLOOR: f64 = 1e-3;
+
+/// The small-ensemble proxy of [`binned_kl`] (algorithms.md §5: with ≈ 5–20 models per side the
+/// histograms' ε floor dominates): fit a normal distribution to each sample (mean, unbiased
+/// variance floored at [`GAUSSIAN_VAR_FLOOR`]) and return the closed form
+/// KL(N(μp, σp²) ‖ N(μq, σq²)) = ln(σq/σp) + (σp² + (μp − μq)²) / (2σq²) − ½.
+/// Samples are clipped to [−100, 100] first, as for the histograms. 0 for identical samples.
+pub fn gaussian_kl(p_samples: &[f64], q_samples: &[f64]) -> Result<f64> {
+    check_non_empty(p_samples, "gaussian_kl: first sample")?;
+    check_non_empty(q_samples, "gaussian_kl: second sample")?;
+    check_no_nan(p_samples, "gaussian_kl: first sample")?;
+    check_no_nan(q_samples, "gaussian_kl: second sample")?;
+    let fit = |xs: &[f64]| -> (f64, f64) {
+        let v: Vec<f64> = xs.iter().map(|x| x.clamp(-100.0, 100.0)).collect();
+        let n = v.len() as f64;
+        let mu = v.iter().sum::<f64>() / n;
+        let var = if v.len() > 1 {
+            v.iter().map(|x| (x - mu).powi(2)).sum::<f64>() / (n - 1.0)
+        } else {
+            0.0
+        };
+        (mu, var.max(GAUSSIAN_VAR_FLOOR))
+    };
+    let (mp, vp) = fit(p_samples);
+    let (mq, vq) = fit(q_samples);
+    Ok(0.5 * (vq / vp).ln() + (vp + (mp - mq).powi(2)) / (2.0 * vq) - 0.5)
+}
+
+#[cfg(test)]
+mod gaussian_tests {
+    use super::*;
+
+    #[test]
+    fn gaussian_kl_matches_the_closed_form() {
+        assert_eq!(gaussian_kl(&[1.0, 3.0], &[1.0, 3.0]).unwrap(), 0.0);
+        // p: mean 2, var 2; q: mean 4, var 8 → ½ln4 + (2 + 4)/16 − ½
+        let k = gaussian_kl(&[1.0, 3.0], &[2.0, 6.0]).unwrap();
+        let hand = 0.5 * 4f64.ln() + 6.0 / 16.0 - 0.5;
+        assert!((k - hand).abs() < 1e-12, "{k} vs {hand}");
+        // single models: both variances at the floor, only the means count
+        let k = gaussian_kl(&[1.0], &[2.0]).unwrap();
+        assert!((k - 1.0 / (2.0 * GAUSSIAN_VAR_FLOOR)).abs() < 1e-9, "{k}");
+        assert!(gaussian_kl(&[], &[1.0]).is_err());
+        assert!(gaussian_kl(&[f64::NAN], &[1.0]).is_err());
+    }
+}
