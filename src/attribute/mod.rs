@@ -124,7 +124,13 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
     let cfg = recipe.subspace.to_config()?;
 
     // 1. the subspace: A from the forget gradient of each targeted weight
-    say(progress, "forget gradient of the targeted weights");
+    say(
+        progress,
+        &format!(
+            "forget gradient of the targeted weights ({} items)",
+            forget.len()
+        ),
+    );
     let grads = forget_weight_gradients(&model, &cfg, &forget.examples, a.batch_size, pad_id)?;
     let mut g_f: Vec<f64> = Vec::new();
     let mut bases: Vec<(String, Vec<Vec<f64>>)> = Vec::new();
@@ -243,7 +249,10 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
     let mut reports = Vec::new();
     let mut main_step = None;
     for &est in &estimators {
-        say(progress, &format!("influence step ({})", est.name()));
+        say(
+            progress,
+            &format!("influence step ({}), scale and report", est.name()),
+        );
         let mut step = zero.clone();
         let mut scales = Vec::with_capacity(a.steps);
         let mut solves = Vec::with_capacity(a.steps);
@@ -365,9 +374,11 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
     Ok(report)
 }
 
+/// One line per phase on stderr when run from the command line (the default log level hides
+/// tracing's info).
 fn say(progress: bool, what: &str) {
     if progress {
-        tracing::info!("{what}");
+        eprintln!("{what}…");
     }
 }
 
