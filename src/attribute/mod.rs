@@ -202,13 +202,13 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
         None => None,
     };
     let zero: Vec<f64> = vec![0.0; parameters];
-    set_b(&b_vars, &zero)?;
-    let forget_nll_before = mean_nll(
+    let forget_nll_before = nll_with_step(
         &model,
+        &b_vars,
+        &zero,
         &forget.examples,
         a.batch_size,
         pad_id,
-        &ForwardOptions::eval(),
     )?;
     let report_sets = match &recipe.report {
         Some(r) => {
@@ -295,13 +295,13 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
             scales.push(m);
             solves.push(solve);
         }
-        set_b(&b_vars, &step)?;
-        let forget_nll_after = mean_nll(
+        let forget_nll_after = nll_with_step(
             &model,
+            &b_vars,
+            &step,
             &forget.examples,
             a.batch_size,
             pad_id,
-            &ForwardOptions::eval(),
         )?;
         let mut splits = Vec::new();
         if let Some((oracle, sets)) = &report_sets {
@@ -617,6 +617,19 @@ fn set_b(b_vars: &[Var], flat: &[f64]) -> Result<()> {
     Ok(())
 }
 
+/// Set B to `step` and return the mean per-token NLL of `examples` under that adapter.
+fn nll_with_step(
+    model: &Decoder,
+    b_vars: &[Var],
+    step: &[f64],
+    examples: &[EncodedExample],
+    batch: usize,
+    pad_id: u32,
+) -> Result<f64> {
+    set_b(b_vars, step)?;
+    mean_nll(model, examples, batch, pad_id, &ForwardOptions::eval())
+}
+
 /// Mean per-token NLL over all answer tokens of `examples`.
 fn mean_nll(
     model: &Decoder,
@@ -648,8 +661,7 @@ fn calibrate_scale(
 ) -> Result<f64> {
     let nll_at = |m: f64| -> Result<f64> {
         let step: Vec<f64> = base.iter().zip(delta).map(|(b, d)| b + d * m).collect();
-        set_b(b_vars, &step)?;
-        mean_nll(model, forget, batch, pad_id, &ForwardOptions::eval())
+        nll_with_step(model, b_vars, &step, forget, batch, pad_id)
     };
     let norm = delta.iter().map(|v| v * v).sum::<f64>().sqrt();
     if norm == 0.0 {
