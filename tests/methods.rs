@@ -553,6 +553,45 @@ fn on_top_k(k: usize, f: &dyn Fn(&[f64], &[f64]) -> f64, s: &[f64], t: &[f64]) -
     f(&s2, &t2)
 }
 
+/// Mean over the batch's non-padding positions of `f(student logits, target logits)`.
+fn match_term(
+    student: &Decoder,
+    batch: &ItemBatch,
+    target: &Logits,
+    f: &dyn Fn(&[f64], &[f64]) -> f64,
+) -> f64 {
+    let zs = trained(student, batch);
+    let mask = batch.attention_mask.to_vec2::<u32>().unwrap();
+    let mut vals = vec![];
+    for (bi, row) in mask.iter().enumerate() {
+        for (t, &m) in row.iter().enumerate() {
+            if m == 1 {
+                vals.push(f(&zs[bi][t], &target[bi][t]));
+            }
+        }
+    }
+    mean(&vals)
+}
+
+/// Mean squared difference of two logit rows.
+fn mse_of(s: &[f64], t: &[f64]) -> f64 {
+    mean(
+        &s.iter()
+            .zip(t)
+            .map(|(a, b)| (a - b).powi(2))
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// KL(target ‖ student) of two logit rows.
+fn kl_of(s: &[f64], t: &[f64]) -> f64 {
+    let (ls, lt) = (log_softmax(s), log_softmax(t));
+    lt.iter()
+        .zip(&ls)
+        .map(|(a, b)| a.exp() * (a - b))
+        .sum::<f64>()
+}
+
 #[test]
 fn oracle_loss_matches_hand_computation() {
     let fx = setup(None);
@@ -560,36 +599,11 @@ fn oracle_loss_matches_hand_computation() {
     let teacher = Decoder::load(&teacher_dir, DType::F32, &cpu()).unwrap();
     let b = fx.batch();
     let retain = b.retain.as_ref().unwrap();
-    let mask = |batch: &ItemBatch| batch.attention_mask.to_vec2::<u32>().unwrap();
     // per-position terms over non-padding positions
     let term = |batch: &ItemBatch, f: &dyn Fn(&[f64], &[f64]) -> f64| {
-        let zs = trained(&fx.model, batch);
-        let zt = reference(&teacher, batch);
-        let mut vals = vec![];
-        for (bi, row) in mask(batch).iter().enumerate() {
-            for (t, &m) in row.iter().enumerate() {
-                if m == 1 {
-                    vals.push(f(&zs[bi][t], &zt[bi][t]));
-                }
-            }
-        }
-        mean(&vals)
+        match_term(&fx.model, batch, &reference(&teacher, batch), f)
     };
-    let mse = |s: &[f64], t: &[f64]| {
-        mean(
-            &s.iter()
-                .zip(t)
-                .map(|(a, b)| (a - b).powi(2))
-                .collect::<Vec<_>>(),
-        )
-    };
-    let kl = |s: &[f64], t: &[f64]| {
-        let (ls, lt) = (log_softmax(s), log_softmax(t));
-        lt.iter()
-            .zip(&ls)
-            .map(|(a, b)| a.exp() * (a - b))
-            .sum::<f64>()
-    };
+    let (mse, kl) = (mse_of, kl_of);
     let teacher_param = format!("teacher = {:?}", teacher_dir.display().to_string());
 
     let (m, out) = fx.eval("oracle", &teacher_param);
@@ -632,34 +646,10 @@ fn dmm_loss_matches_hand_computation() {
     load_adapter(&mut shadow, &shadow_dir).unwrap();
     let oracle_dir = fixture("llama");
     let oracle = Decoder::load(&oracle_dir, DType::F32, &cpu()).unwrap();
-    let mask = |batch: &ItemBatch| batch.attention_mask.to_vec2::<u32>().unwrap();
     let term = |batch: &ItemBatch, zt: &Logits, f: &dyn Fn(&[f64], &[f64]) -> f64| {
-        let zs = trained(&fx.model, batch);
-        let mut vals = vec![];
-        for (bi, row) in mask(batch).iter().enumerate() {
-            for (t, &m) in row.iter().enumerate() {
-                if m == 1 {
-                    vals.push(f(&zs[bi][t], &zt[bi][t]));
-                }
-            }
-        }
-        mean(&vals)
+        match_term(&fx.model, batch, zt, f)
     };
-    let mse = |s: &[f64], t: &[f64]| {
-        mean(
-            &s.iter()
-                .zip(t)
-                .map(|(a, b)| (a - b).powi(2))
-                .collect::<Vec<_>>(),
-        )
-    };
-    let kl = |s: &[f64], t: &[f64]| {
-        let (ls, lt) = (log_softmax(s), log_softmax(t));
-        lt.iter()
-            .zip(&ls)
-            .map(|(a, b)| a.exp() * (a - b))
-            .sum::<f64>()
-    };
+    let (mse, kl) = (mse_of, kl_of);
     let shadow_of = |batch: &ItemBatch| host_logits(&shadow, batch, &ForwardOptions::default());
     let (m, out) = fx.eval(
         "dmm",
