@@ -22,11 +22,11 @@
 //!   the trained one, so it costs no second copy of the model.
 //! - `target = "oracle:DIR"`: a checkpoint, e.g. a model really retrained without the forget set
 //!   (oracle matching, the upper bound of DMM).
-use super::oracle::{match_loss, MatchLoss};
+use super::oracle::{check_teacher, match_loss, teacher_forward, MatchLoss};
 use super::{logits, scalar, Ctx, LossOutput, Method};
 use crate::error::{Error, Result};
 use crate::lora::{detach_lora, load_adapter};
-use crate::model::{Decoder, ForwardOptions, ModelInput};
+use crate::model::{Decoder, ForwardOptions};
 use crate::recipe::method_params;
 use crate::tokenizer::EncodedExample;
 use crate::train::batch::{ItemBatch, PairedBatch};
@@ -120,16 +120,12 @@ impl Dmm {
         let teacher = self.teacher.as_ref().ok_or_else(|| {
             Error::InvalidArgument("method 'dmm': the targets were not prepared".into())
         })?;
-        let ids = batch.input_ids.to_device(&teacher.device)?;
-        let mask = batch.attention_mask.to_device(&teacher.device)?;
         let opts = match self.target {
             // the shadow adapter, as constants
             Target::Shadow(_) => ForwardOptions::eval(),
             Target::Oracle(_) => ForwardOptions::base_model(),
         };
-        Ok(teacher
-            .forward(&ModelInput::new(&ids, Some(&mask)), &opts)?
-            .detach())
+        teacher_forward(teacher, batch, &opts)
     }
 
     fn batch_term(&self, ctx: &Ctx, batch: &ItemBatch, from_base: bool) -> Result<Tensor> {
@@ -185,20 +181,7 @@ impl Method for Dmm {
                 Decoder::load(dir, DType::F32, &model.device)?
             }
         };
-        if teacher.cfg.vocab_size != model.cfg.vocab_size {
-            return Err(Error::InvalidArgument(format!(
-                "method 'dmm': the target model has vocabulary size {}, the model {}",
-                teacher.cfg.vocab_size, model.cfg.vocab_size
-            )));
-        }
-        if let Some(k) = self.top_k {
-            if k > model.cfg.vocab_size {
-                return Err(Error::InvalidArgument(format!(
-                    "method 'dmm': top_k = {k} exceeds the vocabulary size {}",
-                    model.cfg.vocab_size
-                )));
-            }
-        }
+        check_teacher("dmm", "the target model", &teacher, model, self.top_k, "")?;
         self.teacher = Some(teacher);
         Ok(())
     }

@@ -77,14 +77,7 @@ impl Oracle {
         let teacher = self.teacher.as_ref().ok_or_else(|| {
             Error::InvalidArgument("method 'oracle': the teacher was not loaded".into())
         })?;
-        let input_ids = batch.input_ids.to_device(&teacher.device)?;
-        let mask = batch.attention_mask.to_device(&teacher.device)?;
-        Ok(teacher
-            .forward(
-                &crate::model::ModelInput::new(&input_ids, Some(&mask)),
-                &ForwardOptions::base_model(),
-            )?
-            .detach())
+        teacher_forward(teacher, batch, &ForwardOptions::base_model())
     }
 
     /// M(x) for one batch: student logits against the teacher's.
@@ -99,6 +92,49 @@ impl Oracle {
             self.top_k,
         )
     }
+}
+
+/// A teacher's logits for a micro-batch, on the teacher's device, without a graph.
+pub fn teacher_forward(
+    teacher: &Decoder,
+    batch: &ItemBatch,
+    opts: &ForwardOptions,
+) -> Result<Tensor> {
+    let input_ids = batch.input_ids.to_device(&teacher.device)?;
+    let mask = batch.attention_mask.to_device(&teacher.device)?;
+    Ok(teacher
+        .forward(
+            &crate::model::ModelInput::new(&input_ids, Some(&mask)),
+            opts,
+        )?
+        .detach())
+}
+
+/// A teacher's logits can be matched with the model's: the same vocabulary, and `top_k` within
+/// it. `what` names the teacher in the message, `tail` ends the vocabulary message.
+pub fn check_teacher(
+    method: &str,
+    what: &str,
+    teacher: &Decoder,
+    model: &Decoder,
+    top_k: Option<usize>,
+    tail: &str,
+) -> Result<()> {
+    if teacher.cfg.vocab_size != model.cfg.vocab_size {
+        return Err(Error::InvalidArgument(format!(
+            "method '{method}': {what} has vocabulary size {}, the model {}{tail}",
+            teacher.cfg.vocab_size, model.cfg.vocab_size
+        )));
+    }
+    if let Some(k) = top_k {
+        if k > model.cfg.vocab_size {
+            return Err(Error::InvalidArgument(format!(
+                "method '{method}': top_k = {k} exceeds the vocabulary size {}",
+                model.cfg.vocab_size
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Indices [M, k] of the k largest entries of each row (ties: lower index first).
@@ -185,22 +221,15 @@ impl Method for Oracle {
             )));
         }
         let teacher = Decoder::load(path, DType::F32, &model.device)?;
-        if teacher.cfg.vocab_size != model.cfg.vocab_size {
-            return Err(Error::InvalidArgument(format!(
-                "method 'oracle': the teacher {} has vocabulary size {}, the model {}: logits cannot be matched",
-                path.display(),
-                teacher.cfg.vocab_size,
-                model.cfg.vocab_size
-            )));
-        }
-        if let Some(k) = self.top_k {
-            if k > model.cfg.vocab_size {
-                return Err(Error::InvalidArgument(format!(
-                    "method 'oracle': top_k = {k} exceeds the vocabulary size {}",
-                    model.cfg.vocab_size
-                )));
-            }
-        }
+        let what = format!("the teacher {}", path.display());
+        check_teacher(
+            "oracle",
+            &what,
+            &teacher,
+            model,
+            self.top_k,
+            ": logits cannot be matched",
+        )?;
         self.teacher = Some(teacher);
         Ok(())
     }
