@@ -430,23 +430,14 @@ fn forget_weight_gradients(
             cfg.target_modules
         )));
     }
-    let mut sums: Vec<Vec<f64>> = meta.iter().map(|(_, o, i)| vec![0.0; o * i]).collect();
-    let refs: Vec<&EncodedExample> = forget.iter().collect();
-    for chunk in refs.chunks(batch_size) {
-        let batch = collate(chunk, pad_id, &copy.device)?;
-        let logits = copy.forward(
-            &crate::model::ModelInput::new(&batch.input_ids, Some(&batch.attention_mask)),
-            &ForwardOptions::base_model(),
-        )?;
-        let (nll, _) = shifted_token_nll(&logits, &batch.labels)?;
-        let grads = grads_of(&nll.sum_all()?, &vars)?;
-        for (sum, g) in sums.iter_mut().zip(grads) {
-            let g = g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-            for (s, v) in sum.iter_mut().zip(g) {
-                *s += v;
-            }
-        }
-    }
+    let sums = summed_nll_gradients(
+        &copy,
+        &vars,
+        forget,
+        batch_size,
+        pad_id,
+        &ForwardOptions::base_model(),
+    )?;
     Ok(meta
         .into_iter()
         .zip(sums)
@@ -462,24 +453,38 @@ fn subspace_forget_gradient(
     batch_size: usize,
     pad_id: u32,
 ) -> Result<Vec<f64>> {
-    let mut sum: Vec<f64> = Vec::new();
-    let refs: Vec<&EncodedExample> = forget.iter().collect();
+    let opts = ForwardOptions::default();
+    let sums = summed_nll_gradients(model, b_vars, forget, batch_size, pad_id, &opts)?;
+    Ok(sums.concat())
+}
+
+/// Σ over `examples` of the gradient of the summed answer-token NLL w.r.t. each of `vars`
+/// (flattened, f64), in batches of `batch_size`.
+fn summed_nll_gradients(
+    model: &Decoder,
+    vars: &[Var],
+    examples: &[EncodedExample],
+    batch_size: usize,
+    pad_id: u32,
+    opts: &ForwardOptions,
+) -> Result<Vec<Vec<f64>>> {
+    let mut sums: Vec<Vec<f64>> = vars.iter().map(|v| vec![0.0; v.elem_count()]).collect();
+    let refs: Vec<&EncodedExample> = examples.iter().collect();
     for chunk in refs.chunks(batch_size) {
         let batch = collate(chunk, pad_id, &model.device)?;
         let logits = model.forward(
             &crate::model::ModelInput::new(&batch.input_ids, Some(&batch.attention_mask)),
-            &ForwardOptions::default(),
+            opts,
         )?;
         let (nll, _) = shifted_token_nll(&logits, &batch.labels)?;
-        let g = flat_grads(&nll.sum_all()?, b_vars)?;
-        if sum.is_empty() {
-            sum = vec![0.0; g.len()];
-        }
-        for (s, v) in sum.iter_mut().zip(g) {
-            *s += v as f64;
+        for (sum, g) in sums.iter_mut().zip(grads_of(&nll.sum_all()?, vars)?) {
+            let g = g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            for (s, v) in sum.iter_mut().zip(g) {
+                *s += v;
+            }
         }
     }
-    Ok(sum)
+    Ok(sums)
 }
 
 /// Give each targeted module a LoRA with A = its basis (fixed) and B = 0, scale 1.
