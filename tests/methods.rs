@@ -74,6 +74,15 @@ impl Fx {
     }
 
     /// Build, prepare and evaluate a method on the fixed batch (LoRA on, no dropout).
+    /// The error of a method whose parameters parse but whose `prepare` must fail.
+    fn prepare_error(&self, name: &str, params: &str) -> String {
+        let mut m = methods::build(name, &toml::from_str(params).unwrap()).unwrap();
+        m.prepare(&self.model, &self.forget.examples, self.pad)
+            .err()
+            .unwrap()
+            .to_string()
+    }
+
     fn eval(&self, name: &str, params: &str) -> (Box<dyn Method>, LossOutput) {
         let params: toml::Table = toml::from_str(params).unwrap();
         let mut method = methods::build(name, &params).unwrap();
@@ -703,16 +712,7 @@ fn dmm_loss_matches_hand_computation() {
     assert_close(loss_value(&out), 0.2 * f + 0.8 * r, "dmm base-retain L");
 
     // a missing shadow adapter names the directory
-    let mut m = methods::build(
-        "dmm",
-        &toml::from_str("target = \"shadow:/nonexistent/shadow\"").unwrap(),
-    )
-    .unwrap();
-    let e = m
-        .prepare(&fx.model, &fx.forget.examples, fx.pad)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = fx.prepare_error("dmm", "target = \"shadow:/nonexistent/shadow\"");
     assert!(e.contains("/nonexistent/shadow"), "{e}");
 }
 
@@ -724,16 +724,7 @@ fn oracle_parameter_errors() {
         .unwrap()
         .to_string();
     assert!(e.contains("teacher"), "{e}");
-    let mut m = methods::build(
-        "oracle",
-        &toml::from_str("teacher = \"/nonexistent/teacher\"").unwrap(),
-    )
-    .unwrap();
-    let e = m
-        .prepare(&fx.model, &fx.forget.examples, fx.pad)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = fx.prepare_error("oracle", "teacher = \"/nonexistent/teacher\"");
     assert!(e.contains("/nonexistent/teacher"), "{e}");
     let e = methods::build(
         "oracle",
