@@ -1,4 +1,4 @@
-//! The unlearning methods WGA, SatImp, UNDIAL, CE-U, IdkDPO, RMU, oracle matching and DMM on the
+//! The unlearning methods WGA, SatImp, UNDIAL, CE-U, IdkDPO, RMU, ME, oracle matching and DMM on the
 //! llama fixture: each loss equals a hand computation (log-probabilities computed here, on the
 //! host, in f64), training moves the model in the intended direction, and unknown parameters are
 //! errors naming the key.
@@ -233,6 +233,57 @@ fn wga_loss_matches_hand_computation() {
     let (m, out) = fx.eval("wga", "alpha = 0");
     assert!(!m.needs_retain());
     assert_close(loss_value(&out), lf(1.0), "wga L (α 0)");
+}
+
+/// KL(uniform ‖ softmax(z)) = −ln V − mean_v log softmax(z)_v
+fn kl_from_uniform(z: &[f64]) -> f64 {
+    -(z.len() as f64).ln() - mean(&log_softmax(z))
+}
+
+/// ME's forget term: KL(uniform ‖ p_θ) averaged over the answer positions.
+fn host_me(logits: &Logits, labels: &[Vec<i64>]) -> f64 {
+    let kl: Vec<f64> = answer_positions(labels)
+        .into_iter()
+        .map(|(b, t, _, _)| kl_from_uniform(&logits[b][t]))
+        .collect();
+    mean(&kl)
+}
+
+#[test]
+fn me_loss_matches_hand_computation() {
+    let fx = setup(None);
+    let b = fx.batch();
+    let lf = host_me(&trained(&fx.model, &b.forget), &labels(&b.forget));
+    assert!(lf > 0.01, "the adapted fixture is not flat: {lf}");
+    let retain = b.retain.as_ref().unwrap();
+    let nll_r = host_nll(&trained(&fx.model, retain), &labels(retain));
+
+    // defaults: γ = α = 1, retain NLL
+    let (m, out) = fx.eval("me", "");
+    assert!(m.needs_retain());
+    assert_close(log_value(&out, "forget_loss"), lf, "me L_f");
+    assert_close(log_value(&out, "retain_loss"), nll_r, "me L_r");
+    assert_close(loss_value(&out), lf + nll_r, "me L");
+    let (_, out) = fx.eval("me", "gamma = 0.5\nalpha = 3.0");
+    assert_close(
+        loss_value(&out),
+        0.5 * lf + 3.0 * nll_r,
+        "me L (γ 0.5, α 3)",
+    );
+    let (m, out) = fx.eval("me", "alpha = 0");
+    assert!(!m.needs_retain());
+    assert_close(loss_value(&out), lf, "me L (α 0)");
+
+    // the same forget term inside EUPMU: raw combination L_f + λ₀·L_r
+    let (_, out) = fx.eval(
+        "eupmu",
+        "forget_loss = \"me\"\nlambda_init = 0.7\ncombination = \"raw\"",
+    );
+    assert_close(log_value(&out, "forget_loss"), lf, "eupmu (me) L_f");
+    assert_close(loss_value(&out), lf + 0.7 * nll_r, "eupmu (me) L");
+    let params: toml::Table = toml::from_str("forget_loss = \"me\"\nbeta = 0.1").unwrap();
+    let e = methods::build("eupmu", &params).err().unwrap().to_string();
+    assert!(e.contains("beta") && e.contains("me"), "{e}");
 }
 
 #[test]
@@ -746,7 +797,9 @@ fn oracle_parameter_errors() {
 
 #[test]
 fn unknown_parameters_are_errors_naming_the_key() {
-    for name in ["wga", "satimp", "undial", "ceu", "idkdpo", "rmu", "oracle"] {
+    for name in [
+        "wga", "satimp", "undial", "ceu", "idkdpo", "rmu", "oracle", "me",
+    ] {
         let mut params: toml::Table = toml::from_str("bogus_knob = 1").unwrap();
         if name == "oracle" {
             params.insert("teacher".into(), toml::Value::String("t".into()));
@@ -845,6 +898,21 @@ fn idkdpo_training_raises_the_forget_nll() {
 #[test]
 fn ceu_training_raises_the_forget_nll() {
     forget_nll_rises("name = \"ceu\"");
+}
+
+#[test]
+fn me_training_flattens_the_forget_distributions() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = train(dir.path(), "name = \"me\"\nalpha = 0", 3);
+    let (base, after) = before_after(&out);
+    let batch = forget_all();
+    let l = labels(&batch);
+    let before = host_me(&trained(&base, &batch), &l);
+    let now = host_me(&trained(&after, &batch), &l);
+    assert!(
+        now < 0.8 * before,
+        "KL(uniform ‖ p) on forget: {before} → {now}"
+    );
 }
 
 #[test]

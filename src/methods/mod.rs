@@ -16,6 +16,7 @@ pub mod eupmu;
 pub mod grad_ascent;
 pub mod grad_diff;
 pub mod idk_dpo;
+pub mod me;
 pub mod npo;
 pub mod oracle;
 pub mod rmu;
@@ -118,6 +119,10 @@ pub const METHODS: &[(&str, &str)] = &[
     ),
     ("simnpo", "reference-free NPO on length-normalised NLL"),
     (
+        "me",
+        "ME+GD: forget answers pushed to a flat next-token distribution, retain NLL or KL",
+    ),
+    (
         "eupmu",
         "constrained forgetting by implicit gradient surgery (dual variable on the retain loss)",
     ),
@@ -176,6 +181,7 @@ pub fn build(name: &str, params: &toml::Table) -> Result<Box<dyn Method>> {
         "rmu" => Box::new(rmu::Rmu::from_params(params)?),
         "oracle" => Box::new(oracle::Oracle::from_params(params)?),
         "dmm" => Box::new(dmm::Dmm::from_params(params)?),
+        "me" => Box::new(me::Me::from_params(params)?),
         other => {
             let names: Vec<&str> = METHODS.iter().map(|m| m.0).collect();
             return Err(Error::InvalidArgument(format!(
@@ -310,6 +316,8 @@ pub enum ForgetLoss {
     Npo { beta: f64 },
     /// SimNPO
     Simnpo { beta: f64, delta: f64 },
+    /// KL(uniform ‖ π_θ) on the answer tokens (ME)
+    Me,
 }
 
 impl ForgetLoss {
@@ -331,12 +339,18 @@ impl ForgetLoss {
                     beta: beta.unwrap_or(npo::default_beta()),
                 })
             }
+            "me" => {
+                if beta.is_some() || delta.is_some() {
+                    return bad("beta/delta do not apply to forget_loss = \"me\"".into());
+                }
+                Ok(ForgetLoss::Me)
+            }
             "simnpo" => Ok(ForgetLoss::Simnpo {
                 beta: beta.unwrap_or(simnpo::default_beta()),
                 delta: delta.unwrap_or(0.0),
             }),
             other => bad(format!(
-                "unknown forget_loss '{other}' (use ga, npo or simnpo)"
+                "unknown forget_loss '{other}' (use ga, npo, simnpo or me)"
             )),
         }
     }
@@ -386,6 +400,7 @@ pub fn forget_term(
         ForgetLoss::Ga => Ok(mean_nll(&lg, batch)?.neg()?),
         ForgetLoss::Npo { beta } => npo::npo_loss(&lg, batch, reference, beta),
         ForgetLoss::Simnpo { beta, delta } => simnpo::simnpo_loss(&lg, batch, beta, delta),
+        ForgetLoss::Me => me::me_loss(&lg, batch),
     }
 }
 
