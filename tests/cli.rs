@@ -176,6 +176,20 @@ fn bad_inputs_exit_non_zero_with_a_message() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("adapter_config.json"));
     assert!(!dir.path().join("m").exists());
+    // a missing data file: named, and the operating system's reason said once
+    let o = unlearn(&[
+        "score",
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "--data",
+        dir.path().join("absent.jsonl").to_str().unwrap(),
+        "--out",
+        dir.path().join("o.jsonl").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("absent.jsonl"), "{err}");
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
 }
 
 #[test]
