@@ -186,6 +186,8 @@ pub struct TrainSection {
     pub max_grad_norm: f64,
     /// write a resumable checkpoint every N steps (0: only at the end)
     pub checkpoint_every: usize,
+    /// keep only the N most recent checkpoints, plus the best evaluated one (0: keep every one)
+    pub keep_checkpoints: usize,
     /// print a log line every N steps when not on a terminal
     pub log_every: usize,
 }
@@ -206,6 +208,7 @@ impl Default for TrainSection {
             warmup_steps: 0,
             max_grad_norm: 1.0,
             checkpoint_every: 0,
+            keep_checkpoints: 0,
             log_every: 10,
         }
     }

@@ -669,6 +669,35 @@ fn log_sigmoid_value_and_gradient_including_zero() {
 }
 
 #[test]
+fn keep_checkpoints_prunes_older_checkpoints_and_resume_still_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = write_recipe(
+        tmp.path(),
+        "graddiff",
+        "",
+        "steps = 5\ncheckpoint_every = 1\nkeep_checkpoints = 2",
+    );
+    run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default()).unwrap();
+    let root = tmp.path().join("out/checkpoints");
+    let mut left: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, vec!["step-000004", "step-000005"]);
+    // resuming a finished run finds the latest checkpoint and has nothing left to do
+    let s = run(
+        &Recipe::load(&p, &[]).unwrap(),
+        &RunOptions {
+            resume: Some(tmp.path().join("out")),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(s.steps, 5);
+}
+
+#[test]
 fn evaluation_during_the_run_logs_summaries_and_selects_the_best_step() {
     let tmp = tempfile::tempdir().unwrap();
     let eval = format!(

@@ -522,6 +522,11 @@ pub(crate) fn drive(s: &mut Session, opts: &RunOptions) -> Result<LoopEnd> {
             let summary = ev.run(step, Some(&ckpt))?;
             write_eval_line(&mut metrics, &metrics_path, step, summary)?;
         }
+        if t.keep_checkpoints > 0 && (due || eval_due || interrupted || step == total_steps) {
+            // after the evaluation, so that a new best is known before older ones go
+            let best = s.evaluator.as_ref().and_then(|ev| ev.best).map(|b| b.0);
+            prune_checkpoints(&out_dir.join("checkpoints"), t.keep_checkpoints, best)?;
+        }
         if interrupted {
             break;
         }
@@ -664,14 +669,10 @@ fn save_checkpoint(
     replace_dir(&staging, &final_dir)
 }
 
-/// A checkpoint dir itself, or the latest `checkpoints/step-*` of an output dir.
-pub fn find_checkpoint(path: &Path) -> Result<PathBuf> {
-    if path.join("state.json").exists() {
-        return Ok(path.to_path_buf());
-    }
-    let root = path.join("checkpoints");
-    let mut steps: Vec<PathBuf> = std::fs::read_dir(&root)
-        .map_err(|e| Error::io(&root, e))?
+/// The complete checkpoints (`step-*` with a state.json) under `root`, oldest first.
+fn checkpoint_dirs(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(root)
+        .map_err(|e| Error::io(root, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.file_name()
@@ -679,8 +680,78 @@ pub fn find_checkpoint(path: &Path) -> Result<PathBuf> {
                 && p.join("state.json").exists()
         })
         .collect();
+    // zero-padded step numbers: name order is step order
     steps.sort();
-    steps
+    Ok(steps)
+}
+
+/// A checkpoint dir itself, or the latest `checkpoints/step-*` of an output dir.
+pub fn find_checkpoint(path: &Path) -> Result<PathBuf> {
+    if path.join("state.json").exists() {
+        return Ok(path.to_path_buf());
+    }
+    let root = path.join("checkpoints");
+    checkpoint_dirs(&root)?
         .pop()
         .ok_or_else(|| Error::config(&root, "no checkpoint (step-*/state.json) to resume from"))
+}
+
+/// Delete every checkpoint under `root` but the `keep` most recent and the one of step `best`
+/// (the run's best evaluation names it in best.json).
+fn prune_checkpoints(root: &Path, keep: usize, best: Option<usize>) -> Result<()> {
+    let steps = checkpoint_dirs(root)?;
+    let old = steps.len().saturating_sub(keep);
+    let best_name = best.map(|b| format!("step-{b:06}"));
+    for dir in &steps[..old] {
+        if dir.file_name().and_then(|n| n.to_str()) == best_name.as_deref() {
+            continue;
+        }
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(root: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn pruning_keeps_the_latest_and_the_best_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = &tmp.path().join("checkpoints");
+        for step in 1..=5 {
+            let d = root.join(format!("step-{step:06}"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("state.json"), "{}").unwrap();
+        }
+        // a checkpoint still being written is not a checkpoint yet
+        std::fs::create_dir_all(root.join(".step-000006.tmp")).unwrap();
+        prune_checkpoints(root, 2, Some(2)).unwrap();
+        assert_eq!(
+            names(root),
+            vec![
+                ".step-000006.tmp",
+                "step-000002",
+                "step-000004",
+                "step-000005"
+            ]
+        );
+        prune_checkpoints(root, 1, None).unwrap();
+        assert_eq!(names(root), vec![".step-000006.tmp", "step-000005"]);
+        assert_eq!(
+            find_checkpoint(tmp.path()).unwrap(),
+            root.join("step-000005")
+        );
+        prune_checkpoints(root, 3, None).unwrap();
+        assert_eq!(names(root), vec![".step-000006.tmp", "step-000005"]);
+    }
 }
