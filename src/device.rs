@@ -28,7 +28,14 @@ pub fn parse_device(name: &str) -> Result<Device> {
             "device '{name}': this binary was built without CUDA support (build it with scripts/build-cuda.sh)"
         )));
     }
-    Ok(Device::new_cuda(ordinal)?)
+    Device::new_cuda(ordinal).map_err(|e| {
+        // candle's driver errors carry a backtrace in their message: keep the first line
+        let first = e.to_string();
+        let reason = first.lines().next().unwrap_or_default().trim().to_string();
+        Error::InvalidArgument(format!(
+            "device '{name}': cannot open CUDA device {ordinal} ({reason}); check that an NVIDIA driver is installed and the GPU is visible (nvidia-smi, CUDA_VISIBLE_DEVICES)"
+        ))
+    })
 }
 
 /// Base weights in bf16 on GPUs (LoRA weights, gradients, optimizer state and losses stay f32);
