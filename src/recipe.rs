@@ -877,6 +877,11 @@ pub struct AttributeReportSection {
     pub oracle: String,
     /// `SPLIT=PATH` entries to compare on (e.g. forget, retain, holdout)
     pub data: Vec<String>,
+    /// other models retrained without the forget set (other seeds): the report adds the KL of
+    /// their mean distribution to the oracle, what retraining itself gets without the oracle's
+    /// own seed — the floor a prediction can be judged against
+    #[serde(default)]
+    pub references: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -940,6 +945,7 @@ impl AttributeRecipe {
         recipe.data.calibrate = recipe.data.calibrate.as_deref().map(fix);
         if let Some(r) = &mut recipe.report {
             r.oracle = fix(&r.oracle);
+            r.references = r.references.iter().map(|p| fix(p)).collect();
             r.data = r
                 .data
                 .iter()

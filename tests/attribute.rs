@@ -1,7 +1,9 @@
 //! `unlearn attribute` on the bundled tiny target: the shadow adapter it writes is a PEFT adapter
 //! whose A rows are orthonormal (the forget gradient's top singular directions), whose step the
 //! auto scale sized so that the forget NLL equals the NLL of never-seen people, and which
-//! reproduces, when loaded back, the NLL the report states. Bad recipes are errors naming the key.
+//! reproduces, when loaded back, the NLL the report states. With reference models the report adds
+//! the KL of their mean to the oracle (checked by identities). Bad recipes are errors naming the
+//! key.
 mod common;
 use candle_core::DType;
 use common::*;
@@ -108,6 +110,8 @@ fn shadow_adapter_is_calibrated_and_reloads() {
         assert_eq!(forget.split, "forget");
         assert_eq!(forget.items, 20);
         assert!(forget.kl_target_oracle > 0.5 && forget.kl_shadow_oracle.is_finite());
+        // no report.references: no retraining floor
+        assert!(e.splits.iter().all(|sp| sp.kl_references_oracle.is_none()));
     }
 
     // the saved adapter: A rows orthonormal, and loading it reproduces the reported NLL
@@ -189,4 +193,48 @@ fn bad_attribute_recipes_name_the_key() {
         .unwrap()
         .to_string();
     assert!(e.contains("/nonexistent/f.jsonl"), "{e}");
+}
+
+#[test]
+fn reference_models_give_the_retraining_floor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = recipe(tmp.path(), "");
+    let target = repo("data/models/target").display().to_string();
+    let oracle = repo("data/models/retain").display().to_string();
+    let run = |refs: &str| {
+        let set = [format!("report.references={refs}")];
+        let r = AttributeRecipe::load(&path, &set).unwrap();
+        unlearn::attribute::run(&r, &cpu(), false).unwrap()
+    };
+    // the mean of one model is that model: its KL to the oracle is the target's
+    let one = run(&format!("[{target:?}]"));
+    for sp in &one.estimators[0].splits {
+        let floor = sp.kl_references_oracle.unwrap();
+        assert!(
+            (floor - sp.kl_target_oracle).abs() < 1e-4 * sp.kl_target_oracle,
+            "{}: {floor} vs {}",
+            sp.split,
+            sp.kl_target_oracle
+        );
+    }
+    // mixing in the oracle itself: KL(½p + ½q ‖ q) ≤ ½·KL(p ‖ q) by convexity, and > 0
+    let two = run(&format!("[{target:?}, {oracle:?}]"));
+    for sp in &two.estimators[0].splits {
+        let floor = sp.kl_references_oracle.unwrap();
+        assert!(
+            floor > 0.0 && floor <= 0.5 * sp.kl_target_oracle,
+            "{}: {floor} vs {}",
+            sp.split,
+            sp.kl_target_oracle
+        );
+    }
+    let md = std::fs::read_to_string(tmp.path().join("run/report.md")).unwrap();
+    assert!(md.contains("KL(references‖oracle)"), "{md}");
+    // a reference that does not exist is named
+    let set = ["report.references=[\"/nonexistent/model\"]".to_string()];
+    let r = AttributeRecipe::load(&path, &set).unwrap();
+    let e = unlearn::attribute::run(&r, &cpu(), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/nonexistent/model"), "{e}");
 }

@@ -94,6 +94,8 @@ pub struct SplitReport {
     /// Pearson correlation over items of the per-item loss change (mean NLL) predicted by the
     /// shadow (shadow − target) and the real one (oracle − target)
     pub loss_change_correlation: Option<f64>,
+    /// mean over answer tokens of KL(mean of the report.references models ‖ oracle)
+    pub kl_references_oracle: Option<f64>,
 }
 
 /// Per-item sums over answer tokens.
@@ -212,13 +214,22 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
     )?;
     let report_sets = match &recipe.report {
         Some(r) => {
-            let oracle = Decoder::load(Path::new(&r.oracle), DType::F32, device)?;
-            if oracle.cfg.vocab_size != model.cfg.vocab_size {
-                return Err(Error::InvalidArgument(format!(
-                    "report.oracle {}: vocabulary size {} differs from the model's {}",
-                    r.oracle, oracle.cfg.vocab_size, model.cfg.vocab_size
-                )));
-            }
+            let load = |key: &str, p: &str| -> Result<Decoder> {
+                let m = Decoder::load(Path::new(p), DType::F32, device)?;
+                if m.cfg.vocab_size != model.cfg.vocab_size {
+                    return Err(Error::InvalidArgument(format!(
+                        "{key} {p}: vocabulary size {} differs from the model's {}",
+                        m.cfg.vocab_size, model.cfg.vocab_size
+                    )));
+                }
+                Ok(m)
+            };
+            let oracle = load("report.oracle", &r.oracle)?;
+            let references = r
+                .references
+                .iter()
+                .map(|p| load("report.references", p))
+                .collect::<Result<Vec<_>>>()?;
             let mut sets = Vec::new();
             for entry in &r.data {
                 let (split, path) = entry.split_once('=').unwrap_or(("data", entry));
@@ -231,7 +242,18 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
                     a.batch_size,
                     pad_id,
                 )?;
-                sets.push((split.to_string(), ds, target));
+                let floor = if references.is_empty() {
+                    None
+                } else {
+                    Some(mixture_kl(
+                        &references,
+                        &oracle,
+                        &ds.examples,
+                        a.batch_size,
+                        pad_id,
+                    )?)
+                };
+                sets.push((split.to_string(), ds, target, floor));
             }
             Some((oracle, sets))
         }
@@ -305,7 +327,7 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
         )?;
         let mut splits = Vec::new();
         if let Some((oracle, sets)) = &report_sets {
-            for (split, ds, target) in sets {
+            for (split, ds, target, floor) in sets {
                 let shadow = item_stats(
                     &model,
                     &ForwardOptions::eval(),
@@ -314,7 +336,7 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
                     a.batch_size,
                     pad_id,
                 )?;
-                splits.push(split_report(split, target, &shadow));
+                splits.push(split_report(split, target, &shadow, *floor));
             }
         }
         reports.push(EstimatorReport {
@@ -757,7 +779,64 @@ fn item_stats(
     Ok(out)
 }
 
-fn split_report(split: &str, target: &[ItemStats], shadow: &[ItemStats]) -> SplitReport {
+/// Mean over answer tokens of KL(p̄ ‖ oracle), p̄ the mean of the `models`' next-token
+/// distributions.
+fn mixture_kl(
+    models: &[Decoder],
+    oracle: &Decoder,
+    examples: &[EncodedExample],
+    batch_size: usize,
+    pad_id: u32,
+) -> Result<f64> {
+    let (mut kl_sum, mut tokens) = (0.0, 0usize);
+    let refs: Vec<&EncodedExample> = examples.iter().collect();
+    for chunk in refs.chunks(batch_size) {
+        let batch = collate(chunk, pad_id, &oracle.device)?;
+        let input = crate::model::ModelInput::new(&batch.input_ids, Some(&batch.attention_mask));
+        let mut sum: Option<Tensor> = None;
+        for m in models {
+            let p = log_softmax_last_dim(
+                &m.forward(&input, &ForwardOptions::base_model())?
+                    .to_dtype(DType::F32)?,
+            )?
+            .exp()?;
+            sum = Some(match sum {
+                Some(acc) => (acc + p)?,
+                None => p,
+            });
+        }
+        let Some(sum) = sum else {
+            return Err(Error::InvalidArgument("no reference model".into()));
+        };
+        let t = sum.dim(1)?;
+        let lp = (sum.narrow(1, 0, t - 1)? / models.len() as f64)?.log()?;
+        let zo = oracle
+            .forward(&input, &ForwardOptions::base_model())?
+            .to_dtype(DType::F32)?;
+        let lq = log_softmax_last_dim(&zo.narrow(1, 0, t - 1)?)?;
+        let kl = (lp.exp()? * (&lp - &lq)?)?
+            .sum(D::Minus1)?
+            .to_vec2::<f32>()?;
+        let (_, mask) = shifted_token_nll(&zo, &batch.labels)?;
+        let mask = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        for (kl_row, mask_row) in kl.iter().zip(&mask) {
+            for (k, m) in kl_row.iter().zip(mask_row) {
+                if *m > 0.0 {
+                    kl_sum += *k as f64;
+                    tokens += 1;
+                }
+            }
+        }
+    }
+    Ok(kl_sum / tokens.max(1) as f64)
+}
+
+fn split_report(
+    split: &str,
+    target: &[ItemStats],
+    shadow: &[ItemStats],
+    kl_references_oracle: Option<f64>,
+) -> SplitReport {
     let tokens: usize = target.iter().map(|s| s.tokens).sum();
     let per_token =
         |v: &[ItemStats]| v.iter().map(|s| s.kl_to_oracle).sum::<f64>() / tokens.max(1) as f64;
@@ -778,6 +857,7 @@ fn split_report(split: &str, target: &[ItemStats], shadow: &[ItemStats]) -> Spli
         kl_target_oracle: per_token(target),
         kl_shadow_oracle: per_token(shadow),
         loss_change_correlation: pearson(&predicted, &real),
+        kl_references_oracle,
     }
 }
 
@@ -849,6 +929,20 @@ fn markdown(r: &AttributeReport) -> String {
                     sp.loss_change_correlation
                         .map_or("–".into(), |c| format!("{c:.3}"))
                 ));
+            }
+        }
+        if let Some(e) = r.estimators.first() {
+            if e.splits.iter().any(|sp| sp.kl_references_oracle.is_some()) {
+                s.push_str("\nRetraining itself, for scale: KL(mean of the report.references models ‖ oracle) per split — what models retrained without the forget set get without the oracle's own seed:\n\n| split | KL(references‖oracle) | ratio to KL(target‖oracle) |\n|---|---|---|\n");
+                for sp in &e.splits {
+                    if let Some(k) = sp.kl_references_oracle {
+                        s.push_str(&format!(
+                            "| {} | {k:.4} | {:.2} |\n",
+                            sp.split,
+                            k / sp.kl_target_oracle.max(f64::MIN_POSITIVE)
+                        ));
+                    }
+                }
             }
         }
         if let Some(c) = &r.closest {
