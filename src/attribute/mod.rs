@@ -793,39 +793,40 @@ fn mixture_kl(
     for chunk in refs.chunks(batch_size) {
         let batch = collate(chunk, pad_id, &oracle.device)?;
         let input = crate::model::ModelInput::new(&batch.input_ids, Some(&batch.attention_mask));
-        let mut sum: Option<Tensor> = None;
+        // log Σ_k p_k, accumulated in log space: a probability that underflows in f32 would
+        // give 0 · log 0 = NaN in the KL
+        let mut log_sum: Option<Tensor> = None;
         for m in models {
-            let p = log_softmax_last_dim(
+            let lp = log_softmax_last_dim(
                 &m.forward(&input, &ForwardOptions::base_model())?
                     .to_dtype(DType::F32)?,
-            )?
-            .exp()?;
-            sum = Some(match sum {
-                Some(acc) => (acc + p)?,
-                None => p,
+            )?;
+            log_sum = Some(match log_sum {
+                Some(acc) => {
+                    let high = acc.maximum(&lp)?;
+                    let gap = (&acc - &lp)?.abs()?.neg()?;
+                    (high + (gap.exp()? + 1.0)?.log()?)?
+                }
+                None => lp,
             });
         }
-        let Some(sum) = sum else {
+        let Some(log_sum) = log_sum else {
             return Err(Error::InvalidArgument("no reference model".into()));
         };
-        let t = sum.dim(1)?;
-        let lp = (sum.narrow(1, 0, t - 1)? / models.len() as f64)?.log()?;
-        let zo = oracle
-            .forward(&input, &ForwardOptions::base_model())?
-            .to_dtype(DType::F32)?;
-        let lq = log_softmax_last_dim(&zo.narrow(1, 0, t - 1)?)?;
+        let lp = (log_sum - (models.len() as f64).ln())?;
+        let lq = log_softmax_last_dim(
+            &oracle
+                .forward(&input, &ForwardOptions::base_model())?
+                .to_dtype(DType::F32)?,
+        )?;
         let kl = (lp.exp()? * (&lp - &lq)?)?
             .sum(D::Minus1)?
-            .to_vec2::<f32>()?;
-        let (_, mask) = shifted_token_nll(&zo, &batch.labels)?;
-        let mask = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        for (kl_row, mask_row) in kl.iter().zip(&mask) {
-            for (k, m) in kl_row.iter().zip(mask_row) {
-                if *m > 0.0 {
-                    kl_sum += *k as f64;
-                    tokens += 1;
-                }
-            }
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        // the positions that predict an answer token, as rows of the flattened [B·T]
+        for row in crate::methods::answer_positions(&batch.labels)?.rows {
+            kl_sum += kl[row as usize] as f64;
+            tokens += 1;
         }
     }
     Ok(kl_sum / tokens.max(1) as f64)
