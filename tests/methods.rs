@@ -1,7 +1,7 @@
-//! The unlearning methods WGA, SatImp, UNDIAL, CE-U, IdkDPO, RMU, ME, oracle matching and DMM on the
-//! llama fixture: each loss equals a hand computation (log-probabilities computed here, on the
-//! host, in f64), training moves the model in the intended direction, and unknown parameters are
-//! errors naming the key.
+//! The unlearning methods WGA, SatImp, UNDIAL, CE-U, IdkDPO, RMU, ME, oracle matching and DMM on
+//! the llama fixture: each loss equals a hand computation (log-probabilities computed here, on
+//! the host, in f64), training moves the model in the intended direction, and unknown parameters
+//! are errors naming the key.
 mod common;
 use candle_core::{DType, Tensor, Var};
 use common::*;
