@@ -1,20 +1,11 @@
 //! GradDiff: L = γ·(−NLL(x_f)) + α·L_r, with L_r the retain NLL or KL(π_ref‖π_θ).
-use super::{logits, mean_nll, retain_loss, scalar, Ctx, LossOutput, Method, RetainLoss};
+use super::{
+    logits, mean_nll, retain_loss, scalar, Ctx, LossOutput, Method, RetainLoss,
+    WeightedRetainParams,
+};
 use crate::error::Result;
 use crate::recipe::method_params;
 use crate::train::batch::PairedBatch;
-use serde::Deserialize;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Params {
-    #[serde(default = "super::one")]
-    gamma: f64,
-    #[serde(default = "super::one")]
-    alpha: f64,
-    #[serde(default)]
-    retain_loss: RetainLoss,
-}
 
 pub struct GradDiff {
     gamma: f64,
@@ -24,7 +15,7 @@ pub struct GradDiff {
 
 impl GradDiff {
     pub fn from_params(params: &toml::Table) -> Result<Self> {
-        let p: Params = method_params("graddiff", params)?;
+        let p: WeightedRetainParams = method_params("graddiff", params)?;
         Ok(GradDiff {
             gamma: p.gamma,
             alpha: p.alpha,

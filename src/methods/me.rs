@@ -11,24 +11,14 @@
 //! model that never saw the forget set looks like to probability-based evaluations. L_f is 0 at
 //! the uniform distribution and bounded below, so it cannot diverge like gradient ascent.
 use super::combine_with_retain;
-use super::{answer_positions, flat_rows, logits, Ctx, LossOutput, Method, RetainLoss};
+use super::{
+    answer_positions, flat_rows, logits, Ctx, LossOutput, Method, RetainLoss, WeightedRetainParams,
+};
 use crate::error::Result;
 use crate::model::ops::log_softmax_last_dim;
 use crate::recipe::method_params;
 use crate::train::batch::{ItemBatch, PairedBatch};
 use candle_core::{Tensor, D};
-use serde::Deserialize;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Params {
-    #[serde(default = "super::one")]
-    gamma: f64,
-    #[serde(default = "super::one")]
-    alpha: f64,
-    #[serde(default)]
-    retain_loss: RetainLoss,
-}
 
 pub struct Me {
     gamma: f64,
@@ -38,7 +28,7 @@ pub struct Me {
 
 impl Me {
     pub fn from_params(params: &toml::Table) -> Result<Self> {
-        let p: Params = method_params("me", params)?;
+        let p: WeightedRetainParams = method_params("me", params)?;
         Ok(Me {
             gamma: p.gamma,
             alpha: p.alpha,

@@ -288,6 +288,18 @@ pub fn kl_ref_model(reference_logits: &Tensor, logits: &Tensor) -> Result<Tensor
     Ok((kl / (b * t) as f64)?)
 }
 
+/// The parameters of a γ·L_f + α·L_r objective that has no others (GradDiff, ME).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WeightedRetainParams {
+    #[serde(default = "one")]
+    pub gamma: f64,
+    #[serde(default = "one")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub retain_loss: RetainLoss,
+}
+
 /// γ·L_f (+ α·L_r when α ≠ 0), with the usual logs.
 pub fn combine_with_retain(
     lf: Tensor,
