@@ -4,7 +4,9 @@
 //!
 //!   L = M(x_f) + retain_weight · M(x_r)
 //!
-//! each M a mean over the non-padding positions (attention mask 1, prompt included) of its batch:
+//! each M a mean over the non-padding positions (attention mask 1, prompt included) of its batch,
+//! or with `positions = "answer"` only over the positions that predict an answer token (the
+//! prompt's logits are then free, which leaves the adapter's capacity to the answers):
 //! - `loss = "mse"` (default): mean over positions and vocabulary of (z_θ − z_teacher)²;
 //! - `loss = "kl"`: KL(teacher ‖ student) = Σ_v p_T (log p_T − log p_θ) per position.
 //!
@@ -41,6 +43,33 @@ struct Params {
     #[serde(default = "super::one")]
     retain_weight: f64,
     top_k: Option<usize>,
+    #[serde(default)]
+    positions: MatchPositions,
+}
+
+/// Which positions' logits are matched: every non-padding position (prompt included) or only
+/// those that predict an answer token.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MatchPositions {
+    #[default]
+    All,
+    Answer,
+}
+
+/// The [B, T] mask of the positions whose next token is an answer token (labels[b, t + 1] ≥ 0).
+pub fn answer_mask(labels: &Tensor) -> Result<Tensor> {
+    let rows = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+    let (b, t) = (rows.len(), rows.first().map_or(0, |r| r.len()));
+    let mut out = vec![0u32; b * t];
+    for (i, row) in rows.iter().enumerate() {
+        for j in 0..t.saturating_sub(1) {
+            if row[j + 1] >= 0 {
+                out[i * t + j] = 1;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (b, t), labels.device())?)
 }
 
 pub struct Oracle {
@@ -48,6 +77,7 @@ pub struct Oracle {
     loss: MatchLoss,
     retain_weight: f64,
     top_k: Option<usize>,
+    positions: MatchPositions,
     teacher: Option<Decoder>,
 }
 
@@ -69,6 +99,7 @@ impl Oracle {
             loss: p.loss,
             retain_weight: p.retain_weight,
             top_k: p.top_k,
+            positions: p.positions,
             teacher: None,
         })
     }
@@ -84,13 +115,11 @@ impl Oracle {
     pub fn batch_term(&self, ctx: &Ctx, batch: &ItemBatch) -> Result<Tensor> {
         let teacher = self.teacher_logits(batch)?;
         let student = logits(ctx, batch)?;
-        match_loss(
-            &student,
-            &teacher,
-            &batch.attention_mask,
-            self.loss,
-            self.top_k,
-        )
+        let mask = match self.positions {
+            MatchPositions::All => batch.attention_mask.clone(),
+            MatchPositions::Answer => answer_mask(&batch.labels)?,
+        };
+        match_loss(&student, &teacher, &mask, self.loss, self.top_k)
     }
 }
 
@@ -243,5 +272,36 @@ impl Method for Oracle {
             loss = (loss + (lr * self.retain_weight)?)?;
         }
         Ok(LossOutput { loss, logs })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Position t is kept when labels[t + 1] is an answer token: prompt and padding are not.
+    #[test]
+    fn answer_mask_marks_positions_predicting_answer_tokens() {
+        let labels = Tensor::new(
+            &[[-100i64, -100, 7, 8, -100], [-100, 5, 6, 9, 4]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mask = answer_mask(&labels).unwrap().to_vec2::<u32>().unwrap();
+        assert_eq!(mask, vec![vec![0, 1, 1, 0, 0], vec![1, 1, 1, 1, 0]]);
+    }
+
+    #[test]
+    fn positions_parameter_is_checked() {
+        let mut t = toml::Table::new();
+        t.insert("teacher".into(), "x".into());
+        t.insert("positions".into(), "answer".into());
+        assert_eq!(
+            Oracle::from_params(&t).unwrap().positions,
+            MatchPositions::Answer
+        );
+        t.insert("positions".into(), "prompt".into());
+        assert!(Oracle::from_params(&t).is_err());
     }
 }
