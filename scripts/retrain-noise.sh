@@ -3,7 +3,10 @@
 # runs are judged by: TOFU forget quality of each other-seed retain model against
 # data/models/retain (the quickstart's reference), and the KL of other-seed retrained models to
 # data/models/retrained (the attribution report's oracle; one by one and their mean). Needs the
-# ensemble of scripts/build-klom-ensemble.sh K (runs/klom/models/seed-*).
+# ensemble of scripts/build-klom-ensemble.sh K (runs/klom/models/seed-*). It also builds (once,
+# about 8 minutes each on 2 cores) the oracle's same-base siblings: recipes/build/retrained.toml
+# with data-order seeds 2 and 3 (runs/retrain-noise/samebase-s*), retrained exactly like the
+# oracle from data/models/retain, and reports their KL to it one by one.
 #
 #   scripts/retrain-noise.sh            → runs/retrain-noise/summary.md
 set -euo pipefail
@@ -46,12 +49,27 @@ list=$(IFS=,; echo "${refs[*]}")
   echo
   echo "KL to data/models/retrained (the attribution oracle), from $out/attribute/report.md:"
   echo
-  echo "Mean of the other seeds' retrained models (what retraining gets without the oracle's seed):"
+  echo "Mean of the other seeds' retrained models (the KLoM ensemble's: each retrained from scratch on its own base):"
   echo
   sed -n '/^| split | KL(references/,/^$/p' "$out/attribute/report.md"
   echo "The target and the shadow adapters:"
   echo
   sed -n '/^| estimator | split/,/^$/p' "$out/attribute/report.md"
 } >> "$out/summary.md.tmp"
+# the oracle's same-base siblings: its recipe with another data-order seed, one by one
+for s in 2 3; do
+  sib="$out/samebase-s$s"
+  [ -f "$sib/model.safetensors" ] || "$bin" train recipes/build/retrained.toml \
+    --set train.seed=$s --set "output.dir=\"$out/build-samebase-s$s\"" \
+    --set "output.model=\"$sib\"" >/dev/null
+  "$bin" attribute recipes/dmm/attribute.toml --set "report.references=[\"$sib\"]" \
+    --set "output.dir=\"$out/attribute-samebase-s$s\"" --set 'attribute.compare=[]' >/dev/null
+  {
+    echo
+    echo "Retrained from the oracle's own base with data-order seed $s ($sib):"
+    echo
+    sed -n '/^| split | KL(references/,/^$/p' "$out/attribute-samebase-s$s/report.md"
+  } >> "$out/summary.md.tmp"
+done
 mv "$out/summary.md.tmp" "$out/summary.md"
 cat "$out/summary.md"
