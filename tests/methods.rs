@@ -574,6 +574,78 @@ fn rmu_loss_matches_hand_computation() {
     }
 }
 
+/// RMU's forget term inside the constrained methods: EUPMU's L_f is the steering loss divided by
+/// c²/d, its constraint the retain NLL (full forward), combined raw as L_f + λ₀·L_r; surgery logs
+/// the same L_f. Steering keys are refused with another forget loss, beta with rmu; a missing
+/// layer and adapters above the layer at prepare.
+#[test]
+fn rmu_forget_loss_inside_eupmu_matches_hand_computation() {
+    // adapters up to the steered layer (layer 1 of 2): the forget term reaches every one
+    let fx = setup(Some(vec![0, 1]));
+    let b = fx.batch();
+    let retain = b.retain.as_ref().unwrap();
+    let c = host_steering(64, 6.5, 3);
+    let h_f = hidden(&fx.model, &b.forget, 1, &ForwardOptions::default());
+    // RMU's term divided by c²/d (d = 64)
+    let lf =
+        host_activation_loss(&h_f, &|_, _| c.clone(), &labels(&b.forget)) * 64.0 / 6.5f64.powi(2);
+    let nll_r = host_nll(&trained(&fx.model, retain), &labels(retain));
+    let (_, out) = fx.eval(
+        "eupmu",
+        "forget_loss = \"rmu\"\nlayer = 1\nsteering_coeff = 6.5\nsteering_seed = 3\nlambda_init = 0.7\ncombination = \"raw\"",
+    );
+    assert_close(log_value(&out, "forget_loss"), lf, "eupmu (rmu) L_f");
+    assert_close(log_value(&out, "retain_loss"), nll_r, "eupmu (rmu) L_r");
+    assert_close(loss_value(&out), lf + 0.7 * nll_r, "eupmu (rmu) L");
+    // the rmu method's defaults: coefficient 2, seed 42
+    let c = host_steering(64, 2.0, 42);
+    let lf = host_activation_loss(&h_f, &|_, _| c.clone(), &labels(&b.forget)) * 64.0 / 4.0;
+    let (_, out) = fx.eval("surgery", "forget_loss = \"rmu\"\nlayer = 1");
+    assert_close(log_value(&out, "forget_loss"), lf, "surgery (rmu) L_f");
+
+    let err = |params: &str| {
+        methods::build("eupmu", &toml::from_str(params).unwrap())
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    let e = err("forget_loss = \"npo\"\nlayer = 1");
+    assert!(e.contains("layer") && e.contains("\"npo\""), "{e}");
+    let e = err("forget_loss = \"rmu\"\nbeta = 0.1");
+    assert!(e.contains("beta") && e.contains("rmu"), "{e}");
+    let e = err("forget_loss = \"rmu\"\nsteering_coeff = 0.0");
+    assert!(e.contains("steering_coeff"), "{e}");
+    // retain_loss = "activation": RMU's retain term over the same c²/d, as the constrained loss
+    let h_r = hidden(&fx.model, retain, 1, &ForwardOptions::default());
+    let h_ref = hidden(&fx.model, retain, 1, &ForwardOptions::base_model());
+    let drift = host_activation_loss(&h_r, &|bi, t| h_ref[bi][t].clone(), &labels(retain)) * 16.0;
+    assert!(drift > 0.0, "the adapter must change layer 1");
+    let lf2 = lf; // c = 2, d = 64: the forget term above
+    let (_, out) = fx.eval(
+        "eupmu",
+        "forget_loss = \"rmu\"\nlayer = 1\nretain_loss = \"activation\"\nlambda_init = 10.0",
+    );
+    assert_close(
+        log_value(&out, "retain_loss"),
+        drift,
+        "eupmu (rmu) activation L_r",
+    );
+    assert_close(
+        loss_value(&out),
+        lf2 + 10.0 * drift,
+        "eupmu (rmu, activation) L",
+    );
+    let e = err("forget_loss = \"npo\"\nretain_loss = \"activation\"");
+    assert!(e.contains("activation") && e.contains("rmu"), "{e}");
+    let e = fx.prepare_error("eupmu", "forget_loss = \"rmu\"\nlayer = 5");
+    assert!(e.contains("layer 5") && e.contains("2 layers"), "{e}");
+    let e = setup(None).prepare_error("eupmu", "forget_loss = \"rmu\"\nlayer = 0");
+    assert!(
+        e.contains("model.layers.1.mlp.down_proj") && e.contains("lora.layers = [0]"),
+        "{e}"
+    );
+}
+
 #[test]
 fn rmu_rejects_missing_layers_and_adapters_above_the_layer() {
     let fx = setup(None);

@@ -16,15 +16,16 @@
 //! `fast = true` skips the extra forward: at the start of step t+1 the difference is taken
 //! between L_r(θ_t; batch_t) and L_r(θ_{t+1}; batch_{t+1}) — two different retain batches, so
 //! noisier, but free.
+use super::rmu::masked_activation_mse;
 use super::{
-    forget_term, logits, mean_nll, reference_seq_nll, scalar, Ctx, ForgetLoss, Logs, LossOutput,
-    Method,
+    forget_term, mean_nll, reference_seq_nll, scalar, Ctx, ForgetLoss, Logs, LossOutput, Method,
+    SteerKeys,
 };
 use crate::error::{Error, Result};
 use crate::model::{Decoder, ForwardOptions};
 use crate::recipe::method_params;
 use crate::tokenizer::EncodedExample;
-use crate::train::batch::PairedBatch;
+use crate::train::batch::{ItemBatch, PairedBatch};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +63,10 @@ struct Params {
     forget_loss: String,
     beta: Option<f64>,
     delta: Option<f64>,
+    /// forget_loss = "rmu": the steered layer, coefficient and seed (the rmu method's defaults)
+    layer: Option<usize>,
+    steering_coeff: Option<f64>,
+    steering_seed: Option<u64>,
     #[serde(default = "default_combination")]
     combination: Combination,
     #[serde(default = "super::one")]
@@ -82,6 +87,22 @@ struct Params {
     transform: Transform,
     #[serde(default)]
     fast: bool,
+    /// the constrained retain loss: "nll" (default) or "activation" (with forget_loss = "rmu":
+    /// RMU's retain term, the drift of the steered layer's hidden state on the retain answers
+    /// from the adapter-free model's, over the same c²/d as the forget term)
+    #[serde(default)]
+    retain_loss: ConstrainedRetain,
+}
+
+/// What the constraint keeps from rising.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ConstrainedRetain {
+    /// the retain answers' mean NLL
+    #[default]
+    Nll,
+    /// ‖h_θ(x_r) − h_ref(x_r)‖² at the RMU layer (answer tokens, per-sequence mean) · d/c²
+    Activation,
 }
 
 fn default_forget() -> String {
@@ -125,6 +146,7 @@ pub struct Eupmu {
     tolerance: f64,
     transform: Transform,
     fast: bool,
+    retain_kind: ConstrainedRetain,
     reference: Vec<f64>,
     pub state: DualState,
 }
@@ -132,7 +154,17 @@ pub struct Eupmu {
 impl Eupmu {
     pub fn from_params(params: &toml::Table) -> Result<Self> {
         let p: Params = method_params("eupmu", params)?;
-        let forget = ForgetLoss::parse("eupmu", &p.forget_loss, p.beta, p.delta)?;
+        let forget = ForgetLoss::parse(
+            "eupmu",
+            &p.forget_loss,
+            p.beta,
+            p.delta,
+            SteerKeys {
+                layer: p.layer,
+                steering_coeff: p.steering_coeff,
+                steering_seed: p.steering_seed,
+            },
+        )?;
         let tolerance = match (p.tolerance, p.code_error) {
             (Some(_), Some(_)) => {
                 return Err(Error::InvalidArgument(
@@ -146,6 +178,11 @@ impl Eupmu {
         if p.combination == Combination::Log && forget == ForgetLoss::Ga {
             return Err(Error::InvalidArgument(
                 "method 'eupmu': combination = \"log\" needs a positive forget loss; use npo or simnpo with it, or raw/convex with ga".into(),
+            ));
+        }
+        if p.retain_loss == ConstrainedRetain::Activation && !matches!(forget, ForgetLoss::Rmu(_)) {
+            return Err(Error::InvalidArgument(
+                "method 'eupmu': retain_loss = \"activation\" constrains the hidden state of the layer forget_loss = \"rmu\" steers; use it with forget_loss = \"rmu\"".into(),
             ));
         }
         if p.lambda_init < 0.0 || p.lambda_lr <= 0.0 {
@@ -162,6 +199,7 @@ impl Eupmu {
             tolerance,
             transform: p.transform,
             fast: p.fast,
+            retain_kind: p.retain_loss,
             reference: vec![],
             state: DualState {
                 lambda: p.lambda_init,
@@ -201,6 +239,27 @@ impl Eupmu {
         delta
     }
 
+    /// The constrained retain loss of `batch` under `opts`.
+    fn retain_term(
+        &self,
+        model: &Decoder,
+        batch: &ItemBatch,
+        opts: &ForwardOptions,
+    ) -> Result<Tensor> {
+        match (self.retain_kind, self.forget) {
+            (ConstrainedRetain::Activation, ForgetLoss::Rmu(s)) => {
+                let h = model.hidden_after_layer(&batch.input(), s.layer, opts)?;
+                let h_ref = model
+                    .hidden_after_layer(&batch.input(), s.layer, &ForwardOptions::base_model())?
+                    .detach();
+                let d = h.dim(candle_core::D::Minus1)? as f64;
+                let raw = masked_activation_mse(&h, &h_ref, &batch.labels)?;
+                Ok((raw * (d / (s.steering_coeff * s.steering_coeff)))?)
+            }
+            _ => mean_nll(&model.forward(&batch.input(), opts)?, batch),
+        }
+    }
+
     pub fn combine(&self, lf: &Tensor, lr: &Tensor) -> Result<Tensor> {
         let lp = self.state.lambda.max(0.0);
         Ok(match self.combination {
@@ -217,6 +276,7 @@ impl Method for Eupmu {
     }
 
     fn prepare(&mut self, model: &Decoder, forget: &[EncodedExample], pad_id: u32) -> Result<()> {
+        self.forget.check("eupmu", model)?;
         if self.forget.needs_reference() {
             self.reference = reference_seq_nll(model, forget, pad_id)?;
         }
@@ -225,7 +285,7 @@ impl Method for Eupmu {
 
     fn loss(&mut self, ctx: &Ctx, batch: &PairedBatch) -> Result<LossOutput> {
         let retain = batch.retain()?;
-        let lr = mean_nll(&logits(ctx, retain)?, retain)?;
+        let lr = self.retain_term(ctx.model, retain, ctx.opts)?;
         let lr_value = scalar(&lr)?;
         let mut logs: Logs = vec![];
         if ctx.micro == 0 {
@@ -260,9 +320,7 @@ impl Method for Eupmu {
         let eval = ForwardOptions::eval();
         let mut after = 0.0;
         for b in batches {
-            let r = b.retain()?;
-            let lg = ctx.model.forward(&r.input(), &eval)?;
-            after += scalar(&mean_nll(&lg, r)?)?;
+            after += scalar(&self.retain_term(ctx.model, b.retain()?, &eval)?)?;
         }
         after /= batches.len().max(1) as f64;
         let delta = self.h(before) - self.h(after) + self.tolerance;

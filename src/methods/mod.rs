@@ -330,12 +330,63 @@ pub enum ForgetLoss {
     Simnpo { beta: f64, delta: f64 },
     /// KL(uniform ‖ π_θ) on the answer tokens (ME)
     Me,
+    /// RMU's forget term divided by c²/d (so ≈ 1 at the start, 0 at the target): the hidden
+    /// state after a layer, on the answer tokens, steered to a fixed random vector of norm c
+    /// (no logits: the forward stops at that layer)
+    Rmu(SteerTerm),
+}
+
+/// Where and how hard [`ForgetLoss::Rmu`] steers: the hidden state after decoder layer `layer`
+/// (0-based) toward c·u/‖u‖, u drawn from `Rng::new(seed)` ([`rmu::steering_vector`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SteerTerm {
+    pub layer: usize,
+    pub steering_coeff: f64,
+    pub seed: u64,
+}
+
+/// The recipe keys of [`ForgetLoss::Rmu`] (`layer`, `steering_coeff`, `steering_seed`), for the
+/// constrained methods; each defaults to the `rmu` method's.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SteerKeys {
+    pub layer: Option<usize>,
+    pub steering_coeff: Option<f64>,
+    pub steering_seed: Option<u64>,
 }
 
 impl ForgetLoss {
-    /// From recipe keys `forget_loss = "ga" | "npo" | "simnpo"`, `beta`, `delta`.
-    pub fn parse(method: &str, name: &str, beta: Option<f64>, delta: Option<f64>) -> Result<Self> {
+    /// From recipe keys `forget_loss = "ga" | "npo" | "simnpo" | "me" | "rmu"`, `beta`, `delta`
+    /// and, for `rmu` only, `layer`, `steering_coeff`, `steering_seed`.
+    pub fn parse(
+        method: &str,
+        name: &str,
+        beta: Option<f64>,
+        delta: Option<f64>,
+        steer: SteerKeys,
+    ) -> Result<Self> {
         let bad = |m: String| Err(Error::InvalidArgument(format!("method '{method}': {m}")));
+        let steer_given = steer.layer.is_some()
+            || steer.steering_coeff.is_some()
+            || steer.steering_seed.is_some();
+        if name == "rmu" {
+            if beta.is_some() || delta.is_some() {
+                return bad("beta/delta do not apply to forget_loss = \"rmu\"".into());
+            }
+            let term = SteerTerm {
+                layer: steer.layer.unwrap_or(rmu::default_layer()),
+                steering_coeff: steer.steering_coeff.unwrap_or(rmu::default_coeff()),
+                seed: steer.steering_seed.unwrap_or(rmu::default_seed()),
+            };
+            if !(term.steering_coeff.is_finite() && term.steering_coeff > 0.0) {
+                return bad("steering_coeff must be > 0".into());
+            }
+            return Ok(ForgetLoss::Rmu(term));
+        }
+        if steer_given {
+            return bad(format!(
+                "layer/steering_coeff/steering_seed apply only to forget_loss = \"rmu\", not \"{name}\""
+            ));
+        }
         match name {
             "ga" | "gradascent" => {
                 if beta.is_some() || delta.is_some() {
@@ -362,13 +413,40 @@ impl ForgetLoss {
                 delta: delta.unwrap_or(0.0),
             }),
             other => bad(format!(
-                "unknown forget_loss '{other}' (use ga, npo, simnpo or me)"
+                "unknown forget_loss '{other}' (use ga, npo, simnpo, me or rmu)"
             )),
         }
     }
 
     pub fn needs_reference(&self) -> bool {
         matches!(self, ForgetLoss::Npo { .. })
+    }
+
+    /// Checks against the model, before training: the steered layer must exist.
+    pub fn check(&self, method: &str, model: &Decoder) -> Result<()> {
+        if let ForgetLoss::Rmu(s) = self {
+            let n = model.layers.len();
+            if s.layer >= n {
+                return Err(Error::InvalidArgument(format!(
+                    "method '{method}': forget_loss = \"rmu\" steers layer {}, but the model has {n} layers (0..{})",
+                    s.layer,
+                    n.saturating_sub(1)
+                )));
+            }
+            // Above the layer only the retain term would train the adapter, and not at all once
+            // λ reaches 0 (the trainer refuses variables without a gradient): as for `rmu`.
+            let stranded = rmu::modules_without_gradient(model, s.layer);
+            if !stranded.is_empty() {
+                let layers: Vec<String> = (0..=s.layer).map(|i| i.to_string()).collect();
+                return Err(Error::InvalidArgument(format!(
+                    "method '{method}': forget_loss = \"rmu\" stops its forward after layer {}, so the forget term cannot train these LoRA modules: {}; restrict the adapter, e.g. lora.layers = [{}]",
+                    s.layer,
+                    stranded.join(", "),
+                    layers.join(", ")
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -407,12 +485,30 @@ pub fn forget_term(
     batch: &ItemBatch,
     reference: &[f64],
 ) -> Result<Tensor> {
+    if let ForgetLoss::Rmu(s) = kind {
+        let h = ctx
+            .model
+            .hidden_after_layer(&batch.input(), s.layer, ctx.opts)?;
+        let d = h.dim(candle_core::D::Minus1)?;
+        let control = Tensor::from_vec(
+            rmu::steering_vector(d, s.steering_coeff, s.seed),
+            d,
+            h.device(),
+        )?;
+        // Divided by ‖c‖²/d = c²/d: the term is ≈ 1 while h is small next to c and falls to 0
+        // as h reaches c, the scale of the other forget losses, so that λ (which weighs the
+        // retain NLL against it) keeps its meaning; the raw term (≈ c²/d, 833 for c = 400 and
+        // d = 192) would swamp any λ in the first steps.
+        let raw = rmu::masked_activation_mse(&h, &control, &batch.labels)?;
+        return Ok((raw * (d as f64 / (s.steering_coeff * s.steering_coeff)))?);
+    }
     let lg = logits(ctx, batch)?;
     match kind {
         ForgetLoss::Ga => Ok(mean_nll(&lg, batch)?.neg()?),
         ForgetLoss::Npo { beta } => npo::npo_loss(&lg, batch, reference, beta),
         ForgetLoss::Simnpo { beta, delta } => simnpo::simnpo_loss(&lg, batch, beta, delta),
         ForgetLoss::Me => me::me_loss(&lg, batch),
+        ForgetLoss::Rmu(_) => unreachable!("handled above: no logits"),
     }
 }
 

@@ -37,13 +37,13 @@ struct Params {
     seed: u64,
 }
 
-fn default_layer() -> usize {
+pub(crate) fn default_layer() -> usize {
     7
 }
-fn default_coeff() -> f64 {
+pub(crate) fn default_coeff() -> f64 {
     2.0
 }
-fn default_seed() -> u64 {
+pub(crate) fn default_seed() -> u64 {
     42
 }
 

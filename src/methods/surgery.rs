@@ -8,7 +8,7 @@
 //! the two backwards together cost about one combined backward.
 use super::{
     forget_term, grads_of, logits, mean_nll, reference_seq_nll, scalar, Ctx, ForgetLoss, Logs,
-    LossOutput, Method,
+    LossOutput, Method, SteerKeys,
 };
 use crate::error::{Error, Result};
 use crate::model::Decoder;
@@ -25,6 +25,10 @@ struct Params {
     forget_loss: String,
     beta: Option<f64>,
     delta: Option<f64>,
+    /// forget_loss = "rmu": the steered layer, coefficient and seed (the rmu method's defaults)
+    layer: Option<usize>,
+    steering_coeff: Option<f64>,
+    steering_seed: Option<u64>,
     /// ε ≥ 0: allowed first-order retain increase per unit step
     #[serde(default)]
     tolerance: f64,
@@ -49,7 +53,17 @@ impl Surgery {
             ));
         }
         Ok(Surgery {
-            forget: ForgetLoss::parse("surgery", &p.forget_loss, p.beta, p.delta)?,
+            forget: ForgetLoss::parse(
+                "surgery",
+                &p.forget_loss,
+                p.beta,
+                p.delta,
+                SteerKeys {
+                    layer: p.layer,
+                    steering_coeff: p.steering_coeff,
+                    steering_seed: p.steering_seed,
+                },
+            )?,
             tolerance: p.tolerance,
             reference: vec![],
         })
@@ -80,6 +94,7 @@ impl Method for Surgery {
     }
 
     fn prepare(&mut self, model: &Decoder, forget: &[EncodedExample], pad_id: u32) -> Result<()> {
+        self.forget.check("surgery", model)?;
         if self.forget.needs_reference() {
             self.reference = reference_seq_nll(model, forget, pad_id)?;
         }
