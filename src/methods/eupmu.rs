@@ -19,7 +19,6 @@
 use super::rmu::masked_activation_mse;
 use super::{
     forget_term, mean_nll, reference_seq_nll, scalar, Ctx, ForgetLoss, Logs, LossOutput, Method,
-    SteerKeys,
 };
 use crate::error::{Error, Result};
 use crate::model::{Decoder, ForwardOptions};
@@ -59,14 +58,7 @@ pub enum Transform {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Params {
-    #[serde(default = "default_forget")]
-    forget_loss: String,
-    beta: Option<f64>,
-    delta: Option<f64>,
-    /// forget_loss = "rmu": the steered layer, coefficient and seed (the rmu method's defaults)
-    layer: Option<usize>,
-    steering_coeff: Option<f64>,
-    steering_seed: Option<u64>,
+    // forget_loss, beta, delta, layer, steering_coeff, steering_seed: ForgetLoss::from_method_table
     #[serde(default = "default_combination")]
     combination: Combination,
     #[serde(default = "super::one")]
@@ -105,9 +97,6 @@ pub enum ConstrainedRetain {
     Activation,
 }
 
-fn default_forget() -> String {
-    "npo".into()
-}
 fn default_combination() -> Combination {
     Combination::Raw
 }
@@ -153,18 +142,8 @@ pub struct Eupmu {
 
 impl Eupmu {
     pub fn from_params(params: &toml::Table) -> Result<Self> {
-        let p: Params = method_params("eupmu", params)?;
-        let forget = ForgetLoss::parse(
-            "eupmu",
-            &p.forget_loss,
-            p.beta,
-            p.delta,
-            SteerKeys {
-                layer: p.layer,
-                steering_coeff: p.steering_coeff,
-                steering_seed: p.steering_seed,
-            },
-        )?;
+        let (forget, rest) = ForgetLoss::from_method_table("eupmu", params)?;
+        let p: Params = method_params("eupmu", &rest)?;
         let tolerance = match (p.tolerance, p.code_error) {
             (Some(_), Some(_)) => {
                 return Err(Error::InvalidArgument(

@@ -336,6 +336,32 @@ pub enum ForgetLoss {
     Rmu(SteerTerm),
 }
 
+/// The forget-term keys of the constrained methods (eupmu, surgery).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForgetKeys {
+    #[serde(default = "default_forget_loss")]
+    forget_loss: String,
+    beta: Option<f64>,
+    delta: Option<f64>,
+    layer: Option<usize>,
+    steering_coeff: Option<f64>,
+    steering_seed: Option<u64>,
+}
+
+const FORGET_KEYS: &[&str] = &[
+    "forget_loss",
+    "beta",
+    "delta",
+    "layer",
+    "steering_coeff",
+    "steering_seed",
+];
+
+fn default_forget_loss() -> String {
+    "npo".into()
+}
+
 /// Where and how hard [`ForgetLoss::Rmu`] steers: the hidden state after decoder layer `layer`
 /// (0-based) toward c·u/‖u‖, u drawn from `Rng::new(seed)` ([`rmu::steering_vector`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -418,33 +444,33 @@ impl ForgetLoss {
         }
     }
 
+    /// The forget term of a constrained method's `[method]` table (`forget_loss`, default npo,
+    /// and its keys), and the table's other keys for the method's own parameters.
+    pub fn from_method_table(method: &str, params: &toml::Table) -> Result<(Self, toml::Table)> {
+        let (keys, rest): (toml::Table, toml::Table) = params
+            .clone()
+            .into_iter()
+            .partition(|(k, _)| FORGET_KEYS.contains(&k.as_str()));
+        let k: ForgetKeys = crate::recipe::method_params(method, &keys)?;
+        let steer = SteerKeys {
+            layer: k.layer,
+            steering_coeff: k.steering_coeff,
+            steering_seed: k.steering_seed,
+        };
+        let loss = Self::parse(method, &k.forget_loss, k.beta, k.delta, steer)?;
+        Ok((loss, rest))
+    }
+
     pub fn needs_reference(&self) -> bool {
         matches!(self, ForgetLoss::Npo { .. })
     }
 
-    /// Checks against the model, before training: the steered layer must exist.
+    /// Checks against the model, before training: for `rmu`, the steered layer exists and no
+    /// adapter sits above it (only the retain term would train it, and nothing once λ reaches 0:
+    /// the trainer refuses variables without a gradient).
     pub fn check(&self, method: &str, model: &Decoder) -> Result<()> {
         if let ForgetLoss::Rmu(s) = self {
-            let n = model.layers.len();
-            if s.layer >= n {
-                return Err(Error::InvalidArgument(format!(
-                    "method '{method}': forget_loss = \"rmu\" steers layer {}, but the model has {n} layers (0..{})",
-                    s.layer,
-                    n.saturating_sub(1)
-                )));
-            }
-            // Above the layer only the retain term would train the adapter, and not at all once
-            // λ reaches 0 (the trainer refuses variables without a gradient): as for `rmu`.
-            let stranded = rmu::modules_without_gradient(model, s.layer);
-            if !stranded.is_empty() {
-                let layers: Vec<String> = (0..=s.layer).map(|i| i.to_string()).collect();
-                return Err(Error::InvalidArgument(format!(
-                    "method '{method}': forget_loss = \"rmu\" stops its forward after layer {}, so the forget term cannot train these LoRA modules: {}; restrict the adapter, e.g. lora.layers = [{}]",
-                    s.layer,
-                    stranded.join(", "),
-                    layers.join(", ")
-                )));
-            }
+            rmu::check_steered_layer(&format!("{method}, forget_loss rmu"), s.layer, model)?;
         }
         Ok(())
     }

@@ -103,6 +103,29 @@ pub fn modules_without_gradient(model: &Decoder, layer: usize) -> Vec<String> {
         .collect()
 }
 
+/// The checks of an objective that stops its forward after `layer`: the layer exists, and no
+/// adapter sits above it (it would get no gradient from that objective).
+pub fn check_steered_layer(method: &str, layer: usize, model: &Decoder) -> Result<()> {
+    let n = model.layers.len();
+    if layer >= n {
+        return Err(Error::InvalidArgument(format!(
+            "method '{method}': layer {layer} does not exist: the model has {n} layers (0..{})",
+            n.saturating_sub(1)
+        )));
+    }
+    let stranded = modules_without_gradient(model, layer);
+    if !stranded.is_empty() {
+        let lo = layer.saturating_sub(2);
+        let suggestion: Vec<String> = (lo..=layer).map(|i| i.to_string()).collect();
+        return Err(Error::InvalidArgument(format!(
+            "method '{method}': the objective stops after layer {layer}, so these LoRA modules would get no gradient: {}; restrict the adapter to layers ≤ {layer}, e.g. lora.layers = [{}]",
+            stranded.join(", "),
+            suggestion.join(", ")
+        )));
+    }
+    Ok(())
+}
+
 /// Per sequence: Σ_t mask_t · mean_d (h − target)² / Σ_t mask_t, with mask = labels ≠ −100;
 /// then the mean over the batch. `target` broadcasts to h [B, T, d].
 pub fn masked_activation_mse(h: &Tensor, target: &Tensor, labels: &Tensor) -> Result<Tensor> {
@@ -162,26 +185,7 @@ impl Method for Rmu {
         self.alpha != 0.0
     }
     fn prepare(&mut self, model: &Decoder, _forget: &[EncodedExample], _pad_id: u32) -> Result<()> {
-        let n = model.layers.len();
-        if self.layer >= n {
-            return Err(Error::InvalidArgument(format!(
-                "method 'rmu': layer {} does not exist: the model has {n} layers (0..{})",
-                self.layer,
-                n.saturating_sub(1)
-            )));
-        }
-        let stranded = modules_without_gradient(model, self.layer);
-        if !stranded.is_empty() {
-            let lo = self.layer.saturating_sub(2);
-            let suggestion: Vec<String> = (lo..=self.layer).map(|i| i.to_string()).collect();
-            return Err(Error::InvalidArgument(format!(
-                "method 'rmu': the objective stops after layer {}, so these LoRA modules would get no gradient: {}; restrict the adapter to layers ≤ {}, e.g. lora.layers = [{}]",
-                self.layer,
-                stranded.join(", "),
-                self.layer,
-                suggestion.join(", ")
-            )));
-        }
+        check_steered_layer("rmu", self.layer, model)?;
         let d = model.cfg.hidden_size;
         let v = steering_vector(d, self.coeff, self.seed);
         self.control = Some(Tensor::from_vec(v, d, &model.device)?);

@@ -8,7 +8,7 @@
 //! the two backwards together cost about one combined backward.
 use super::{
     forget_term, grads_of, logits, mean_nll, reference_seq_nll, scalar, Ctx, ForgetLoss, Logs,
-    LossOutput, Method, SteerKeys,
+    LossOutput, Method,
 };
 use crate::error::{Error, Result};
 use crate::model::Decoder;
@@ -21,21 +21,10 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Params {
-    #[serde(default = "default_forget")]
-    forget_loss: String,
-    beta: Option<f64>,
-    delta: Option<f64>,
-    /// forget_loss = "rmu": the steered layer, coefficient and seed (the rmu method's defaults)
-    layer: Option<usize>,
-    steering_coeff: Option<f64>,
-    steering_seed: Option<u64>,
+    // forget_loss, beta, delta, layer, steering_coeff, steering_seed: ForgetLoss::from_method_table
     /// ε ≥ 0: allowed first-order retain increase per unit step
     #[serde(default)]
     tolerance: f64,
-}
-
-fn default_forget() -> String {
-    "npo".into()
 }
 
 pub struct Surgery {
@@ -46,24 +35,15 @@ pub struct Surgery {
 
 impl Surgery {
     pub fn from_params(params: &toml::Table) -> Result<Self> {
-        let p: Params = method_params("surgery", params)?;
+        let (forget, rest) = ForgetLoss::from_method_table("surgery", params)?;
+        let p: Params = method_params("surgery", &rest)?;
         if p.tolerance < 0.0 {
             return Err(Error::InvalidArgument(
                 "method 'surgery': tolerance must be ≥ 0".into(),
             ));
         }
         Ok(Surgery {
-            forget: ForgetLoss::parse(
-                "surgery",
-                &p.forget_loss,
-                p.beta,
-                p.delta,
-                SteerKeys {
-                    layer: p.layer,
-                    steering_coeff: p.steering_coeff,
-                    steering_seed: p.steering_seed,
-                },
-            )?,
+            forget,
             tolerance: p.tolerance,
             reference: vec![],
         })
