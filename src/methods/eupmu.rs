@@ -231,9 +231,9 @@ impl Eupmu {
                 let h_ref = model
                     .hidden_after_layer(&batch.input(), s.layer, &ForwardOptions::base_model())?
                     .detach();
-                let d = h.dim(candle_core::D::Minus1)? as f64;
+                let d = h.dim(candle_core::D::Minus1)?;
                 let raw = masked_activation_mse(&h, &h_ref, &batch.labels)?;
-                Ok((raw * (d / (s.steering_coeff * s.steering_coeff)))?)
+                Ok((raw * s.per_unit(d))?)
             }
             _ => mean_nll(&model.forward(&batch.input(), opts)?, batch),
         }

@@ -371,37 +371,31 @@ pub struct SteerTerm {
     pub seed: u64,
 }
 
-/// The recipe keys of [`ForgetLoss::Rmu`] (`layer`, `steering_coeff`, `steering_seed`), for the
-/// constrained methods; each defaults to the `rmu` method's.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SteerKeys {
-    pub layer: Option<usize>,
-    pub steering_coeff: Option<f64>,
-    pub steering_seed: Option<u64>,
+impl SteerTerm {
+    /// The factor d/c² that brings RMU's activation distances (≈ c²/d for a hidden state small
+    /// next to the steering vector) to order 1.
+    pub fn per_unit(&self, hidden_size: usize) -> f64 {
+        hidden_size as f64 / (self.steering_coeff * self.steering_coeff)
+    }
 }
 
 impl ForgetLoss {
     /// From recipe keys `forget_loss = "ga" | "npo" | "simnpo" | "me" | "rmu"`, `beta`, `delta`
-    /// and, for `rmu` only, `layer`, `steering_coeff`, `steering_seed`.
-    pub fn parse(
-        method: &str,
-        name: &str,
-        beta: Option<f64>,
-        delta: Option<f64>,
-        steer: SteerKeys,
-    ) -> Result<Self> {
+    /// and, for `rmu` only, `layer`, `steering_coeff`, `steering_seed` (each defaulting to the
+    /// `rmu` method's).
+    fn from_keys(method: &str, k: ForgetKeys) -> Result<Self> {
         let bad = |m: String| Err(Error::InvalidArgument(format!("method '{method}': {m}")));
-        let steer_given = steer.layer.is_some()
-            || steer.steering_coeff.is_some()
-            || steer.steering_seed.is_some();
+        let (name, beta, delta) = (k.forget_loss.as_str(), k.beta, k.delta);
+        let steer_given =
+            k.layer.is_some() || k.steering_coeff.is_some() || k.steering_seed.is_some();
         if name == "rmu" {
             if beta.is_some() || delta.is_some() {
                 return bad("beta/delta do not apply to forget_loss = \"rmu\"".into());
             }
             let term = SteerTerm {
-                layer: steer.layer.unwrap_or(rmu::default_layer()),
-                steering_coeff: steer.steering_coeff.unwrap_or(rmu::default_coeff()),
-                seed: steer.steering_seed.unwrap_or(rmu::default_seed()),
+                layer: k.layer.unwrap_or(rmu::default_layer()),
+                steering_coeff: k.steering_coeff.unwrap_or(rmu::default_coeff()),
+                seed: k.steering_seed.unwrap_or(rmu::default_seed()),
             };
             if !(term.steering_coeff.is_finite() && term.steering_coeff > 0.0) {
                 return bad("steering_coeff must be > 0".into());
@@ -452,13 +446,7 @@ impl ForgetLoss {
             .into_iter()
             .partition(|(k, _)| FORGET_KEYS.contains(&k.as_str()));
         let k: ForgetKeys = crate::recipe::method_params(method, &keys)?;
-        let steer = SteerKeys {
-            layer: k.layer,
-            steering_coeff: k.steering_coeff,
-            steering_seed: k.steering_seed,
-        };
-        let loss = Self::parse(method, &k.forget_loss, k.beta, k.delta, steer)?;
-        Ok((loss, rest))
+        Ok((Self::from_keys(method, k)?, rest))
     }
 
     pub fn needs_reference(&self) -> bool {
@@ -521,12 +509,12 @@ pub fn forget_term(
             d,
             h.device(),
         )?;
-        // Divided by ‖c‖²/d = c²/d: the term is ≈ 1 while h is small next to c and falls to 0
-        // as h reaches c, the scale of the other forget losses, so that λ (which weighs the
-        // retain NLL against it) keeps its meaning; the raw term (≈ c²/d, 833 for c = 400 and
-        // d = 192) would swamp any λ in the first steps.
+        // Times d/c²: the term is ≈ 1 while h is small next to c and falls to 0 as h reaches c,
+        // the scale of the other forget losses, so that λ (which weighs the retain loss against
+        // it) keeps its meaning; the raw term (≈ c²/d, 833 for c = 400 and d = 192) would swamp
+        // any λ in the first steps.
         let raw = rmu::masked_activation_mse(&h, &control, &batch.labels)?;
-        return Ok((raw * (d as f64 / (s.steering_coeff * s.steering_coeff)))?);
+        return Ok((raw * s.per_unit(d))?);
     }
     let lg = logits(ctx, batch)?;
     match kind {
