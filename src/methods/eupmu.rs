@@ -16,7 +16,7 @@
 //! `fast = true` skips the extra forward: at the start of step t+1 the difference is taken
 //! between L_r(θ_t; batch_t) and L_r(θ_{t+1}; batch_{t+1}) — two different retain batches, so
 //! noisier, but free.
-use super::rmu::masked_activation_mse;
+use super::rmu::activation_drift;
 use super::{
     forget_term, mean_nll, reference_seq_nll, scalar, Ctx, ForgetLoss, Logs, LossOutput, Method,
 };
@@ -227,13 +227,8 @@ impl Eupmu {
     ) -> Result<Tensor> {
         match (self.retain_kind, self.forget) {
             (ConstrainedRetain::Activation, ForgetLoss::Rmu(s)) => {
-                let h = model.hidden_after_layer(&batch.input(), s.layer, opts)?;
-                let h_ref = model
-                    .hidden_after_layer(&batch.input(), s.layer, &ForwardOptions::base_model())?
-                    .detach();
-                let d = h.dim(candle_core::D::Minus1)?;
-                let raw = masked_activation_mse(&h, &h_ref, &batch.labels)?;
-                Ok((raw * s.per_unit(d))?)
+                let raw = activation_drift(model, batch, s.layer, opts)?;
+                Ok((raw * s.per_unit(model.cfg.hidden_size))?)
             }
             _ => mean_nll(&model.forward(&batch.input(), opts)?, batch),
         }

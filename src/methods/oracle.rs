@@ -59,15 +59,10 @@ pub enum MatchPositions {
 
 /// The [B, T] mask of the positions whose next token is an answer token (labels[b, t + 1] ≥ 0).
 pub fn answer_mask(labels: &Tensor) -> Result<Tensor> {
-    let rows = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
-    let (b, t) = (rows.len(), rows.first().map_or(0, |r| r.len()));
+    let (b, t) = labels.dims2()?;
     let mut out = vec![0u32; b * t];
-    for (i, row) in rows.iter().enumerate() {
-        for j in 0..t.saturating_sub(1) {
-            if row[j + 1] >= 0 {
-                out[i * t + j] = 1;
-            }
-        }
+    for row in super::answer_positions(labels)?.rows {
+        out[row as usize] = 1;
     }
     Ok(Tensor::from_vec(out, (b, t), labels.device())?)
 }

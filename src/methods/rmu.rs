@@ -169,12 +169,23 @@ impl Rmu {
 
     /// The retain term A(h_θ(x_r), h_ref(x_r)).
     pub fn retain_loss(&self, ctx: &Ctx, batch: &ItemBatch) -> Result<Tensor> {
-        let h = self.hidden(ctx.model, batch, ctx.opts)?;
-        let h_ref = self
-            .hidden(ctx.model, batch, &ForwardOptions::base_model())?
-            .detach();
-        masked_activation_mse(&h, &h_ref, &batch.labels)
+        activation_drift(ctx.model, batch, self.layer, ctx.opts)
     }
+}
+
+/// A(h_θ(x), h_ref(x)): how far the hidden state after `layer` under `opts` has drifted from the
+/// adapter-free model's (detached), on the labelled tokens ([`masked_activation_mse`]).
+pub fn activation_drift(
+    model: &Decoder,
+    batch: &ItemBatch,
+    layer: usize,
+    opts: &ForwardOptions,
+) -> Result<Tensor> {
+    let h = model.hidden_after_layer(&batch.input(), layer, opts)?;
+    let h_ref = model
+        .hidden_after_layer(&batch.input(), layer, &ForwardOptions::base_model())?
+        .detach();
+    masked_activation_mse(&h, &h_ref, &batch.labels)
 }
 
 impl Method for Rmu {
