@@ -147,12 +147,26 @@ pub fn detach_lora(model: &mut Decoder) {
     for lin in model.linears_mut() {
         lin.lora = None;
     }
+    model.lm_head.lora = None;
+    model.embed_lora = None;
 }
 
-/// The trainable tensors under their PEFT names (A then B per module, model order).
+/// PEFT's name of an embedding adapter tensor (`lora_embedding_A` / `_B`, no `.weight`: they
+/// are plain parameters in PEFT).
+pub fn peft_embedding_name(module_path: &str, which: char) -> String {
+    format!("base_model.model.{module_path}.lora_embedding_{which}")
+}
+
+/// The adapter tensors under their PEFT names in model order (embedding, the layers' linear
+/// modules, the output head; A then B per module). Training attaches adapters to the layers
+/// only; a loaded adapter may also carry the embedding and the head.
 pub fn lora_vars(model: &Decoder) -> Vec<(String, Var)> {
     let mut out = Vec::new();
-    for lin in model.linears() {
+    if let Some(l) = &model.embed_lora {
+        out.push((peft_embedding_name(&model.embed_name, 'A'), l.a.clone()));
+        out.push((peft_embedding_name(&model.embed_name, 'B'), l.b.clone()));
+    }
+    for lin in model.linears().into_iter().chain([&model.lm_head]) {
         if let Some(l) = &lin.lora {
             out.push((peft_name(&lin.name, 'A'), l.a.clone()));
             out.push((peft_name(&lin.name, 'B'), l.b.clone()));
@@ -162,6 +176,9 @@ pub fn lora_vars(model: &Decoder) -> Vec<(String, Var)> {
 }
 
 /// Read a PEFT adapter directory and attach it to `model`. Returns the adapter's config.
+/// Adapters on the layers' linear modules, the output head (`lm_head`, also when it is tied to
+/// the embedding: PEFT then adds the delta to the head's output only) and the token embedding
+/// (`lora_embedding_A/B`) are read.
 pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
     let cfg_path = dir.join("adapter_config.json");
     if !cfg_path.exists() {
@@ -186,65 +203,93 @@ pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
     let normalise = |n: &str| {
         n.replace(".lora_A.default.weight", ".lora_A.weight")
             .replace(".lora_B.default.weight", ".lora_B.weight")
+            .replace(".lora_embedding_A.default", ".lora_embedding_A")
+            .replace(".lora_embedding_B.default", ".lora_embedding_B")
     };
     let mut by_name = std::collections::HashMap::new();
     for n in file.names() {
+        // PEFT saves the embedding and head base weights next to their adapters
+        // (save_embedding_layers, for resized vocabularies): accepted when they are the model's
+        if let Some(module) = n
+            .strip_prefix("base_model.model.")
+            .and_then(|m| m.strip_suffix(".base_layer.weight"))
+        {
+            check_saved_base_weight(model, module, &read_f32(&file, n, &st_path)?, &st_path)?;
+            continue;
+        }
         by_name.insert(normalise(n), n.clone());
     }
-    let model_modules: Vec<String> = model.linears().iter().map(|l| l.name.clone()).collect();
+    let mut known: Vec<String> = Vec::new();
     let mut used = 0usize;
-    for lin in model.linears_mut() {
+    let embed_name = model.embed_name.clone();
+    let (vocab, hidden) = model.embed.dims2()?;
+    // the embedding: A [r, vocab], B [hidden, r]
+    let (a_name, b_name) = (
+        peft_embedding_name(&embed_name, 'A'),
+        peft_embedding_name(&embed_name, 'B'),
+    );
+    known.extend([a_name.clone(), b_name.clone()]);
+    if let Some((a, b)) = read_pair(&file, &by_name, &a_name, &b_name, &embed_name, &st_path)? {
+        let (ra, va) = a.dims2()?;
+        let (hb, rb) = b.dims2()?;
+        if va != vocab || hb != hidden || ra != rb {
+            return Err(Error::adapter(
+                &st_path,
+                format!(
+                    "embedding '{embed_name}': lora_embedding_A is {:?} and lora_embedding_B is {:?}, but the embedding is {vocab} × {hidden} (expected A [r, {vocab}] and B [{hidden}, r])",
+                    a.dims(),
+                    b.dims()
+                ),
+            ));
+        }
+        let dev = model.embed.device().clone();
+        model.embed_lora = Some(LoraWeights {
+            a: Var::from_tensor(&a.to_device(&dev)?)?,
+            b: Var::from_tensor(&b.to_device(&dev)?)?,
+            scale: cfg.scale_for_rank(ra),
+            dropout: 0.0,
+        });
+        used += 2;
+    }
+    for lin in model.linears_with_head_mut() {
         let a_name = peft_name(&lin.name, 'A');
         let b_name = peft_name(&lin.name, 'B');
-        let (a_key, b_key) = (by_name.get(&a_name), by_name.get(&b_name));
-        match (a_key, b_key) {
-            (None, None) => continue,
-            (Some(_), None) | (None, Some(_)) => {
-                return Err(Error::adapter(
-                    &st_path,
-                    format!("module '{}' has only one of lora_A / lora_B", lin.name),
-                ));
-            }
-            (Some(ak), Some(bk)) => {
-                let a = read_f32(&file, ak, &st_path)?;
-                let b = read_f32(&file, bk, &st_path)?;
-                let (ra, ina) = a.dims2()?;
-                let (outb, rb) = b.dims2()?;
-                if ina != lin.in_features() || outb != lin.out_features() || ra != rb {
-                    return Err(Error::adapter(
-                        &st_path,
-                        format!(
-                            "module '{}': lora_A is {:?} and lora_B is {:?}, but the base layer is {} → {} (expected A [r, {}] and B [{}, r])",
-                            lin.name,
-                            a.dims(),
-                            b.dims(),
-                            lin.in_features(),
-                            lin.out_features(),
-                            lin.in_features(),
-                            lin.out_features()
-                        ),
-                    ));
-                }
-                let dev = lin.weight.device().clone();
-                lin.lora = Some(LoraWeights {
-                    a: Var::from_tensor(&a.to_device(&dev)?)?,
-                    b: Var::from_tensor(&b.to_device(&dev)?)?,
-                    scale: cfg.scale_for_rank(ra),
-                    dropout: cfg.dropout,
-                });
-                used += 2;
-            }
+        known.extend([a_name.clone(), b_name.clone()]);
+        let Some((a, b)) = read_pair(&file, &by_name, &a_name, &b_name, &lin.name, &st_path)?
+        else {
+            continue;
+        };
+        let (ra, ina) = a.dims2()?;
+        let (outb, rb) = b.dims2()?;
+        if ina != lin.in_features() || outb != lin.out_features() || ra != rb {
+            return Err(Error::adapter(
+                &st_path,
+                format!(
+                    "module '{}': lora_A is {:?} and lora_B is {:?}, but the base layer is {} → {} (expected A [r, {}] and B [{}, r])",
+                    lin.name,
+                    a.dims(),
+                    b.dims(),
+                    lin.in_features(),
+                    lin.out_features(),
+                    lin.in_features(),
+                    lin.out_features()
+                ),
+            ));
         }
+        let dev = lin.weight.device().clone();
+        lin.lora = Some(LoraWeights {
+            a: Var::from_tensor(&a.to_device(&dev)?)?,
+            b: Var::from_tensor(&b.to_device(&dev)?)?,
+            scale: cfg.scale_for_rank(ra),
+            dropout: cfg.dropout,
+        });
+        used += 2;
     }
     let total = by_name.len();
     if used != total {
         let unknown: Vec<&String> = by_name
             .keys()
-            .filter(|n| {
-                !model_modules
-                    .iter()
-                    .any(|m| **n == peft_name(m, 'A') || **n == peft_name(m, 'B'))
-            })
+            .filter(|n| !known.contains(n))
             .take(5)
             .collect();
         return Err(Error::adapter(
@@ -260,6 +305,73 @@ pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
         return Err(Error::adapter(&st_path, "contains no LoRA weights"));
     }
     Ok(cfg)
+}
+
+/// A base weight PEFT stored in the adapter file must equal the model's own (we do not swap base
+/// weights: a resized vocabulary would need a different base model).
+fn check_saved_base_weight(
+    model: &Decoder,
+    module: &str,
+    saved: &Tensor,
+    st_path: &Path,
+) -> Result<()> {
+    let own = if module == model.embed_name {
+        Some(model.embed.clone())
+    } else if module == model.lm_head.name {
+        Some(model.lm_head.weight.clone())
+    } else {
+        model
+            .linears()
+            .into_iter()
+            .find(|l| l.name == module)
+            .map(|l| l.weight.clone())
+    };
+    let Some(own) = own else {
+        return Err(Error::adapter(
+            st_path,
+            format!("carries a base weight for '{module}', which the base model does not have"),
+        ));
+    };
+    let own = own.to_dtype(DType::F32)?.to_device(saved.device())?;
+    let same =
+        own.dims() == saved.dims() && (own - saved)?.abs()?.max_all()?.to_scalar::<f32>()? <= 1e-6;
+    if !same {
+        return Err(Error::adapter(
+            st_path,
+            format!(
+                "carries its own base weight for '{module}' ({:?}) that differs from the base model's: the adapter was made for another base (e.g. a resized vocabulary)",
+                saved.dims()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Both tensors of one module's adapter, none, or an error when only one is there.
+fn read_pair(
+    file: &SafetensorsFile,
+    by_name: &std::collections::HashMap<String, String>,
+    a_name: &str,
+    b_name: &str,
+    module: &str,
+    st_path: &Path,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let kind = if a_name.contains(".lora_embedding_") {
+        "lora_embedding_A / lora_embedding_B"
+    } else {
+        "lora_A / lora_B"
+    };
+    match (by_name.get(a_name), by_name.get(b_name)) {
+        (None, None) => Ok(None),
+        (Some(ak), Some(bk)) => Ok(Some((
+            read_f32(file, ak, st_path)?,
+            read_f32(file, bk, st_path)?,
+        ))),
+        _ => Err(Error::adapter(
+            st_path,
+            format!("module '{module}' has only one of {kind}"),
+        )),
+    }
 }
 
 fn read_f32(file: &SafetensorsFile, name: &str, path: &Path) -> Result<Tensor> {

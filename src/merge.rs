@@ -277,6 +277,15 @@ fn read_adapter(
             (m, true)
         } else if let Some(m) = norm.strip_suffix(".lora_B.weight") {
             (m, false)
+        } else if norm.contains(".lora_embedding_") || norm.ends_with(".base_layer.weight") {
+            // an embedding adapter changes the input side of a possibly tied matrix; merged into
+            // one tensor it would change the output head too
+            return Err(Error::adapter(
+                &st_path,
+                format!(
+                    "'{n}' belongs to an adapter on the token embedding, which `merge` does not merge (a shadow adapter from `unlearn attribute` is a DMM target, used unmerged)"
+                ),
+            ));
         } else {
             return Err(Error::adapter(
                 &st_path,

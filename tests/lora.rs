@@ -258,3 +258,99 @@ fn lora_gradients_match_finite_differences() {
         );
     }
 }
+
+fn embed_lora_fixture() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/peft/llama-tied-embed-lora")
+}
+
+/// Logits on the attended positions only (row-wise mask), flattened.
+fn attended(logits: &Tensor, mask: &Tensor) -> Vec<f32> {
+    let (b, t, _) = logits.dims3().unwrap();
+    let m = mask.to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap();
+    let mut out = Vec::new();
+    for (i, row) in m.iter().enumerate().take(b) {
+        for (j, &keep) in row.iter().enumerate().take(t) {
+            if keep == 1 {
+                out.extend(
+                    logits
+                        .get(i)
+                        .unwrap()
+                        .get(j)
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                );
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn embedding_and_tied_head_adapters_match_peft() {
+    // PEFT (scripts/fixtures/peft-embedding-lora.py): LoRA on embed_tokens (lora_embedding_A/B),
+    // the head tied to it, q_proj and k_proj (GQA: k is 64 → 32); the file also carries PEFT's
+    // copies of the embedding and head base weights (save_embedding_layers)
+    let mut model = Decoder::load(&fixture("llama-tied"), DType::F32, &cpu()).unwrap();
+    let cfg = load_adapter(&mut model, &embed_lora_fixture()).unwrap();
+    assert_eq!((cfg.r, cfg.alpha), (4, 8.0));
+    assert!(model.embed_lora.is_some() && model.lm_head.lora.is_some());
+    let r = unlearn::model::weights::SafetensorsFile::open(
+        &embed_lora_fixture().join("reference.safetensors"),
+    )
+    .unwrap();
+    let get = |n: &str| {
+        let info = r.info(n).unwrap();
+        unlearn::model::weights::bytes_to_tensor(
+            info.dtype,
+            &info.shape,
+            r.bytes(n).unwrap(),
+            std::path::Path::new("reference"),
+            n,
+        )
+        .unwrap()
+    };
+    let (ids, mask, want) = (get("input_ids"), get("attention_mask"), get("logits"));
+    let input = ModelInput::new(&ids, Some(&mask));
+    let logits = model.forward(&input, &ForwardOptions::default()).unwrap();
+    let (got, want) = (attended(&logits, &mask), attended(&want, &mask));
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff <= 1e-4, "logits differ from PEFT's by {diff}");
+    // the adapter matters: without it the logits are far off
+    let plain = model
+        .forward(&input, &ForwardOptions::base_model())
+        .unwrap();
+    let off = attended(&plain, &mask)
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(off > 1.0, "{off}");
+
+    // saved by us (PEFT names, no base weights) and loaded back: the same logits
+    let names: Vec<String> = lora_vars(&model).into_iter().map(|(n, _)| n).collect();
+    assert!(names.contains(&"base_model.model.model.embed_tokens.lora_embedding_A".to_string()));
+    assert!(names.contains(&"base_model.model.lm_head.lora_B.weight".to_string()));
+    let dir = tempfile::tempdir().unwrap();
+    save_adapter(&model, &cfg, dir.path(), Some("llama-tied")).unwrap();
+    let mut again = Decoder::load(&fixture("llama-tied"), DType::F32, &cpu()).unwrap();
+    load_adapter(&mut again, dir.path()).unwrap();
+    let back = again.forward(&input, &ForwardOptions::default()).unwrap();
+    assert_eq!(max_abs_diff(&back, &logits), 0.0);
+
+    // a stored base weight that is not the model's is refused, naming the module
+    let mut other = Decoder::load(&fixture("llama"), DType::F32, &cpu()).unwrap();
+    assert_eq!(other.embed.dims(), model.embed.dims());
+    let e = load_adapter(&mut other, &embed_lora_fixture())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("differs") && (e.contains("'model.embed_tokens'") || e.contains("'lm_head'")),
+        "{e}"
+    );
+}

@@ -103,6 +103,23 @@ fn merge_refuses_non_empty_output_and_bad_adapter() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("not empty"), "{err}");
+    // an adapter on the token embedding (PEFT's lora_embedding_A/B) is refused, not half merged
+    let out = tempfile::tempdir().unwrap();
+    let embed_adapter = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/peft/llama-tied-embed-lora");
+    let err = merge(
+        &fixture("llama-tied"),
+        &embed_adapter,
+        &out.path().join("m"),
+        &MergeOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("embedding") && err.contains("adapter_model.safetensors"),
+        "{err}"
+    );
+    assert!(!out.path().join("m").exists());
 }
 
 /// LoRA on fused and transposed (Conv1D) projections: the adapted model and the merged

@@ -130,6 +130,14 @@ pub struct Decoder {
     pub cfg: ArchConfig,
     pub dir: PathBuf,
     pub embed: Tensor,
+    /// module path of the token embedding as in transformers (`model.embed_tokens`, …): the
+    /// name an embedding adapter is stored under
+    pub embed_name: String,
+    /// PEFT's embedding LoRA: `a` = lora_embedding_A [r, vocab], `b` = lora_embedding_B
+    /// [hidden, r]; the rows of `scale · (B·A)ᵀ` are added to the looked-up embeddings. Only
+    /// loaded adapters carry one (a simulated-oracle shadow: the embedding changes as much as
+    /// any layer); training attaches none.
+    pub embed_lora: Option<LoraWeights>,
     pub pos_embed: Option<Tensor>,
     pub layers: Vec<Layer>,
     pub final_norm: Norm,
@@ -515,11 +523,19 @@ impl Decoder {
             }
         }
         let vars = l.trainable.map(|v| v.into_inner()).unwrap_or_default();
+        let embed_name = match cfg.family {
+            Family::Gpt2 => "transformer.wte",
+            Family::GptNeox => "gpt_neox.embed_in",
+            _ => "model.embed_tokens",
+        }
+        .to_string();
         Ok((
             Decoder {
                 cfg,
                 dir: dir.to_path_buf(),
                 embed,
+                embed_name,
+                embed_lora: None,
                 pos_embed,
                 layers,
                 final_norm,
@@ -627,6 +643,11 @@ impl Decoder {
             t,
             self.cfg.hidden_size,
         ))?;
+        if let (true, Some(lora)) = (opts.lora, &self.embed_lora) {
+            // inside the embedding module in PEFT, so before Gemma's √hidden multiplier
+            let rows = embedding_lora_rows(lora, &ids, opts, x.dtype())?.reshape(x.shape())?;
+            x = (x + rows)?;
+        }
         if let Some(scale) = self.cfg.embed_scale {
             // transformers multiplies by a tensor of the hidden dtype
             let s = Tensor::new(scale as f32, &self.device)?
@@ -857,19 +878,13 @@ impl Decoder {
     }
 
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        let mut out = Vec::new();
-        for layer in &mut self.layers {
-            match &mut layer.attn.qkv {
-                QkvProj::Separate { q, k, v } => out.extend([q, k, v]),
-                QkvProj::Concatenated(p) | QkvProj::PerHeadInterleaved(p) => out.push(p),
-            }
-            out.push(&mut layer.attn.o);
-            match &mut layer.mlp {
-                Mlp::Gated { gate, up, down } => out.extend([gate, up, down]),
-                Mlp::FusedGated { gate_up, down } => out.extend([gate_up, down]),
-                Mlp::Plain { fc, proj } => out.extend([fc, proj]),
-            }
-        }
+        layer_linears_mut(&mut self.layers)
+    }
+
+    /// [`Decoder::linears_mut`] and the output head: what a loaded adapter may carry.
+    pub fn linears_with_head_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = layer_linears_mut(&mut self.layers);
+        out.push(&mut self.lm_head);
         out
     }
 
@@ -892,6 +907,47 @@ impl Decoder {
         }
         n + self.linears().into_iter().map(lin).sum::<usize>()
     }
+}
+
+fn layer_linears_mut(layers: &mut [Layer]) -> Vec<&mut Linear> {
+    let mut out = Vec::new();
+    for layer in layers {
+        match &mut layer.attn.qkv {
+            QkvProj::Separate { q, k, v } => out.extend([q, k, v]),
+            QkvProj::Concatenated(p) | QkvProj::PerHeadInterleaved(p) => out.push(p),
+        }
+        out.push(&mut layer.attn.o);
+        match &mut layer.mlp {
+            Mlp::Gated { gate, up, down } => out.extend([gate, up, down]),
+            Mlp::FusedGated { gate_up, down } => out.extend([gate_up, down]),
+            Mlp::Plain { fc, proj } => out.extend([fc, proj]),
+        }
+    }
+    out
+}
+
+/// `scale · (B·A)ᵀ[ids]` = `scale · Aᵀ[ids] · Bᵀ`, [n, hidden], computed in f32 (f64 for f64
+/// models) like a linear layer's LoRA branch.
+fn embedding_lora_rows(
+    lora: &LoraWeights,
+    ids: &Tensor,
+    opts: &ForwardOptions,
+    out_dtype: DType,
+) -> Result<Tensor> {
+    let branch_dtype = if out_dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let (a, b) = if opts.detach_lora {
+        (lora.a.as_tensor().detach(), lora.b.as_tensor().detach())
+    } else {
+        (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
+    };
+    let (a, b) = (a.to_dtype(branch_dtype)?, b.to_dtype(branch_dtype)?);
+    let rows = a.t()?.contiguous()?.index_select(&ids.flatten_all()?, 0)?;
+    let up = (rows * lora.scale)?.matmul(&b.t()?)?;
+    Ok(up.to_dtype(out_dtype)?)
 }
 
 fn tied_head(embed: &Tensor) -> Linear {
