@@ -740,4 +740,13 @@ fn evaluation_during_the_run_logs_summaries_and_selects_the_best_step() {
         out.join(format!("checkpoints/step-{:06}", 2)).exists(),
         "evaluated steps are checkpointed"
     );
+    // a fresh, shorter run into the same directory leaves no evaluation of the old one behind
+    let p = write_recipe_with(tmp.path(), "gradascent", "", "steps = 2\nlr = 1e-2", &eval);
+    run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default()).unwrap();
+    let mut steps: Vec<String> = std::fs::read_dir(out.join("evals"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    steps.sort();
+    assert_eq!(steps, vec!["step-000000", "step-000002"]);
 }

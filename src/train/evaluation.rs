@@ -133,6 +133,27 @@ impl RunEvaluator {
         }
     }
 
+    /// Remove the evaluations of steps after `step` (`evals/step-NNNNNN`), as metrics.jsonl is
+    /// truncated there: a fresh run into an old output directory, or a resume from an earlier
+    /// checkpoint, must not leave another trajectory's results next to its own.
+    pub fn drop_evals_after(&self, step: usize) -> Result<()> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let stale = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("step-"))
+                .and_then(|n| n.parse::<usize>().ok())
+                .is_some_and(|n| n > step);
+            if stale {
+                crate::model::weights::remove_dir_if_exists(&entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Re-read earlier evaluation lines of metrics.jsonl (after a resume).
     pub fn replay(&mut self, metrics_path: &Path) -> Result<()> {
         if !metrics_path.exists() {

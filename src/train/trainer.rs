@@ -389,6 +389,7 @@ pub(crate) fn drive(s: &mut Session, opts: &RunOptions) -> Result<LoopEnd> {
         .open(&metrics_path)
         .map_err(|e| Error::io(&metrics_path, e))?;
     if let Some(ev) = &mut s.evaluator {
+        ev.drop_evals_after(start_step)?;
         ev.replay(&metrics_path)?;
         if start_step == 0 && ev.before() {
             let summary = ev.run(0, None)?;
