@@ -8,10 +8,13 @@
 #   MEMBERS="0 1" scripts/klom-table.sh [K]   only the unlearning runs of those members (while
 #                                             the ensemble is still being built); no table
 #
-# Methods: the targets themselves (no unlearning), DMM on each target's own shadow adapter
-# (`unlearn attribute recipes/klom/attribute.toml`), GradDiff, NPO, and oracle matching (OM, the
-# upper bound of DMM) — OM of member k matches the retrained oracle of member k+1 mod K, so that no
-# unlearned model is trained towards an oracle it is then compared with.
+# Methods: the targets themselves (no unlearning); DMM on each target's own simulated-oracle
+# shadow (`unlearn attribute recipes/klom/attribute.toml`: the target fine-tuned on the retain
+# data alone, as an adapter); "dmm-influence", DMM on each target's influence-step shadow
+# (recipes/klom/attribute-influence.toml); GradDiff; NPO; and oracle matching (OM, the upper
+# bound of DMM) — OM of member k matches the retrained oracle of member k+1 mod K, so that no
+# unlearned model is trained towards an oracle it is then compared with. Both DMM rows use
+# recipes/klom/dmm.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 K=${1:-5}
@@ -32,19 +35,24 @@ for k in $members; do
     [ -f "$m/model.safetensors" ] || { echo "missing $m: run scripts/build-klom-ensemble.sh $K" >&2; exit 1; }
   done
 done
-methods=(dmm graddiff npo oracle)
+methods=(dmm dmm-influence graddiff npo oracle)
 for k in $members; do
   t=${targets[$k]}
+  [ -f "runs/klom/sim-$k/shadow/adapter_model.safetensors" ] ||
+    "$bin" attribute recipes/klom/attribute.toml --set model.path="$t" --set output.dir="runs/klom/sim-$k"
   [ -f "runs/klom/attr-$k/shadow/adapter_model.safetensors" ] ||
-    "$bin" attribute recipes/klom/attribute.toml --set model.path="$t" --set output.dir="runs/klom/attr-$k"
+    "$bin" attribute recipes/klom/attribute-influence.toml --set model.path="$t" --set output.dir="runs/klom/attr-$k"
   for m in "${methods[@]}"; do
     [ -f "runs/klom/$m-$k/merged/model.safetensors" ] && continue
+    recipe=recipes/klom/$m.toml
     extra=()
     case $m in
-      dmm) extra=(--set method.target="shadow:runs/klom/attr-$k/shadow") ;;
+      dmm) extra=(--set method.target="shadow:runs/klom/sim-$k/shadow") ;;
+      dmm-influence) recipe=recipes/klom/dmm.toml
+        extra=(--set method.target="shadow:runs/klom/attr-$k/shadow") ;;
       oracle) extra=(--set method.teacher="${oracles[$(((k + 1) % K))]}") ;;
     esac
-    "$bin" run "recipes/klom/$m.toml" --set model.path="$t" --set output.dir="runs/klom/$m-$k" "${extra[@]}"
+    "$bin" run "$recipe" --set model.path="$t" --set output.dir="runs/klom/$m-$k" "${extra[@]}"
   done
 done
 [ -n "${MEMBERS:-}" ] && exit 0
@@ -53,7 +61,7 @@ data=(forget=data/tofu/forget10.jsonl retain=data/tofu/retain_perturbed.jsonl ho
 for m in target "${methods[@]}"; do
   if [ "$m" = target ]; then models=("${targets[@]}")
   else models=(); for k in $(seq 0 $((K - 1))); do models+=("runs/klom/$m-$k/merged"); done; fi
-  for kind in "--bins 20" "--gaussian"; do
+  for kind in "--bins 20" "--bins 5" "--gaussian"; do
     # shellcheck disable=SC2086
     "$bin" klom --oracle "${oracles[@]}" --unlearned "${models[@]}" --data "${data[@]}" \
       $kind --label "$m" --json --out "runs/klom/klom-$m${kind// /}.json" >> runs/klom/table.jsonl

@@ -63,17 +63,23 @@ enum Command {
         #[arg(long)]
         resume: Option<PathBuf>,
     },
-    /// Predict the model retrained without a forget set, without retraining: one influence step
-    /// δ = m·(C + λI)⁻¹·Σ_forget ∇ℓ in a LoRA-shaped subspace, written as a PEFT "shadow" adapter
-    /// (the target of `method = "dmm"`), with a report of how close it is to a real retrained
-    /// oracle when [report] names one.
+    /// Predict the model retrained without a forget set, without retraining it, as a PEFT
+    /// "shadow" adapter (the target of `method = "dmm"`), with a report of how close it is to a
+    /// real retrained oracle when [report] names one.
+    ///
+    /// Two kinds of estimator: an influence step δ = m·(C + λI)⁻¹·Σ_forget ∇ℓ in a LoRA subspace
+    /// (cg, diagonal, identity), or the simulated oracle (simulated: the model fine-tuned on the
+    /// retain data alone, its change stored exactly as a full-rank adapter on every linear
+    /// module, the output head and the token embedding).
     ///
     /// The recipe has [model] path, [subspace] (r, target_modules, layers), [data] (forget,
-    /// retain = the training data whose curvature C is estimated, calibrate = unseen items for
-    /// scale = "auto"), [attribute] (estimator cg|diagonal|identity, compare, curvature
-    /// logits|fisher|empirical, samples, damping, cg_iters, cg_tol, steps, scale, seed, batch_size), optional
-    /// [report] (oracle, data = ["SPLIT=PATH", …]) and [output] dir. Writes DIR/shadow/,
-    /// DIR/report.json and DIR/report.md. See recipes/dmm/.
+    /// retain = the training data the retrained model would see: C is estimated on it and the
+    /// simulated oracle trains on it, calibrate = unseen items for scale = "auto"), [attribute]
+    /// (estimator cg|diagonal|identity|simulated, compare, curvature logits|fisher|empirical,
+    /// samples, damping, cg_iters, cg_tol, steps, scale, seed, batch_size), [simulate] (the
+    /// simulated oracle's training: the [train] keys of `unlearn train`), optional [report]
+    /// (oracle, data = ["SPLIT=PATH", …], references) and [output] dir. Writes DIR/shadow/ (the
+    /// main estimator's), DIR/report.json and DIR/report.md. See recipes/dmm/.
     Attribute {
         /// TOML recipe (see recipes/dmm/attribute.toml)
         recipe: PathBuf,
@@ -623,13 +629,17 @@ fn attribute(path: &Path, overrides: &[String], device: Device) -> Result<()> {
     let report = unlearn::attribute::run(&recipe, &device, true)?;
     let dir = Path::new(&recipe.output.dir);
     for e in &report.estimators {
+        let how = match (&report.simulated, e.scales.first()) {
+            (Some(s), None) => format!("fine-tuned {} steps on the retain data", s.steps),
+            (_, first) => format!(
+                "{} step(s), scale {:.4e} (first)",
+                e.scales.len(),
+                first.copied().unwrap_or(0.0)
+            ),
+        };
         eprintln!(
-            "{:>9}: {} step(s), scale {:.4e} (first), forget NLL {:.3} → {:.3}",
-            e.estimator,
-            e.scales.len(),
-            e.scales.first().copied().unwrap_or(0.0),
-            e.forget_nll_before,
-            e.forget_nll_after
+            "{:>9}: {how}, forget NLL {:.3} → {:.3}",
+            e.estimator, e.forget_nll_before, e.forget_nll_after
         );
         for s in &e.splits {
             eprintln!(

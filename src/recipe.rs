@@ -709,6 +709,10 @@ pub struct AttributeRecipe {
     /// how well the shadow predicts a real retrained oracle (optional)
     #[serde(default)]
     pub report: Option<AttributeReportSection>,
+    /// the simulated oracle's fine-tuning on data.retain (the `[train]` keys of `unlearn
+    /// train`); needed when attribute.estimator or attribute.compare names "simulated"
+    #[serde(default)]
+    pub simulate: Option<TrainSection>,
     pub output: AttributeOutputSection,
 }
 
@@ -916,8 +920,11 @@ impl AttributeRecipe {
                 a.curvature
             ));
         }
+        let influence = std::iter::once(&a.estimator)
+            .chain(&a.compare)
+            .any(|e| *e != crate::attribute::influence::Estimator::Simulated);
         let scale = recipe.step_scale().map_err(|m| Error::config(path, m))?;
-        if scale == StepScale::Auto && recipe.data.calibrate.is_none() {
+        if influence && scale == StepScale::Auto && recipe.data.calibrate.is_none() {
             return bad(
                 "attribute.scale = \"auto\" needs data.calibrate (items the model never saw, e.g. holdout people)"
                     .into(),
@@ -925,6 +932,19 @@ impl AttributeRecipe {
         }
         if recipe.data.max_length < 2 {
             return bad("data.max_length must be ≥ 2".into());
+        }
+        let simulated = std::iter::once(&a.estimator)
+            .chain(&a.compare)
+            .any(|e| *e == crate::attribute::influence::Estimator::Simulated);
+        match &recipe.simulate {
+            Some(t) => t.validate(path)?,
+            None if simulated => {
+                return bad(
+                    "the \"simulated\" estimator needs a [simulate] section: how to fine-tune the model on data.retain (epochs, lr, batch_size, … as in [train] of `unlearn train`)"
+                        .into(),
+                )
+            }
+            None => {}
         }
         if let Some(r) = &recipe.report {
             if r.data.is_empty() {

@@ -90,9 +90,11 @@ fn shadow_adapter_is_calibrated_and_reloads() {
     let r = AttributeRecipe::load(&path, &[]).unwrap();
     let report = unlearn::attribute::run(&r, &cpu(), false).unwrap();
     // rank 4 on q, v and down of 4 layers: Σ out·r = 4·(192 + 192 + 192)·4
-    assert_eq!(report.modules, 12);
-    assert_eq!(report.parameters, 4 * 3 * 192 * 4);
-    assert_eq!(report.curvature_samples, 16);
+    let influence = report.influence.as_ref().unwrap();
+    assert_eq!(influence.modules, 12);
+    assert_eq!(influence.parameters, 4 * 3 * 192 * 4);
+    assert_eq!(influence.curvature_samples, 16);
+    assert!(report.simulated.is_none());
     assert_eq!(report.estimators.len(), 2);
     let cg = &report.estimators[0];
     assert_eq!(cg.estimator, "cg");
@@ -237,4 +239,137 @@ fn reference_models_give_the_retraining_floor() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("/nonexistent/model"), "{e}");
+}
+
+/// `base` with every linear weight and the (tied) embedding moved by seeded noise of size `eps`.
+fn perturbed(base: &Decoder, eps: f64) -> Decoder {
+    let mut rng = unlearn::rng::Rng::new(7);
+    let mut noise = |t: &candle_core::Tensor| {
+        let n = t.elem_count();
+        let v: Vec<f32> = (0..n)
+            .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+            .collect();
+        let d = candle_core::Tensor::from_vec(v, t.shape(), t.device()).unwrap();
+        (t + (d * eps).unwrap()).unwrap()
+    };
+    let mut tuned = base.clone();
+    for lin in tuned.linears_mut() {
+        lin.weight = noise(&lin.weight);
+    }
+    tuned.embed = noise(&tuned.embed);
+    assert!(tuned.cfg.tie_word_embeddings);
+    tuned.lm_head.weight = tuned.embed.clone();
+    tuned
+}
+
+#[test]
+fn simulated_shadow_adapter_reproduces_the_changed_weights_exactly() {
+    // a tied, GQA model: k/v (64 → 32) and down (128 → 64) take B = I, q/o/gate/up and the
+    // head A = I, the embedding PEFT's transposed layout
+    let base = Decoder::load(&fixture("llama-tied"), DType::F32, &cpu()).unwrap();
+    let tuned = perturbed(&base, 0.05);
+    let (shadow, cfg, drops) = unlearn::attribute::simulated::exact_adapter(&base, &tuned).unwrap();
+    assert_eq!(cfg.r, 64, "the largest min(in, out) is the hidden size");
+    assert_eq!((cfg.alpha, drops.modules), (64.0, 2 * 7 + 2));
+    assert!(drops.dropped.is_empty() && drops.dropped_norm == 0.0);
+    let ids = candle_core::Tensor::new(&[[0u32, 5, 9, 17, 33, 40, 2, 7]], &cpu()).unwrap();
+    let input = unlearn::model::ModelInput::new(&ids, None);
+    let want = tuned
+        .forward(&input, &ForwardOptions::base_model())
+        .unwrap();
+    let got = shadow.forward(&input, &ForwardOptions::eval()).unwrap();
+    let plain = base.forward(&input, &ForwardOptions::base_model()).unwrap();
+    assert!(
+        max_abs_diff(&plain, &want) > 0.1,
+        "the perturbation matters"
+    );
+    assert!(
+        max_abs_diff(&got, &want) < 1e-4,
+        "{}",
+        max_abs_diff(&got, &want)
+    );
+    // as a PEFT directory and back
+    let dir = tempfile::tempdir().unwrap();
+    unlearn::lora::save_adapter(&shadow, &cfg, dir.path(), None).unwrap();
+    let mut again = base.clone();
+    load_adapter(&mut again, dir.path()).unwrap();
+    let back = again.forward(&input, &ForwardOptions::eval()).unwrap();
+    assert_eq!(max_abs_diff(&back, &got), 0.0);
+    // ‖Δ‖ counts the tied matrix once
+    let sq = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+        (a - b)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    };
+    let mut want_sq = sq(&tuned.embed, &base.embed);
+    for (t, b) in tuned.linears().iter().zip(base.linears()) {
+        want_sq += sq(&t.weight, &b.weight);
+    }
+    assert!((drops.carried_norm - want_sq.sqrt()).abs() < 1e-3 * want_sq.sqrt());
+}
+
+#[test]
+fn simulated_estimator_fine_tunes_and_reports_its_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = recipe(tmp.path(), "");
+    let set = [
+        "attribute.estimator=\"simulated\"".to_string(),
+        "attribute.compare=[\"identity\"]".to_string(),
+        "simulate.epochs=1".to_string(),
+        "simulate.batch_size=8".to_string(),
+        "simulate.lr=1e-3".to_string(),
+    ];
+    let r = AttributeRecipe::load(&path, &set).unwrap();
+    let report = unlearn::attribute::run(&r, &cpu(), false).unwrap();
+    let sim = report.simulated.as_ref().unwrap();
+    assert_eq!(sim.steps, 5, "40 retain items, batch 8, one epoch");
+    assert_eq!(sim.rank, 192);
+    // everything but the norm weights is carried; they changed too, a little
+    assert!(
+        sim.dropped.iter().all(|n| n.ends_with("norm.weight")),
+        "{:?}",
+        sim.dropped
+    );
+    assert!(sim.dropped_norm < 0.1 * sim.carried_norm, "{sim:?}");
+    assert_eq!(report.estimators.len(), 2);
+    let s = &report.estimators[0];
+    assert_eq!(s.estimator, "simulated");
+    assert!(s.scales.is_empty());
+    assert_eq!(report.estimators[1].estimator, "identity");
+    assert!(report.influence.is_some());
+    // the saved shadow is the simulated one: loaded back it gives the reported forget NLL, and
+    // that NLL is the fine-tuned model's (up to the dropped norm changes)
+    let tok = ChatTokenizer::from_dir(&repo("data/models/target")).unwrap();
+    let forget = Dataset::load(&tmp.path().join("forget10.jsonl"), &tok, 128).unwrap();
+    let mut model = Decoder::load(&repo("data/models/target"), DType::F32, &cpu()).unwrap();
+    let cfg = load_adapter(&mut model, &tmp.path().join("run/shadow")).unwrap();
+    assert_eq!(cfg.r, 192);
+    let reloaded = mean_nll(&model, &forget, &ForwardOptions::eval());
+    assert!(
+        (reloaded - s.forget_nll_after).abs() < 1e-4,
+        "{reloaded} vs {s:?}"
+    );
+    let tuned = Decoder::load(&tmp.path().join("run/simulate/model"), DType::F32, &cpu()).unwrap();
+    let direct = mean_nll(&tuned, &forget, &ForwardOptions::base_model());
+    assert!(
+        (direct - reloaded).abs() < 0.05 * direct,
+        "{direct} vs {reloaded}"
+    );
+    assert!(
+        reloaded > s.forget_nll_before,
+        "training on retain alone forgets a little"
+    );
+    let md = std::fs::read_to_string(tmp.path().join("run/report.md")).unwrap();
+    assert!(md.contains("simulated oracle"), "{md}");
+    // without [simulate] the estimator is refused, naming the section
+    let e = AttributeRecipe::load(&path, &set[..2])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("[simulate]"), "{e}");
 }

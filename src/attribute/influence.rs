@@ -24,6 +24,9 @@ pub enum Estimator {
     Diagonal,
     /// no curvature: δ = g / λ (plain gradient similarity, TracIn-like)
     Identity,
+    /// no influence step: the simulated oracle (the target fine-tuned on the retain data alone,
+    /// `[simulate]`), see [`super::simulated`]
+    Simulated,
 }
 
 impl Estimator {
@@ -32,6 +35,7 @@ impl Estimator {
             Estimator::Cg => "cg",
             Estimator::Diagonal => "diagonal",
             Estimator::Identity => "identity",
+            Estimator::Simulated => "simulated",
         }
     }
 }
@@ -159,6 +163,9 @@ pub fn influence_step(
             max_iters,
             tol,
         ),
+        Estimator::Simulated => Err(Error::InvalidArgument(
+            "the simulated estimator takes no influence step".into(),
+        )),
     }
 }
 

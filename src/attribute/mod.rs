@@ -26,6 +26,7 @@
 //! equals the model's own NLL on items it never saw (`data.calibrate`, e.g. holdout people): a
 //! model retrained without F treats F like unseen data. No oracle is used for this.
 pub mod influence;
+pub mod simulated;
 
 use crate::error::{Error, Result};
 use crate::lora::{attach_lora, lora_vars, save_adapter, LoraConfig};
@@ -41,6 +42,7 @@ use crate::train::batch::Dataset;
 use candle_core::{DType, Device, Tensor, Var, D};
 use influence::{influence_step, Curvature, Estimator, SolveInfo};
 use serde::Serialize;
+use simulated::SimulatedInfo;
 use std::path::Path;
 
 /// What `unlearn attribute` reports (report.json).
@@ -48,6 +50,21 @@ use std::path::Path;
 pub struct AttributeReport {
     pub model: String,
     pub forget: String,
+    /// the influence step's subspace and curvature (when an influence estimator ran)
+    pub influence: Option<InfluenceInfo>,
+    /// the simulated oracle and its adapter (when the simulated estimator ran)
+    pub simulated: Option<SimulatedInfo>,
+    /// per estimator, the main one first
+    pub estimators: Vec<EstimatorReport>,
+    /// the estimator whose shadow is closest to the oracle on the first report split
+    /// (only with [report])
+    pub closest: Option<String>,
+    pub seconds: f64,
+}
+
+/// The influence step's subspace and curvature.
+#[derive(Debug, Clone, Serialize)]
+pub struct InfluenceInfo {
     pub subspace_rank: usize,
     pub modules: usize,
     /// parameters of the subspace (Σ out_features · r)
@@ -58,12 +75,6 @@ pub struct AttributeReport {
     pub damping: f64,
     pub lambda: f64,
     pub mean_eigenvalue: f64,
-    /// per estimator, the main one first
-    pub estimators: Vec<EstimatorReport>,
-    /// the estimator whose shadow is closest to the oracle on the first report split
-    /// (only with [report])
-    pub closest: Option<String>,
-    pub seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -114,15 +125,290 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
     let tok = ChatTokenizer::from_dir(model_dir)?.with_prompt_style(recipe.data.prompt_style());
     let pad_id = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);
     // gradients and the step are computed in f32 whatever the device
-    let mut model = Decoder::load(model_dir, DType::F32, device)?;
+    let base = Decoder::load(model_dir, DType::F32, device)?;
     let max_len = recipe.data.max_length;
     let forget = Dataset::load(Path::new(&recipe.data.forget), &tok, max_len)?;
-    let retain = Dataset::load_all(&recipe.data.retain.to_vec(), &tok, max_len)?;
     let calibrate = match &recipe.data.calibrate {
         Some(p) => Some(Dataset::load(Path::new(p), &tok, max_len)?),
         None => None,
     };
     let a = &recipe.attribute;
+    let out = Path::new(&recipe.output.dir);
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    crate::model::weights::write_atomic(&out.join("recipe.toml"), recipe.to_toml()?.as_bytes())?;
+
+    let mut estimators: Vec<Estimator> = vec![a.estimator];
+    for e in &a.compare {
+        if !estimators.contains(e) {
+            estimators.push(*e);
+        }
+    }
+    let calibrate_nll = match &calibrate {
+        Some(c) => Some(mean_nll(
+            &base,
+            &c.examples,
+            a.batch_size,
+            pad_id,
+            &ForwardOptions::base_model(),
+        )?),
+        None => None,
+    };
+    let forget_nll_before = mean_nll(
+        &base,
+        &forget.examples,
+        a.batch_size,
+        pad_id,
+        &ForwardOptions::base_model(),
+    )?;
+    let report_sets = match &recipe.report {
+        Some(r) => Some(report_sets(r, &base, &tok, max_len, a.batch_size, pad_id)?),
+        None => None,
+    };
+    let ctx = Shared {
+        forget: &forget,
+        calibrate_nll,
+        forget_nll_before,
+        report_sets: report_sets.as_ref(),
+        pad_id,
+    };
+
+    let mut reports = Vec::new();
+    let mut influence_info = None;
+    let mut simulated_info = None;
+    // the main estimator's adapter, staged in the run directory
+    let staging = out.join(".shadow.partial");
+    crate::model::weights::remove_dir_if_exists(&staging)?;
+    let influence: Vec<Estimator> = estimators
+        .iter()
+        .copied()
+        .filter(|e| *e != Estimator::Simulated)
+        .collect();
+    for &est in &estimators {
+        let main = reports.is_empty();
+        if est == Estimator::Simulated {
+            let (report, info) = run_simulated(
+                recipe,
+                &base,
+                &ctx,
+                device,
+                progress,
+                out,
+                main.then_some(staging.as_path()),
+            )?;
+            reports.push(report);
+            simulated_info = Some(info);
+        } else if influence_info.is_none() {
+            // every influence estimator shares one subspace and curvature
+            let (r, info) = run_influence(
+                recipe,
+                &base,
+                &ctx,
+                &influence,
+                progress,
+                main.then_some(staging.as_path()),
+            )?;
+            reports.extend(r);
+            influence_info = Some(info);
+        }
+    }
+    let closest = report_sets.as_ref().and_then(|_| {
+        reports
+            .iter()
+            .filter_map(|r| {
+                r.splits
+                    .first()
+                    .map(|s| (s.kl_shadow_oracle, r.estimator.clone()))
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, name)| name)
+    });
+
+    // the main estimator's shadow adapter and the report
+    crate::model::weights::replace_dir(&staging, &out.join("shadow"))?;
+    let report = AttributeReport {
+        model: recipe.model.path.clone(),
+        forget: recipe.data.forget.clone(),
+        influence: influence_info,
+        simulated: simulated_info,
+        estimators: reports,
+        closest,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    let json =
+        serde_json::to_string_pretty(&report).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    crate::model::weights::write_atomic(&out.join("report.json"), json.as_bytes())?;
+    crate::model::weights::write_atomic(&out.join("report.md"), markdown(&report).as_bytes())?;
+    Ok(report)
+}
+
+/// A report split: its items, the target's per-item stats against the oracle, and the
+/// references' mixture KL.
+type ReportSet = (String, Dataset, Vec<ItemStats>, Option<f64>);
+
+/// What every estimator reads.
+struct Shared<'a> {
+    forget: &'a Dataset,
+    calibrate_nll: Option<f64>,
+    forget_nll_before: f64,
+    /// the oracle and the report splits
+    report_sets: Option<&'a (Decoder, Vec<ReportSet>)>,
+    pad_id: u32,
+}
+
+impl Shared<'_> {
+    /// How close `model` (with `opts`) gets to the oracle on each report split.
+    fn splits(
+        &self,
+        model: &Decoder,
+        opts: &ForwardOptions,
+        batch: usize,
+    ) -> Result<Vec<SplitReport>> {
+        let mut splits = Vec::new();
+        if let Some((oracle, sets)) = self.report_sets {
+            for (split, ds, target, floor) in sets {
+                let shadow = item_stats(model, opts, oracle, &ds.examples, batch, self.pad_id)?;
+                splits.push(split_report(split, target, &shadow, *floor));
+            }
+        }
+        Ok(splits)
+    }
+}
+
+/// Load the oracle, the references and the report splits, and score the target on them.
+fn report_sets(
+    r: &crate::recipe::AttributeReportSection,
+    model: &Decoder,
+    tok: &ChatTokenizer,
+    max_len: usize,
+    batch: usize,
+    pad_id: u32,
+) -> Result<(Decoder, Vec<ReportSet>)> {
+    let device = model.device.clone();
+    let load = |key: &str, p: &str| -> Result<Decoder> {
+        let m = Decoder::load(Path::new(p), DType::F32, &device)?;
+        if m.cfg.vocab_size != model.cfg.vocab_size {
+            return Err(Error::InvalidArgument(format!(
+                "{key} {p}: vocabulary size {} differs from the model's {}",
+                m.cfg.vocab_size, model.cfg.vocab_size
+            )));
+        }
+        Ok(m)
+    };
+    let oracle = load("report.oracle", &r.oracle)?;
+    let references = r
+        .references
+        .iter()
+        .map(|p| load("report.references", p))
+        .collect::<Result<Vec<_>>>()?;
+    let mut sets = Vec::new();
+    for entry in &r.data {
+        let (split, path) = entry.split_once('=').unwrap_or(("data", entry));
+        let ds = Dataset::load(Path::new(path), tok, max_len)?;
+        let target = item_stats(
+            model,
+            &ForwardOptions::base_model(),
+            &oracle,
+            &ds.examples,
+            batch,
+            pad_id,
+        )?;
+        let floor = if references.is_empty() {
+            None
+        } else {
+            Some(mixture_kl(
+                &references,
+                &oracle,
+                &ds.examples,
+                batch,
+                pad_id,
+            )?)
+        };
+        sets.push((split.to_string(), ds, target, floor));
+    }
+    Ok((oracle, sets))
+}
+
+/// The simulated oracle ([`simulated`]): fine-tune, store the change as an adapter (into
+/// `stage` when this is the main estimator), and report what that adapter predicts — read back
+/// from disk, as DMM will read it.
+fn run_simulated(
+    recipe: &AttributeRecipe,
+    base: &Decoder,
+    ctx: &Shared,
+    device: &Device,
+    progress: bool,
+    out: &Path,
+    stage: Option<&Path>,
+) -> Result<(EstimatorReport, SimulatedInfo)> {
+    let a = &recipe.attribute;
+    let train = recipe.simulate.as_ref().ok_or_else(|| {
+        Error::InvalidArgument("the simulated estimator needs a [simulate] section".into())
+    })?;
+    say(progress, "simulated oracle: fine-tuning on the retain data");
+    let (tuned_dir, steps) =
+        simulated::fine_tune(recipe, train, &out.join("simulate"), device, progress)?;
+    let tuned = Decoder::load(&tuned_dir, DType::F32, device)?;
+    let (shadow, cfg, drops) = simulated::exact_adapter(base, &tuned)?;
+    drop(tuned);
+    let dir = match stage {
+        Some(s) => s.to_path_buf(),
+        None => out.join(".simulated.partial"),
+    };
+    crate::model::weights::remove_dir_if_exists(&dir)?;
+    save_adapter(&shadow, &cfg, &dir, Some(&recipe.model.path))?;
+    drop(shadow);
+    let mut reader = base.clone();
+    crate::lora::load_adapter(&mut reader, &dir)?;
+    if stage.is_none() {
+        crate::model::weights::remove_dir_if_exists(&dir)?;
+    }
+    say(progress, "simulated oracle: report");
+    let forget_nll_after = mean_nll(
+        &reader,
+        &ctx.forget.examples,
+        a.batch_size,
+        ctx.pad_id,
+        &ForwardOptions::eval(),
+    )?;
+    let report = EstimatorReport {
+        estimator: Estimator::Simulated.name().into(),
+        solves: vec![],
+        scales: vec![],
+        calibrate_nll: ctx.calibrate_nll,
+        forget_nll_before: ctx.forget_nll_before,
+        forget_nll_after,
+        step_norm: drops.carried_norm,
+        splits: ctx.splits(&reader, &ForwardOptions::eval(), a.batch_size)?,
+    };
+    let info = SimulatedInfo {
+        steps,
+        train: train.clone(),
+        rank: drops.rank,
+        modules: drops.modules,
+        carried_norm: drops.carried_norm,
+        dropped_norm: drops.dropped_norm,
+        dropped: drops.dropped,
+    };
+    Ok((report, info))
+}
+
+/// The influence estimators (one shared subspace and curvature): one report each, the first's
+/// adapter saved into `stage` when it is the main estimator.
+fn run_influence(
+    recipe: &AttributeRecipe,
+    base: &Decoder,
+    ctx: &Shared,
+    estimators: &[Estimator],
+    progress: bool,
+    stage: Option<&Path>,
+) -> Result<(Vec<EstimatorReport>, InfluenceInfo)> {
+    let a = &recipe.attribute;
+    let pad_id = ctx.pad_id;
+    let forget = ctx.forget;
+    let mut model = base.clone();
+    let tok = ChatTokenizer::from_dir(Path::new(&recipe.model.path))?
+        .with_prompt_style(recipe.data.prompt_style());
+    let retain = Dataset::load_all(&recipe.data.retain.to_vec(), &tok, recipe.data.max_length)?;
     let cfg = recipe.subspace.to_config()?;
 
     // 1. the subspace: A from the forget gradient of each targeted weight
@@ -193,84 +479,13 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
     let lambda = a.damping * mean_eigenvalue;
 
     // 3. the step for each estimator, its scale, and (with an oracle) how close it gets
-    let calibrate_nll = match &calibrate {
-        Some(c) => Some(mean_nll(
-            &model,
-            &c.examples,
-            a.batch_size,
-            pad_id,
-            &ForwardOptions::base_model(),
-        )?),
-        None => None,
-    };
     let zero: Vec<f64> = vec![0.0; parameters];
-    let forget_nll_before = nll_with_step(
-        &model,
-        &b_vars,
-        &zero,
-        &forget.examples,
-        a.batch_size,
-        pad_id,
-    )?;
-    let report_sets = match &recipe.report {
-        Some(r) => {
-            let load = |key: &str, p: &str| -> Result<Decoder> {
-                let m = Decoder::load(Path::new(p), DType::F32, device)?;
-                if m.cfg.vocab_size != model.cfg.vocab_size {
-                    return Err(Error::InvalidArgument(format!(
-                        "{key} {p}: vocabulary size {} differs from the model's {}",
-                        m.cfg.vocab_size, model.cfg.vocab_size
-                    )));
-                }
-                Ok(m)
-            };
-            let oracle = load("report.oracle", &r.oracle)?;
-            let references = r
-                .references
-                .iter()
-                .map(|p| load("report.references", p))
-                .collect::<Result<Vec<_>>>()?;
-            let mut sets = Vec::new();
-            for entry in &r.data {
-                let (split, path) = entry.split_once('=').unwrap_or(("data", entry));
-                let ds = Dataset::load(Path::new(path), &tok, max_len)?;
-                let target = item_stats(
-                    &model,
-                    &ForwardOptions::base_model(),
-                    &oracle,
-                    &ds.examples,
-                    a.batch_size,
-                    pad_id,
-                )?;
-                let floor = if references.is_empty() {
-                    None
-                } else {
-                    Some(mixture_kl(
-                        &references,
-                        &oracle,
-                        &ds.examples,
-                        a.batch_size,
-                        pad_id,
-                    )?)
-                };
-                sets.push((split.to_string(), ds, target, floor));
-            }
-            Some((oracle, sets))
-        }
-        None => None,
-    };
     let scale = recipe
         .step_scale()
         .map_err(|m| Error::InvalidArgument(format!("attribute.scale: {m}")))?;
-    let mut estimators: Vec<Estimator> = vec![a.estimator];
-    for e in &a.compare {
-        if !estimators.contains(e) {
-            estimators.push(*e);
-        }
-    }
     let mut reports = Vec::new();
     let mut main_step = None;
-    for &est in &estimators {
+    for &est in estimators {
         say(
             progress,
             &format!("influence step ({}), scale and report", est.name()),
@@ -290,14 +505,15 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
             let m = match scale {
                 StepScale::Fixed(m) => m,
                 StepScale::Auto => {
-                    let goal = calibrate_nll.ok_or_else(|| {
+                    let goal = ctx.calibrate_nll.ok_or_else(|| {
                         Error::InvalidArgument(
                             "attribute.scale = \"auto\" needs data.calibrate".into(),
                         )
                     })?;
                     // equal ratios of forget NLL per step, ending at the goal
                     let frac = (k + 1) as f64 / a.steps as f64;
-                    let goal_k = forget_nll_before * (goal / forget_nll_before).powf(frac);
+                    let before = ctx.forget_nll_before;
+                    let goal_k = before * (goal / before).powf(frac);
                     let forget = &forget.examples;
                     calibrate_scale(
                         &model,
@@ -325,26 +541,13 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
             a.batch_size,
             pad_id,
         )?;
-        let mut splits = Vec::new();
-        if let Some((oracle, sets)) = &report_sets {
-            for (split, ds, target, floor) in sets {
-                let shadow = item_stats(
-                    &model,
-                    &ForwardOptions::eval(),
-                    oracle,
-                    &ds.examples,
-                    a.batch_size,
-                    pad_id,
-                )?;
-                splits.push(split_report(split, target, &shadow, *floor));
-            }
-        }
+        let splits = ctx.splits(&model, &ForwardOptions::eval(), a.batch_size)?;
         reports.push(EstimatorReport {
             estimator: est.name().into(),
             solves,
             scales,
-            calibrate_nll,
-            forget_nll_before,
+            calibrate_nll: ctx.calibrate_nll,
+            forget_nll_before: ctx.forget_nll_before,
             forget_nll_after,
             step_norm: step.iter().map(|v| v * v).sum::<f64>().sqrt(),
             splits,
@@ -353,30 +556,11 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
             main_step = Some(step);
         }
     }
-    let closest = report_sets.as_ref().and_then(|_| {
-        reports
-            .iter()
-            .filter_map(|r| {
-                r.splits
-                    .first()
-                    .map(|s| (s.kl_shadow_oracle, r.estimator.clone()))
-            })
-            .min_by(|a, b| a.0.total_cmp(&b.0))
-            .map(|(_, name)| name)
-    });
-
-    // 4. write the main estimator's shadow adapter and the report
-    let out = Path::new(&recipe.output.dir);
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    crate::model::weights::write_atomic(&out.join("recipe.toml"), recipe.to_toml()?.as_bytes())?;
-    set_b(&b_vars, main_step.as_deref().unwrap_or(&zero))?;
-    let staging = out.join(".shadow.partial");
-    crate::model::weights::remove_dir_if_exists(&staging)?;
-    save_adapter(&model, &cfg, &staging, Some(&recipe.model.path))?;
-    crate::model::weights::replace_dir(&staging, &out.join("shadow"))?;
-    let report = AttributeReport {
-        model: recipe.model.path.clone(),
-        forget: recipe.data.forget.clone(),
+    if let Some(dir) = stage {
+        set_b(&b_vars, main_step.as_deref().unwrap_or(&zero))?;
+        save_adapter(&model, &cfg, dir, Some(&recipe.model.path))?;
+    }
+    let info = InfluenceInfo {
         subspace_rank: cfg.r,
         modules: bases.len(),
         parameters,
@@ -385,15 +569,8 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
         damping: a.damping,
         lambda,
         mean_eigenvalue,
-        estimators: reports,
-        closest,
-        seconds: started.elapsed().as_secs_f64(),
     };
-    let json =
-        serde_json::to_string_pretty(&report).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-    crate::model::weights::write_atomic(&out.join("report.json"), json.as_bytes())?;
-    crate::model::weights::write_atomic(&out.join("report.md"), markdown(&report).as_bytes())?;
-    Ok(report)
+    Ok((reports, info))
 }
 
 /// One line per phase on stderr when run from the command line (the default log level hides
@@ -882,20 +1059,38 @@ pub fn pearson(x: &[f64], y: &[f64]) -> Option<f64> {
 
 fn markdown(r: &AttributeReport) -> String {
     let mut s = format!(
-        "# Attribution-estimated retrained model\n\nmodel `{}`, forget `{}`\n\n\
-         subspace: rank {} on {} modules ({} parameters); curvature `{}` from {} retain items; \
-         λ = {} × mean eigenvalue {:.3e} = {:.3e}\n\n",
-        r.model,
-        r.forget,
-        r.subspace_rank,
-        r.modules,
-        r.parameters,
-        r.curvature,
-        r.curvature_samples,
-        r.damping,
-        r.mean_eigenvalue,
-        r.lambda
+        "# Attribution-estimated retrained model\n\nmodel `{}`, forget `{}`\n\n",
+        r.model, r.forget
     );
+    if let Some(i) = &r.influence {
+        s.push_str(&format!(
+            "influence subspace: rank {} on {} modules ({} parameters); curvature `{}` from {} \
+             retain items; λ = {} × mean eigenvalue {:.3e} = {:.3e}\n\n",
+            i.subspace_rank,
+            i.modules,
+            i.parameters,
+            i.curvature,
+            i.curvature_samples,
+            i.damping,
+            i.mean_eigenvalue,
+            i.lambda
+        ));
+    }
+    if let Some(m) = &r.simulated {
+        s.push_str(&format!(
+            "simulated oracle: the model fine-tuned on the retain data alone, {} steps (lr {:e}, \
+             batch {}); its change as a rank-{} adapter on {} modules, ‖Δ‖ = {:.3}; not carried: \
+             ‖Δ‖ = {:.3} over {} norm weights and biases\n\n",
+            m.steps,
+            m.train.lr,
+            m.train.batch_size,
+            m.rank,
+            m.modules,
+            m.carried_norm,
+            m.dropped_norm,
+            m.dropped.len()
+        ));
+    }
     s.push_str("| estimator | scale m per step | forget NLL before → after | solves |\n|---|---|---|---|\n");
     for e in &r.estimators {
         s.push_str(&format!(
