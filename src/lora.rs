@@ -243,12 +243,12 @@ pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
             ));
         }
         let dev = model.embed.device().clone();
-        model.embed_lora = Some(LoraWeights {
-            a: Var::from_tensor(&a.to_device(&dev)?)?,
-            b: Var::from_tensor(&b.to_device(&dev)?)?,
-            scale: cfg.scale_for_rank(ra),
-            dropout: 0.0,
-        });
+        model.embed_lora = Some(LoraWeights::from_tensors(
+            &a.to_device(&dev)?,
+            &b.to_device(&dev)?,
+            cfg.scale_for_rank(ra),
+            0.0,
+        )?);
         used += 2;
     }
     for lin in model.linears_with_head_mut() {
@@ -277,12 +277,12 @@ pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
             ));
         }
         let dev = lin.weight.device().clone();
-        lin.lora = Some(LoraWeights {
-            a: Var::from_tensor(&a.to_device(&dev)?)?,
-            b: Var::from_tensor(&b.to_device(&dev)?)?,
-            scale: cfg.scale_for_rank(ra),
-            dropout: cfg.dropout,
-        });
+        lin.lora = Some(LoraWeights::from_tensors(
+            &a.to_device(&dev)?,
+            &b.to_device(&dev)?,
+            cfg.scale_for_rank(ra),
+            cfg.dropout,
+        )?);
         used += 2;
     }
     let total = by_name.len();

@@ -165,6 +165,7 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
         None => None,
     };
     let ctx = Shared {
+        tok: &tok,
         forget: &forget,
         calibrate_nll,
         forget_nll_before,
@@ -247,6 +248,7 @@ type ReportSet = (String, Dataset, Vec<ItemStats>, Option<f64>);
 
 /// What every estimator reads.
 struct Shared<'a> {
+    tok: &'a ChatTokenizer,
     forget: &'a Dataset,
     calibrate_nll: Option<f64>,
     forget_nll_before: f64,
@@ -406,9 +408,11 @@ fn run_influence(
     let pad_id = ctx.pad_id;
     let forget = ctx.forget;
     let mut model = base.clone();
-    let tok = ChatTokenizer::from_dir(Path::new(&recipe.model.path))?
-        .with_prompt_style(recipe.data.prompt_style());
-    let retain = Dataset::load_all(&recipe.data.retain.to_vec(), &tok, recipe.data.max_length)?;
+    let retain = Dataset::load_all(
+        &recipe.data.retain.to_vec(),
+        ctx.tok,
+        recipe.data.max_length,
+    )?;
     let cfg = recipe.subspace.to_config()?;
 
     // 1. the subspace: A from the forget gradient of each targeted weight

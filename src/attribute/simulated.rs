@@ -27,7 +27,7 @@ use crate::model::Decoder;
 use crate::recipe::{AttributeRecipe, InitSection, TrainDataSection, TrainOutputSection};
 use crate::recipe::{TrainRecipe, TrainSection};
 use crate::train::trainer::RunOptions;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -155,12 +155,7 @@ pub fn exact_adapter(base: &Decoder, tuned: &Decoder) -> Result<(Decoder, LoraCo
         let (a, b) = factors.remove(&lin.name).ok_or_else(|| {
             Error::InvalidArgument(format!("simulated oracle: no delta for {}", lin.name))
         })?;
-        lin.lora = Some(LoraWeights {
-            a: Var::from_tensor(&a)?,
-            b: Var::from_tensor(&b)?,
-            scale: 1.0,
-            dropout: 0.0,
-        });
+        lin.lora = Some(LoraWeights::from_tensors(&a, &b, 1.0, 0.0)?);
     }
     // embedding: (B·A)ᵀ = ΔE → B·A = ΔEᵀ [hidden, vocab]; hidden ≤ vocab, so B = [I | 0]
     let delta_e = (f32(&tuned.embed)? - f32(&base.embed)?)?;
@@ -174,12 +169,7 @@ pub fn exact_adapter(base: &Decoder, tuned: &Decoder) -> Result<(Decoder, LoraCo
             .to_scalar::<f64>()?;
     }
     let (a_t, b_t) = factor(&delta_e.t()?.contiguous()?, rank, &dev)?;
-    shadow.embed_lora = Some(LoraWeights {
-        a: Var::from_tensor(&a_t)?,
-        b: Var::from_tensor(&b_t)?,
-        scale: 1.0,
-        dropout: 0.0,
-    });
+    shadow.embed_lora = Some(LoraWeights::from_tensors(&a_t, &b_t, 1.0, 0.0)?);
     let modules = pairs.len() + 1;
     let mut names: Vec<String> = pairs
         .iter()

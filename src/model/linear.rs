@@ -16,6 +16,19 @@ pub struct LoraWeights {
     pub dropout: f64,
 }
 
+impl LoraWeights {
+    /// `a` [r, in] and `b` [out, r] as variables (`Var::from_tensor`: copied unless already a
+    /// variable).
+    pub fn from_tensors(a: &Tensor, b: &Tensor, scale: f64, dropout: f64) -> Result<Self> {
+        Ok(LoraWeights {
+            a: Var::from_tensor(a)?,
+            b: Var::from_tensor(b)?,
+            scale,
+            dropout,
+        })
+    }
+}
+
 /// Per-forward switches. Model code knows nothing of training; a trainer sets these.
 pub struct ForwardOptions {
     /// apply the LoRA branches (false gives the base model: the reference model of NPO/DPO/RMU
