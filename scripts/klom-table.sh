@@ -14,20 +14,22 @@
 # (recipes/klom/attribute-influence.toml); GradDiff; NPO; and oracle matching (OM, the upper
 # bound of DMM) — OM of member k matches the retrained oracle of member k+1 mod K, so that no
 # unlearned model is trained towards an oracle it is then compared with. Both DMM rows use
-# recipes/klom/dmm.toml.
+# recipes/klom/dmm.toml. The "retrain" row is the reference for a perfect unlearner: each
+# member's oracle retrained once more (recipes/build/retrained.toml from the member's retain
+# model), only the data-order seed changed — what exact retraining scores on each KLoM variant.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 K=${1:-5}
 bin=${UNLEARN_BIN:-target/release/unlearn}
 [ -x "$bin" ] || cargo build --release
-member() { # member k → "oracle_dir target_dir"
-  if [ "$1" -eq 0 ]; then echo "data/models/retrained data/models/target"
-  else echo "runs/klom/models/seed-$1/retrained runs/klom/models/seed-$1/target"; fi
+member() { # member k → "oracle_dir target_dir retain_dir"
+  if [ "$1" -eq 0 ]; then echo "data/models/retrained data/models/target data/models/retain"
+  else echo "runs/klom/models/seed-$1/retrained runs/klom/models/seed-$1/target runs/klom/models/seed-$1/retain"; fi
 }
-oracles=(); targets=()
+oracles=(); targets=(); retains=()
 for k in $(seq 0 $((K - 1))); do
-  read -r r t < <(member "$k")
-  oracles+=("$r"); targets+=("$t")
+  read -r r t b < <(member "$k")
+  oracles+=("$r"); targets+=("$t"); retains+=("$b")
 done
 members=${MEMBERS:-$(seq 0 $((K - 1)))}
 for k in $members; do
@@ -42,6 +44,10 @@ for k in $members; do
     "$bin" attribute recipes/klom/attribute.toml --set model.path="$t" --set output.dir="runs/klom/sim-$k"
   [ -f "runs/klom/attr-$k/shadow/adapter_model.safetensors" ] ||
     "$bin" attribute recipes/klom/attribute-influence.toml --set model.path="$t" --set output.dir="runs/klom/attr-$k"
+  [ -f "runs/klom/retrain-$k/merged/model.safetensors" ] ||
+    "$bin" train recipes/build/retrained.toml --set model.path="${retains[$k]}" \
+      --set train.seed=$((1000 + k)) --set output.dir="runs/klom/retrain-$k" \
+      --set output.model="runs/klom/retrain-$k/merged"
   for m in "${methods[@]}"; do
     [ -f "runs/klom/$m-$k/merged/model.safetensors" ] && continue
     recipe=recipes/klom/$m.toml
@@ -58,7 +64,7 @@ done
 [ -n "${MEMBERS:-}" ] && exit 0
 data=(forget=data/tofu/forget10.jsonl retain=data/tofu/retain_perturbed.jsonl holdout=data/tofu/holdout.jsonl)
 : > runs/klom/table.jsonl
-for m in target "${methods[@]}"; do
+for m in target "${methods[@]}" retrain; do
   if [ "$m" = target ]; then models=("${targets[@]}")
   else models=(); for k in $(seq 0 $((K - 1))); do models+=("runs/klom/$m-$k/merged"); done; fi
   for kind in "--bins 20" "--bins 5" "--gaussian"; do
