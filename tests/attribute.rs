@@ -373,3 +373,31 @@ fn simulated_estimator_fine_tunes_and_reports_its_adapter() {
         .to_string();
     assert!(e.contains("[simulate]"), "{e}");
 }
+
+#[test]
+fn simulated_shadow_of_an_untied_head_names_it_as_the_model_does() {
+    // GPT-NeoX's untied head is `embed_out`: the adapter config must list it for PEFT
+    let base = Decoder::load(&fixture("gpt_neox"), DType::F32, &cpu()).unwrap();
+    assert!(!base.cfg.tie_word_embeddings);
+    let mut tuned = base.clone();
+    let w = &tuned.lm_head.weight;
+    tuned.lm_head.weight = (w + w.ones_like().unwrap().affine(0.01, 0.0).unwrap()).unwrap();
+    let (shadow, cfg, drops) = unlearn::attribute::simulated::exact_adapter(&base, &tuned).unwrap();
+    let unlearn::lora::TargetModules::Names(names) = &cfg.target_modules else {
+        panic!("{:?}", cfg.target_modules)
+    };
+    assert!(names.contains(&"embed_out".to_string()), "{names:?}");
+    assert!(!names.contains(&"lm_head".to_string()), "{names:?}");
+    assert!(drops.dropped.is_empty());
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 17]], &cpu()).unwrap();
+    let input = unlearn::model::ModelInput::new(&ids, None);
+    let want = tuned
+        .forward(&input, &ForwardOptions::base_model())
+        .unwrap();
+    let got = shadow.forward(&input, &ForwardOptions::eval()).unwrap();
+    assert!(
+        max_abs_diff(&got, &want) < 1e-4,
+        "{}",
+        max_abs_diff(&got, &want)
+    );
+}

@@ -124,6 +124,32 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
     let model_dir = Path::new(&recipe.model.path);
     let tok = ChatTokenizer::from_dir(model_dir)?.with_prompt_style(recipe.data.prompt_style());
     let pad_id = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);
+    let a = &recipe.attribute;
+    let out = Path::new(&recipe.output.dir);
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    crate::model::weights::write_atomic(&out.join("recipe.toml"), recipe.to_toml()?.as_bytes())?;
+    let mut estimators: Vec<Estimator> = vec![a.estimator];
+    for e in &a.compare {
+        if !estimators.contains(e) {
+            estimators.push(*e);
+        }
+    }
+    // the simulated oracle's fine-tuning first, before the models of the report are loaded
+    let simulated_run = if estimators.contains(&Estimator::Simulated) {
+        let train = recipe.simulate.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("the simulated estimator needs a [simulate] section".into())
+        })?;
+        say(progress, "simulated oracle: fine-tuning on the retain data");
+        Some(simulated::fine_tune(
+            recipe,
+            train,
+            &out.join("simulate"),
+            device,
+            progress,
+        )?)
+    } else {
+        None
+    };
     // gradients and the step are computed in f32 whatever the device
     let base = Decoder::load(model_dir, DType::F32, device)?;
     let max_len = recipe.data.max_length;
@@ -132,17 +158,7 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
         Some(p) => Some(Dataset::load(Path::new(p), &tok, max_len)?),
         None => None,
     };
-    let a = &recipe.attribute;
-    let out = Path::new(&recipe.output.dir);
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    crate::model::weights::write_atomic(&out.join("recipe.toml"), recipe.to_toml()?.as_bytes())?;
 
-    let mut estimators: Vec<Estimator> = vec![a.estimator];
-    for e in &a.compare {
-        if !estimators.contains(e) {
-            estimators.push(*e);
-        }
-    }
     let calibrate_nll = match &calibrate {
         Some(c) => Some(mean_nll(
             &base,
@@ -187,13 +203,16 @@ pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<
     for &est in &estimators {
         let main = reports.is_empty();
         if est == Estimator::Simulated {
+            let (tuned_dir, steps) = simulated_run.as_ref().ok_or_else(|| {
+                Error::InvalidArgument("the simulated oracle was not fine-tuned".into())
+            })?;
             let (report, info) = run_simulated(
                 recipe,
                 &base,
                 &ctx,
+                (tuned_dir, *steps),
                 device,
                 progress,
-                out,
                 main.then_some(staging.as_path()),
             )?;
             reports.push(report);
@@ -330,26 +349,23 @@ fn report_sets(
     Ok((oracle, sets))
 }
 
-/// The simulated oracle ([`simulated`]): fine-tune, store the change as an adapter (into
-/// `stage` when this is the main estimator), and report what that adapter predicts — read back
-/// from disk, as DMM will read it.
+/// The simulated oracle ([`simulated`]), fine-tuned into `tuned_dir` in `steps` steps: store its
+/// change as an adapter (into `stage` when this is the main estimator) and report what that
+/// adapter predicts — read back from disk, as DMM will read it.
 fn run_simulated(
     recipe: &AttributeRecipe,
     base: &Decoder,
     ctx: &Shared,
+    (tuned_dir, steps): (&Path, usize),
     device: &Device,
     progress: bool,
-    out: &Path,
     stage: Option<&Path>,
 ) -> Result<(EstimatorReport, SimulatedInfo)> {
     let a = &recipe.attribute;
-    let train = recipe.simulate.as_ref().ok_or_else(|| {
-        Error::InvalidArgument("the simulated estimator needs a [simulate] section".into())
-    })?;
-    say(progress, "simulated oracle: fine-tuning on the retain data");
-    let (tuned_dir, steps) =
-        simulated::fine_tune(recipe, train, &out.join("simulate"), device, progress)?;
-    let tuned = Decoder::load(&tuned_dir, DType::F32, device)?;
+    let out = Path::new(&recipe.output.dir);
+    let train = recipe.simulate.clone().unwrap_or_default();
+    say(progress, "simulated oracle: its adapter");
+    let tuned = Decoder::load(tuned_dir, DType::F32, device)?;
     let (shadow, cfg, drops) = simulated::exact_adapter(base, &tuned)?;
     drop(tuned);
     let dir = match stage {
@@ -384,7 +400,7 @@ fn run_simulated(
     };
     let info = SimulatedInfo {
         steps,
-        train: train.clone(),
+        train,
         rank: drops.rank,
         modules: drops.modules,
         carried_norm: drops.carried_norm,

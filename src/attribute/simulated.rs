@@ -87,6 +87,8 @@ pub fn fine_tune(
         ..Default::default()
     };
     let summary = crate::train::supervised::train(&tr, &opts)?;
+    // the final checkpoint holds the optimizer state (about 3× the model); only the model is used
+    crate::model::weights::remove_dir_if_exists(&work.join("checkpoints"))?;
     Ok((model_out, summary.steps))
 }
 
@@ -178,7 +180,14 @@ pub fn exact_adapter(base: &Decoder, tuned: &Decoder) -> Result<(Decoder, LoraCo
         .collect();
     names.sort();
     names.dedup();
-    names.push("lm_head".into());
+    names.push(
+        base.lm_head
+            .name
+            .rsplit('.')
+            .next()
+            .unwrap_or("lm_head")
+            .into(),
+    );
     names.push(
         base.embed_name
             .rsplit('.')
@@ -265,7 +274,7 @@ fn dropped_changes(base: &Decoder, tuned: &Decoder) -> Result<Drops> {
         .map(|l| format!("{}.weight", l.name))
         .collect();
     carried.insert(format!("{}.weight", base.embed_name));
-    carried.insert("lm_head.weight".into());
+    carried.insert(format!("{}.weight", base.lm_head.name));
     let bs = WeightStore::open_dir(&base.dir)?;
     let ts = WeightStore::open_dir(&tuned.dir)?;
     let mut sq = 0.0f64;
