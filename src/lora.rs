@@ -332,9 +332,15 @@ fn check_saved_base_weight(
             format!("carries a base weight for '{module}', which the base model does not have"),
         ));
     };
-    let own = own.to_dtype(DType::F32)?.to_device(saved.device())?;
+    // compared in the model's dtype: a bf16 model loaded from the f32 weights PEFT saved holds
+    // them rounded the same way
+    let saved = saved
+        .to_device(own.device())?
+        .to_dtype(own.dtype())?
+        .to_dtype(DType::F32)?;
+    let own = own.to_dtype(DType::F32)?;
     let same =
-        own.dims() == saved.dims() && (own - saved)?.abs()?.max_all()?.to_scalar::<f32>()? <= 1e-6;
+        own.dims() == saved.dims() && (own - &saved)?.abs()?.max_all()?.to_scalar::<f32>()? <= 1e-6;
     if !same {
         return Err(Error::adapter(
             st_path,

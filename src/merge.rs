@@ -277,13 +277,21 @@ fn read_adapter(
             (m, true)
         } else if let Some(m) = norm.strip_suffix(".lora_B.weight") {
             (m, false)
-        } else if norm.contains(".lora_embedding_") || norm.ends_with(".base_layer.weight") {
+        } else if norm.contains(".lora_embedding_") {
             // an embedding adapter changes the input side of a possibly tied matrix; merged into
             // one tensor it would change the output head too
             return Err(Error::adapter(
                 &st_path,
                 format!(
                     "'{n}' belongs to an adapter on the token embedding, which `merge` does not merge (a shadow adapter from `unlearn attribute` is a DMM target, used unmerged)"
+                ),
+            ));
+        } else if norm.ends_with(".base_layer.weight") {
+            // PEFT stores these beside embedding adapters (save_embedding_layers)
+            return Err(Error::adapter(
+                &st_path,
+                format!(
+                    "'{n}' is a base weight stored in the adapter (PEFT's save_embedding_layers, written beside adapters on the embedding or head); `merge` merges LoRA A/B weights only"
                 ),
             ));
         } else {

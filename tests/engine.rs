@@ -749,4 +749,19 @@ fn evaluation_during_the_run_logs_summaries_and_selects_the_best_step() {
         .collect();
     steps.sort();
     assert_eq!(steps, vec!["step-000000", "step-000002"]);
+    // …nor its step-0 evaluation when this run does not evaluate before training
+    let no_before = eval.replace("every = 2", "every = 2\nbefore = false");
+    let p = write_recipe_with(
+        tmp.path(),
+        "gradascent",
+        "",
+        "steps = 2\nlr = 1e-2",
+        &no_before,
+    );
+    run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default()).unwrap();
+    let steps: Vec<String> = std::fs::read_dir(out.join("evals"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(steps, vec!["step-000002"]);
 }

@@ -945,7 +945,8 @@ fn embedding_lora_rows(
         (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
     };
     let (a, b) = (a.to_dtype(branch_dtype)?, b.to_dtype(branch_dtype)?);
-    let rows = a.t()?.contiguous()?.index_select(&ids.flatten_all()?, 0)?;
+    // the columns of A for these ids, [r, n] → [n, r], without copying A (vocab columns)
+    let rows = a.index_select(&ids.flatten_all()?, 1)?.t()?.contiguous()?;
     let up = (rows * lora.scale)?.matmul(&b.t()?)?;
     Ok(up.to_dtype(out_dtype)?)
 }

@@ -135,7 +135,8 @@ impl RunEvaluator {
 
     /// Remove the evaluations of steps after `step` (`evals/step-NNNNNN`), as metrics.jsonl is
     /// truncated there: a fresh run into an old output directory, or a resume from an earlier
-    /// checkpoint, must not leave another trajectory's results next to its own.
+    /// checkpoint, must not leave another trajectory's results next to its own. A fresh run
+    /// (`step` 0) removes step 0 too: it is evaluated again only when the suite asks for it.
     pub fn drop_evals_after(&self, step: usize) -> Result<()> {
         let Ok(entries) = std::fs::read_dir(&self.root) else {
             return Ok(());
@@ -146,7 +147,7 @@ impl RunEvaluator {
                 .to_str()
                 .and_then(|n| n.strip_prefix("step-"))
                 .and_then(|n| n.parse::<usize>().ok())
-                .is_some_and(|n| n > step);
+                .is_some_and(|n| n > step || step == 0);
             if stale {
                 crate::model::weights::remove_dir_if_exists(&entry.path())?;
             }
