@@ -2,9 +2,12 @@
 //! retraining — as a "shadow" LoRA adapter, the target of datamodel matching (`method = "dmm"`,
 //! arXiv 2410.23232; algorithms.md §4.2).
 //!
-//! The shadow is one influence step δ = m·(C + λI)⁻¹·g_F ([`influence`]) in a LoRA-shaped
-//! subspace, written in PEFT's format, so the predicted-retrained logits of any input are one
-//! forward pass with that adapter (no logit dumps on disk).
+//! The shadow is written in PEFT's format, so the predicted-retrained logits of any input are one
+//! forward pass with that adapter (no logit dumps on disk). Two kinds of estimator produce it:
+//! one influence step δ = m·(C + λI)⁻¹·g_F ([`influence`]) in a LoRA-shaped subspace (cg,
+//! diagonal, identity; below), or the simulated oracle ([`simulated`]: the model fine-tuned on
+//! the retain data alone, its change stored exactly as a full-rank adapter). Several can run
+//! side by side; the report says which is closest to an oracle, and the main one is saved.
 //!
 //! **The subspace.** A fresh LoRA (B = 0) is degenerate for a first-order step: ∇_A = 0, and
 //! with a random A the gradient w.r.t. B only sees the forget gradient's projection on r random
