@@ -19,7 +19,7 @@
 //! **The curvature.** C estimates the curvature of the retain training loss from per-example
 //! vectors in that subspace on `attribute.samples` retain items, rescaled to the whole retain
 //! set. "logits" (default) uses random projections uᵀJ of each item's answer-position logit
-//! Jacobian J (u ~ N(0, I)), so E[C] = Σ JᵀJ, the Gauss-Newton matrix of the logit-MSE loss DMM
+//! Jacobian J (u ~ N(0, I)), so E\[C\] = Σ JᵀJ, the Gauss-Newton matrix of the logit-MSE loss DMM
 //! matches with: the step then moves the retain logits least. "fisher" samples each answer token
 //! from the model's own prediction (the Fisher of the NLL), "empirical" uses the gold tokens'
 //! gradients — both nearly vanish on memorised data, where the softmax is saturated.
@@ -60,7 +60,7 @@ pub struct AttributeReport {
     /// per estimator, the main one first
     pub estimators: Vec<EstimatorReport>,
     /// the estimator whose shadow is closest to the oracle on the first report split
-    /// (only with [report])
+    /// (only with a `[report]` section)
     pub closest: Option<String>,
     pub seconds: f64,
 }
