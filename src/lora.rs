@@ -166,7 +166,7 @@ pub fn lora_vars(model: &Decoder) -> Vec<(String, Var)> {
         out.push((peft_embedding_name(&model.embed_name, 'A'), l.a.clone()));
         out.push((peft_embedding_name(&model.embed_name, 'B'), l.b.clone()));
     }
-    for lin in model.linears().into_iter().chain([&model.lm_head]) {
+    for lin in model.linears_with_head() {
         if let Some(l) = &lin.lora {
             out.push((peft_name(&lin.name, 'A'), l.a.clone()));
             out.push((peft_name(&lin.name, 'B'), l.b.clone()));

@@ -328,14 +328,20 @@ fn simulated_estimator_fine_tunes_and_reports_its_adapter() {
     let report = unlearn::attribute::run(&r, &cpu(), false).unwrap();
     let sim = report.simulated.as_ref().unwrap();
     assert_eq!(sim.steps, 5, "40 retain items, batch 8, one epoch");
-    assert_eq!(sim.rank, 192);
+    assert_eq!(sim.adapter.rank, 192);
     // everything but the norm weights is carried; they changed too, a little
     assert!(
-        sim.dropped.iter().all(|n| n.ends_with("norm.weight")),
+        sim.adapter
+            .dropped
+            .iter()
+            .all(|n| n.ends_with("norm.weight")),
         "{:?}",
-        sim.dropped
+        sim.adapter.dropped
     );
-    assert!(sim.dropped_norm < 0.1 * sim.carried_norm, "{sim:?}");
+    assert!(
+        sim.adapter.dropped_norm < 0.1 * sim.adapter.carried_norm,
+        "{sim:?}"
+    );
     assert_eq!(report.estimators.len(), 2);
     let s = &report.estimators[0];
     assert_eq!(s.estimator, "simulated");

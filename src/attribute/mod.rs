@@ -404,11 +404,7 @@ fn run_simulated(
     let info = SimulatedInfo {
         steps,
         train,
-        rank: drops.rank,
-        modules: drops.modules,
-        carried_norm: drops.carried_norm,
-        dropped_norm: drops.dropped_norm,
-        dropped: drops.dropped,
+        adapter: drops,
     };
     Ok((report, info))
 }
@@ -1107,11 +1103,11 @@ fn markdown(r: &AttributeReport) -> String {
             m.steps,
             m.train.lr,
             m.train.batch_size,
-            m.rank,
-            m.modules,
-            m.carried_norm,
-            m.dropped_norm,
-            m.dropped.len()
+            m.adapter.rank,
+            m.adapter.modules,
+            m.adapter.carried_norm,
+            m.adapter.dropped_norm,
+            m.adapter.dropped.len()
         ));
     }
     s.push_str("| estimator | scale m per step | forget NLL before → after | solves |\n|---|---|---|---|\n");

@@ -37,16 +37,8 @@ pub struct SimulatedInfo {
     /// optimizer steps of the fine-tuning
     pub steps: usize,
     pub train: TrainSection,
-    /// the adapter's rank (largest min(in, out)); alpha = rank
-    pub rank: usize,
-    /// modules the adapter carries (linear modules, the head, the embedding)
-    pub modules: usize,
-    /// ‖Δθ‖ over the carried weights
-    pub carried_norm: f64,
-    /// ‖Δθ‖ over the weights the adapter cannot carry (norm weights, biases)
-    pub dropped_norm: f64,
-    /// names of those weights that changed
-    pub dropped: Vec<String>,
+    #[serde(flatten)]
+    pub adapter: Drops,
 }
 
 /// Fine-tune the recipe's model on `data.retain` with the `[simulate]` settings, all weights,
@@ -106,13 +98,11 @@ pub fn exact_adapter(base: &Decoder, tuned: &Decoder) -> Result<(Decoder, LoraCo
         )));
     }
     let (vocab, hidden) = base.embed.dims2()?;
-    let head = |m: &Decoder| m.lm_head.clone();
-    let mut pairs: Vec<(String, Tensor, Tensor, bool)> = Vec::new();
+    let mut pairs: Vec<(String, Tensor, Tensor)> = Vec::new();
     for (b, t) in base
-        .linears()
+        .linears_with_head()
         .into_iter()
-        .chain([&head(base)])
-        .zip(tuned.linears().into_iter().chain([&head(tuned)]))
+        .zip(tuned.linears_with_head())
     {
         if b.conv1d {
             return Err(Error::InvalidArgument(format!(
@@ -129,12 +119,11 @@ pub fn exact_adapter(base: &Decoder, tuned: &Decoder) -> Result<(Decoder, LoraCo
                 b.weight.dims()
             )));
         }
-        let is_head = b.name == base.lm_head.name;
-        pairs.push((b.name.clone(), b.weight.clone(), t.weight.clone(), is_head));
+        pairs.push((b.name.clone(), b.weight.clone(), t.weight.clone()));
     }
     let rank = pairs
         .iter()
-        .map(|(_, w, _, _)| w.dims()[0].min(w.dims()[1]))
+        .map(|(_, w, _)| w.dims()[0].min(w.dims()[1]))
         .chain([vocab.min(hidden)])
         .max()
         .unwrap_or(1);
@@ -144,13 +133,9 @@ pub fn exact_adapter(base: &Decoder, tuned: &Decoder) -> Result<(Decoder, LoraCo
     crate::lora::detach_lora(&mut shadow);
     let mut carried_sq = 0.0f64;
     let mut factors = std::collections::HashMap::new();
-    for (name, wb, wt, _) in &pairs {
+    for (name, wb, wt) in &pairs {
         let delta = (f32(wt)? - f32(wb)?)?;
-        carried_sq += delta
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        carried_sq += squared_norm(&delta)?;
         factors.insert(name.clone(), factor(&delta, rank, &dev)?);
     }
     for lin in shadow.linears_with_head_mut() {
@@ -161,33 +146,21 @@ pub fn exact_adapter(base: &Decoder, tuned: &Decoder) -> Result<(Decoder, LoraCo
     }
     // embedding: (B·A)ᵀ = ΔE → B·A = ΔEᵀ [hidden, vocab]; hidden ≤ vocab, so B = [I | 0]
     let delta_e = (f32(&tuned.embed)? - f32(&base.embed)?)?;
-    if base.cfg.tie_word_embeddings {
-        // the head's delta above is the same ΔE; count it once
-    } else {
-        carried_sq += delta_e
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+    if !base.cfg.tie_word_embeddings {
+        // tied, the head's delta above is this ΔE: counted once
+        carried_sq += squared_norm(&delta_e)?;
     }
     let (a_t, b_t) = factor(&delta_e.t()?.contiguous()?, rank, &dev)?;
     shadow.embed_lora = Some(LoraWeights::from_tensors(&a_t, &b_t, 1.0, 0.0)?);
     let modules = pairs.len() + 1;
-    let mut names: Vec<String> = pairs
+    let mut names: Vec<String> = base
+        .linears()
         .iter()
-        .filter(|p| !p.3)
-        .map(|p| p.0.rsplit('.').next().unwrap_or(&p.0).to_string())
+        .map(|l| l.short_name().to_string())
         .collect();
     names.sort();
     names.dedup();
-    names.push(
-        base.lm_head
-            .name
-            .rsplit('.')
-            .next()
-            .unwrap_or("lm_head")
-            .into(),
-    );
+    names.push(base.lm_head.short_name().into());
     names.push(
         base.embed_name
             .rsplit('.')
@@ -217,13 +190,26 @@ pub fn exact_adapter(base: &Decoder, tuned: &Decoder) -> Result<(Decoder, LoraCo
 }
 
 /// What [`exact_adapter`] carried and dropped.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Drops {
+    /// modules the adapter carries (linear modules, the head, the embedding)
     pub modules: usize,
+    /// the adapter's rank (largest min(in, out)); alpha = rank
     pub rank: usize,
+    /// ‖Δθ‖ over the carried weights
     pub carried_norm: f64,
+    /// ‖Δθ‖ over the weights the adapter cannot carry (norm weights, biases)
     pub dropped_norm: f64,
+    /// names of those weights that changed
     pub dropped: Vec<String>,
+}
+
+/// ‖t‖², summed in `t`'s dtype.
+fn squared_norm(t: &Tensor) -> Result<f64> {
+    Ok(t.sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
 }
 
 /// Δ = B·A exactly with A [r, in], B [out, r] (zero-padded to rank r ≥ min(out, in)).
@@ -288,7 +274,7 @@ fn dropped_changes(base: &Decoder, tuned: &Decoder) -> Result<Drops> {
         if b.dims() != t.dims() {
             continue;
         }
-        let d = (t - b)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        let d = squared_norm(&(t - b)?)?;
         if d > 0.0 {
             sq += d;
             names.push(name);

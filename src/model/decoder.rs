@@ -877,6 +877,13 @@ impl Decoder {
         out
     }
 
+    /// [`Decoder::linears`] and the output head: what a loaded adapter may carry.
+    pub fn linears_with_head(&self) -> Vec<&Linear> {
+        let mut out = self.linears();
+        out.push(&self.lm_head);
+        out
+    }
+
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
         layer_linears_mut(&mut self.layers)
     }
