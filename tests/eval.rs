@@ -847,3 +847,58 @@ fn cli_eval_reads_hf_dataset_specs_from_the_cache() {
     );
     assert!(log["summary"]["privleak"].is_number());
 }
+
+/// `unlearn run` evaluates the retain model once and reuses that evaluation, but only while
+/// the retain model, suite, data and settings are what it was computed from.
+#[test]
+fn run_evaluator_reuses_the_retain_model_evaluation_only_while_its_inputs_are_unchanged() {
+    use unlearn::recipe::EvalSection;
+    use unlearn::train::evaluation::{RunEvaluator, RETAIN_INPUTS_FILE};
+    let data = tofu_data();
+    let dir = data.path();
+    let forget = split_path(dir, "forget");
+    let section: EvalSection = toml::from_str(&format!(
+        "suite = \"tofu\"\ndata = [\"forget={}\"]\nretain_model = \"{}\"\nmax_new_tokens = 4\n",
+        forget.display(),
+        fixture("llama-lora-merged").display()
+    ))
+    .unwrap();
+    let out = dir.join("run");
+    let cache = out.join("evals/retain-model");
+    let new = |s: &EvalSection| {
+        RunEvaluator::new(
+            s,
+            &fixture("llama"),
+            "llama",
+            &cpu(),
+            &out,
+            Default::default(),
+        )
+        .unwrap()
+    };
+    let forget_items = |log: &Path| -> usize {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(log).unwrap()).unwrap();
+        v["splits"]["forget"]["items"].as_array().unwrap().len()
+    };
+    new(&section);
+    let log = cache.join("EVAL.json");
+    let rows_at_first = forget_items(&log);
+    assert!(cache.join(RETAIN_INPUTS_FILE).exists());
+    // unchanged inputs: the cached file is reused as it is (a marker put in it survives)
+    std::fs::write(&log, "marker").unwrap();
+    new(&section);
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "marker");
+    // the forget split loses a record: the retain model is evaluated again on the new data
+    let mut rows: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(&forget).unwrap()).unwrap();
+    rows.pop();
+    std::fs::write(&forget, serde_json::to_string(&rows).unwrap()).unwrap();
+    new(&section);
+    assert_eq!(forget_items(&log), rows_at_first - 1);
+    // …and so does a changed setting
+    std::fs::write(&log, "marker").unwrap();
+    let mut fewer = section.clone();
+    fewer.limit = Some(2);
+    new(&fewer);
+    assert_eq!(forget_items(&log), 2);
+}

@@ -8,6 +8,24 @@ use candle_core::Device;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
+/// Beside the cached retain-model evaluation: what it was computed from.
+pub const RETAIN_INPUTS_FILE: &str = "inputs.json";
+
+/// Size and modification time of a file (null when it is not a local file: a hub spec).
+fn file_stamp(path: &Path) -> Value {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => serde_json::json!({
+            "bytes": m.len(),
+            "modified_ns": m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos().to_string()),
+        }),
+        _ => Value::Null,
+    }
+}
+
 pub struct RunEvaluator {
     section: EvalSection,
     suite: Suite,
@@ -56,15 +74,75 @@ impl RunEvaluator {
             prompt_style,
         };
         if let Some(spec) = &section.retain_model {
-            let log = ev.root.join("retain-model").join(EVAL_FILE);
-            if !log.exists() {
-                let dir = crate::train::trainer::model_path(spec)?;
+            let dir = crate::train::trainer::model_path(spec)?;
+            let cache = ev.root.join("retain-model");
+            let log = cache.join(EVAL_FILE);
+            let inputs_file = cache.join(RETAIN_INPUTS_FILE);
+            let inputs = ev.retain_inputs(spec, &dir);
+            let cached = std::fs::read_to_string(&inputs_file)
+                .ok()
+                .and_then(|s| serde_json::from_str::<Value>(&s).ok());
+            if !log.exists() || cached.as_ref() != Some(&inputs) {
+                if log.exists() {
+                    tracing::info!(
+                        "{}: the retain model, suite or data changed since it was written; evaluating the retain model again",
+                        log.display()
+                    );
+                }
                 let out = evaluate(&ev.request(dir, spec.clone(), None, None))?;
-                write_outputs(&ev.root.join("retain-model"), &out)?;
+                write_outputs(&cache, &out)?;
+                crate::model::weights::write_atomic(
+                    &inputs_file,
+                    serde_json::to_string_pretty(&inputs)
+                        .expect("JSON values serialise")
+                        .as_bytes(),
+                )?;
             }
             ev.reference = Some(Reference::Log(log));
         }
         Ok(ev)
+    }
+
+    /// What the cached retain-model evaluation is computed from: the model (its files' sizes
+    /// and modification times), the suite, the data (likewise) and the settings that change
+    /// results. The cache is reused only when these are equal, so a changed split file or a
+    /// retrained retain model is never scored against a stale reference.
+    fn retain_inputs(&self, spec: &str, model_dir: &Path) -> Value {
+        let mut model_files = Map::new();
+        if let Ok(entries) = std::fs::read_dir(model_dir) {
+            let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+            paths.sort();
+            for p in paths.into_iter().filter(|p| p.is_file()) {
+                let name = p
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                model_files.insert(name, file_stamp(&p));
+            }
+        }
+        let data: Vec<Value> = self
+            .data
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "split": d.split,
+                    "spec": d.spec,
+                    "file": d.spec.as_deref().map_or(Value::Null, |s| file_stamp(Path::new(s))),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "model": spec,
+            "model_files": model_files,
+            "suite": self.section.suite,
+            "suite_file": file_stamp(Path::new(&self.section.suite)),
+            "data": data,
+            "limit": self.section.limit,
+            "max_new_tokens": self.section.max_new_tokens,
+            "batch_size": self.section.batch_size,
+            "prompt_style": format!("{:?}", self.prompt_style),
+        })
     }
 
     fn request(
