@@ -8,8 +8,8 @@ global-norm clipping to 1.0, AdamW (lr 1e-4, weight decay 0). Prints one JSON li
 harness. Needs torch, transformers and peft.
 
     python3 benches/peft_step.py --device cpu            # CPU shape of the performance issue
-    python3 benches/peft_step.py --device cuda --dtype bf16 --hidden 2048 --layers 16 \
-        --heads 32 --kv-heads 8 --intermediate 8192 --vocab 128256 --seq 512
+    python3 benches/peft_step.py --device cuda --dtype bf16 \
+        --config benches/llama-3.2-1b/config.json --seq 512   # GPU shape: Llama-3.2-1B
 """
 import argparse
 import json
@@ -19,7 +19,7 @@ import time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 
 def main():
@@ -37,27 +37,36 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--config", help="a config.json instead of the Llama shape flags")
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        intermediate_size=args.intermediate,
-        vocab_size=args.vocab,
-        max_position_embeddings=max(2048, args.seq),
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-    )
+    if args.config:
+        cfg = AutoConfig.for_model(**json.load(open(args.config)))
+    else:
+        cfg = LlamaConfig(
+            hidden_size=args.hidden,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads,
+            intermediate_size=args.intermediate,
+            vocab_size=args.vocab,
+            max_position_embeddings=max(2048, args.seq),
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+        )
+    vocab = cfg.vocab_size
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model = LlamaForCausalLM(cfg).to(device=args.device, dtype=dtype)
+    # built on the device in its dtype: a 1B model initialised on the CPU in f32 first takes
+    # minutes and twice the memory
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    # PEFT's "all-linear": every linear layer but the output head, as `unlearn bench` targets
     lora = LoraConfig(
         r=args.rank,
         lora_alpha=2 * args.rank,
         lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules="all-linear",
     )
     model = get_peft_model(model, lora)
     for n, p in model.named_parameters():
@@ -69,7 +78,7 @@ def main():
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
 
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(args.device)
     labels = ids.clone()
     labels[:, : args.seq // 4] = -100
 

@@ -11,7 +11,7 @@ use crate::train::batch::{Dataset, ItemBatch, PairedBatch};
 use crate::train::optim::{clip_global_norm, AdamW, AdamWConfig};
 use candle_core::{Device, Var};
 use serde::Serialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -27,6 +27,12 @@ pub struct BenchConfig {
     pub steps: usize,
     pub warmup: usize,
     pub seed: u64,
+    /// a config.json to bench instead of the Llama shape of the fields above (its vocabulary
+    /// and sizes win; `rank`, `batch` and `seq` still apply)
+    pub config: Option<PathBuf>,
+    /// the device's peak dense TFLOP/s in the base dtype: with it, model FLOP utilisation is
+    /// reported
+    pub peak_tflops: Option<f64>,
 }
 
 impl Default for BenchConfig {
@@ -46,6 +52,8 @@ impl Default for BenchConfig {
             steps: 5,
             warmup: 1,
             seed: 0,
+            config: None,
+            peak_tflops: None,
         }
     }
 }
@@ -59,6 +67,15 @@ pub struct BenchResult {
     pub tokens_per_second: f64,
     pub tokens_per_step: usize,
     pub peak_rss_mb: f64,
+    /// model FLOPs of one step by [`lora_step_flops_per_token`] (extra passes a method makes,
+    /// such as a reference model's forward, are not counted: they are its overhead)
+    pub model_tflop_per_step: f64,
+    pub achieved_tflops: f64,
+    /// the `--peak-tflops` given, and achieved / peak
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_tflops: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
 }
 
 /// (registry name, parameters) for a bench method label.
@@ -77,6 +94,36 @@ fn method_spec(label: &str) -> Result<(&'static str, toml::Table)> {
             )))
         }
     })
+}
+
+/// The architecture benched: `c.config` when given, else [`llama_config`].
+pub fn arch_config(c: &BenchConfig) -> Result<ArchConfig> {
+    match &c.config {
+        Some(path) => ArchConfig::from_file(path),
+        None => llama_config(c),
+    }
+}
+
+/// Model FLOPs of one LoRA training step per token of a `seq`-token row, counted the way
+/// MFU is (PaLM, appendix B) but for a frozen base: the forward pass is 2 FLOPs per base weight
+/// (output head included) and the backward pass 2 more, for the input gradient only, since the
+/// base weights get none; each LoRA pair of rank r adds 2·r·(in + out) forward and twice that
+/// backward (input and weight gradients); attention adds 4·T·(heads·head_dim) per layer forward
+/// (q·kᵀ and p·v over the full T × T square, as MFU counts it) and twice that backward.
+pub fn lora_step_flops_per_token(model: &Decoder, seq: usize) -> f64 {
+    let mut base = 0.0;
+    let mut lora = 0.0;
+    for l in model.linears_with_head() {
+        let (i, o) = (l.in_features() as f64, l.out_features() as f64);
+        base += i * o;
+        if let Some(w) = &l.lora {
+            lora += w.a.as_tensor().dims()[0] as f64 * (i + o);
+        }
+    }
+    let cfg = &model.cfg;
+    let attention =
+        4.0 * seq as f64 * (cfg.num_heads * cfg.head_dim) as f64 * cfg.num_layers as f64;
+    4.0 * base + 6.0 * lora + 3.0 * attention
 }
 
 pub fn llama_config(c: &BenchConfig) -> Result<ArchConfig> {
@@ -133,7 +180,8 @@ pub fn peak_rss_mb() -> f64 {
 
 pub fn bench_method(c: &BenchConfig, label: &str, device: &Device) -> Result<BenchResult> {
     let (name, params) = method_spec(label)?;
-    let cfg = llama_config(c)?;
+    let cfg = arch_config(c)?;
+    let vocab = cfg.vocab_size;
     let mut model = Decoder::random(cfg, c.seed, 0.02, crate::device::base_dtype(device), device)?;
     let lora = LoraConfig {
         r: c.rank,
@@ -157,8 +205,8 @@ pub fn bench_method(c: &BenchConfig, label: &str, device: &Device) -> Result<Ben
         }
     }
     let vars: Vec<Var> = lora_vars(&model).into_iter().map(|(_, v)| v).collect();
-    let forget = synthetic(c.batch, c.seq, c.vocab, &mut rng);
-    let retain = synthetic(c.batch, c.seq, c.vocab, &mut rng);
+    let forget = synthetic(c.batch, c.seq, vocab, &mut rng);
+    let retain = synthetic(c.batch, c.seq, vocab, &mut rng);
     let mut method = methods::build(name, &params)?;
     method.prepare(&model, &forget.examples, 0)?;
     let rows: Vec<usize> = (0..c.batch).collect();
@@ -207,12 +255,18 @@ pub fn bench_method(c: &BenchConfig, label: &str, device: &Device) -> Result<Ben
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
     let tokens = c.batch * c.seq * if method.needs_retain() { 2 } else { 1 };
+    let tflop = lora_step_flops_per_token(&model, c.seq) * tokens as f64 / 1e12;
+    let achieved = tflop / median;
     Ok(BenchResult {
         method: label.to_string(),
         seconds_per_step: median,
         tokens_per_second: tokens as f64 / median,
         tokens_per_step: tokens,
         peak_rss_mb: peak_rss_mb(),
+        model_tflop_per_step: tflop,
+        achieved_tflops: achieved,
+        peak_tflops: c.peak_tflops,
+        mfu: c.peak_tflops.map(|p| achieved / p),
     })
 }
 
@@ -233,11 +287,12 @@ pub fn bench_generate(
     new_tokens: usize,
     device: &Device,
 ) -> Result<GenerateResult> {
-    let cfg = llama_config(c)?;
+    let cfg = arch_config(c)?;
+    let vocab = cfg.vocab_size;
     let model = Decoder::random(cfg, c.seed, 0.02, crate::device::base_dtype(device), device)?;
     let mut rng = Rng::new(c.seed + 3);
     let prompts: Vec<Vec<u32>> = (0..c.batch)
-        .map(|_| (0..c.seq).map(|_| rng.below(c.vocab) as u32).collect())
+        .map(|_| (0..c.seq).map(|_| rng.below(vocab) as u32).collect())
         .collect();
     let mut gen = crate::generate::GenerationConfig::new(vec![], 0);
     gen.max_new_tokens = new_tokens;

@@ -16,6 +16,7 @@ pub mod merge;
 pub mod methods;
 pub mod metrics;
 pub mod model;
+pub mod parity;
 pub mod recipe;
 pub mod rng;
 pub mod score;

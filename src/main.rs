@@ -113,10 +113,14 @@ enum Command {
         #[arg(long)]
         include: Vec<String>,
     },
-    /// Time LoRA unlearning steps on a Llama-shaped model with random weights.
+    /// Time LoRA unlearning steps on a model with random weights: a Llama shape from the flags
+    /// below, or any supported config.json (--config).
     ///
-    /// Prints seconds per step, tokens/s and peak memory per method, and each method's cost
-    /// relative to the first one. Run one method per process for a clean peak-memory figure.
+    /// Prints seconds per step, tokens/s, achieved TFLOP/s (model FLOPs: forward, and backward
+    /// to the inputs only since base weights are frozen; with --peak-tflops also the model FLOP
+    /// utilisation) and peak memory per method, and each method's cost relative to the first
+    /// one. Run one method per process for a clean peak-memory figure.
+    /// `scripts/bench-vs-peft.sh` times the same step in transformers + PEFT beside it.
     Bench {
         /// methods to time: gradascent, graddiff, npo, eupmu, eupmu-fast, surgery
         #[arg(
@@ -156,6 +160,38 @@ enum Command {
         /// training steps; --batch prompts of --seq tokens
         #[arg(long)]
         generate: Option<usize>,
+        /// a config.json (any supported architecture) instead of the Llama shape flags, e.g.
+        /// benches/llama-3.2-1b/config.json
+        #[arg(long, conflicts_with_all = ["hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"])]
+        config: Option<PathBuf>,
+        /// the device's peak dense TFLOP/s in the base dtype (H100 SXM bf16: 989), to report
+        /// model FLOP utilisation
+        #[arg(long)]
+        peak_tflops: Option<f64>,
+    },
+    /// Check that a device computes what the CPU and PyTorch compute: logits, loss and LoRA
+    /// gradients of a checkpoint + PEFT adapter on a reference batch.
+    ///
+    /// The reference file is a safetensors with `input_ids`, `attention_mask` and `labels`
+    /// ([batch, seq]) and, optionally, transformers + PEFT's `logits`, `loss` and
+    /// `grad.<PEFT parameter name>` (as the test fixtures' reference.safetensors). The run on
+    /// --device with the base weights in --dtype is compared with the same run on the CPU in
+    /// f32 and with the reference values, as relative L2 errors ‖x − y‖/‖y‖. Exits non-zero
+    /// when one exceeds the tolerance: 1e-4 for f32 base weights, 5e-2 for bf16/f16 (about
+    /// twice what PyTorch + PEFT itself deviates from f32 with bf16 base weights).
+    Parity {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        reference: PathBuf,
+        /// base weights' dtype: f32, bf16 or f16 (default: bf16 on CUDA, f32 on CPU)
+        #[arg(long)]
+        dtype: Option<String>,
+        /// print one JSON object instead of a table
+        #[arg(long)]
+        json: bool,
     },
     /// Describe a checkpoint: architecture, sizes, parameter count, dtype and LoRA targets.
     Inspect {
@@ -357,9 +393,14 @@ fn run(cli: Cli) -> Result<()> {
             warmup,
             json,
             generate,
+            config,
+            peak_tflops,
         } => {
             if steps == 0 {
                 bail!("--steps must be ≥ 1");
+            }
+            if peak_tflops.is_some_and(|p| p.is_nan() || p <= 0.0) {
+                bail!("--peak-tflops must be a positive number");
             }
             let cfg = unlearn::bench::BenchConfig {
                 hidden,
@@ -374,6 +415,8 @@ fn run(cli: Cli) -> Result<()> {
                 steps,
                 warmup,
                 seed: 0,
+                config,
+                peak_tflops,
             };
             if let Some(new_tokens) = generate {
                 let r = unlearn::bench::bench_generate(&cfg, new_tokens, &device)?;
@@ -389,12 +432,25 @@ fn run(cli: Cli) -> Result<()> {
             }
             let mut first: Option<f64> = None;
             if !json {
+                let shape = match &cfg.config {
+                    Some(path) => format!("{} ({})", path.display(), {
+                        let a = unlearn::bench::arch_config(&cfg)?;
+                        format!(
+                            "{}, hidden {}, {} layers, vocab {}",
+                            a.family.model_type(),
+                            a.hidden_size,
+                            a.num_layers,
+                            a.vocab_size
+                        )
+                    }),
+                    None => format!("llama hidden {hidden}, {layers} layers, vocab {vocab}"),
+                };
                 println!(
-                    "llama hidden {hidden}, {layers} layers, vocab {vocab}, LoRA r={rank} all-linear, batch {batch}x{seq}, median of {steps} steps"
+                    "{shape}, LoRA r={rank} all-linear, batch {batch}x{seq}, median of {steps} steps"
                 );
                 println!(
-                    "{:<12} {:>10} {:>10} {:>10} {:>12}",
-                    "method", "s/step", "tokens/s", "relative", "peak RSS MB"
+                    "{:<12} {:>10} {:>10} {:>10} {:>9} {:>6} {:>12}",
+                    "method", "s/step", "tokens/s", "relative", "TFLOP/s", "MFU", "peak RSS MB"
                 );
             }
             for m in &methods {
@@ -403,11 +459,70 @@ fn run(cli: Cli) -> Result<()> {
                 if json {
                     println!("{}", serde_json::to_string(&r)?);
                 } else {
+                    let mfu = r
+                        .mfu
+                        .map_or("-".to_string(), |u| format!("{:.1}%", 100.0 * u));
                     println!(
-                        "{:<12} {:>10.3} {:>10.0} {:>9.2}x {:>12.0}",
-                        r.method, r.seconds_per_step, r.tokens_per_second, rel, r.peak_rss_mb
+                        "{:<12} {:>10.3} {:>10.0} {:>9.2}x {:>9.2} {:>6} {:>12.0}",
+                        r.method,
+                        r.seconds_per_step,
+                        r.tokens_per_second,
+                        rel,
+                        r.achieved_tflops,
+                        mfu,
+                        r.peak_rss_mb
                     );
                 }
+            }
+            Ok(())
+        }
+        Command::Parity {
+            model,
+            adapter,
+            reference,
+            dtype,
+            json,
+        } => {
+            let dtype = match dtype {
+                Some(d) => parse_dtype(&d)?,
+                None => unlearn::device::base_dtype(&device),
+            };
+            let report = unlearn::parity::check(&unlearn::parity::ParityRequest {
+                model,
+                adapter,
+                reference,
+                device,
+                dtype,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "{} with {} base weights against cpu f32 and the reference (relative L2 error, tolerance {:e})",
+                    report.device, report.dtype, report.tolerance
+                );
+                println!("{:<64} {:>10} {:>10}", "tensor", "vs cpu", "vs ref");
+                for t in &report.tensors {
+                    let r = t
+                        .vs_reference
+                        .map_or("-".to_string(), |v| format!("{v:.2e}"));
+                    println!("{:<64} {:>10.2e} {:>10}", t.name, t.vs_cpu, r);
+                }
+                println!(
+                    "worst {:.2e} ({}): {}",
+                    report.worst,
+                    report.worst_name,
+                    if report.pass { "PASS" } else { "FAIL" }
+                );
+            }
+            if !report.pass {
+                bail!(
+                    "parity: {} differs by {:.2e} (relative L2), beyond the {} tolerance {:e}",
+                    report.worst_name,
+                    report.worst,
+                    report.dtype,
+                    report.tolerance
+                );
             }
             Ok(())
         }

@@ -76,6 +76,8 @@ fn bench_harness_runs_on_a_tiny_shape() {
         steps: 2,
         warmup: 1,
         seed: 0,
+        config: None,
+        peak_tflops: Some(2.0),
     };
     let g = unlearn::bench::bench_generate(&c, 5, &cpu()).unwrap();
     assert_eq!((g.batch, g.new_tokens), (2, 5));
@@ -87,6 +89,71 @@ fn bench_harness_runs_on_a_tiny_shape() {
                 && r.tokens_per_step == if m == "gradascent" { 32 } else { 64 },
             "{m}: {r:?}"
         );
+        // the model FLOPs below for every trained token; MFU against the given peak
+        let tflop = 114_688.0 * r.tokens_per_step as f64 / 1e12;
+        assert!((r.model_tflop_per_step - tflop).abs() < 1e-18, "{m}: {r:?}");
+        assert!(
+            (r.achieved_tflops - tflop / r.seconds_per_step).abs()
+                < 1e-12 * r.achieved_tflops.max(1.0)
+        );
+        assert_eq!(r.mfu, Some(r.achieved_tflops / 2.0));
     }
     assert!(unlearn::bench::bench_method(&c, "nope", &cpu()).is_err());
+
+    // a config.json instead of the shape flags: its vocabulary and sizes are used
+    let from_file = unlearn::bench::BenchConfig {
+        config: Some(fixture("llama").join("config.json")),
+        peak_tflops: None,
+        ..c.clone()
+    };
+    let arch = unlearn::bench::arch_config(&from_file).unwrap();
+    assert_eq!((arch.vocab_size, arch.hidden_size), (320, 64));
+    let r = unlearn::bench::bench_method(&from_file, "gradascent", &cpu()).unwrap();
+    assert_eq!((r.tokens_per_step, r.mfu), (32, None));
+    let missing = unlearn::bench::BenchConfig {
+        config: Some("/nonexistent/config.json".into()),
+        ..c
+    };
+    let e = unlearn::bench::bench_method(&missing, "gradascent", &cpu()).unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/config.json"), "{e}");
+}
+
+/// Model FLOPs per trained token, by hand for the tiny shape above (hidden 32, 4 heads of 8, 2
+/// KV heads, intermediate 64, vocab 128, 2 layers, r 2, T 16):
+/// base weights per layer q 1024 + k 512 + v 512 + o 1024 + gate/up/down 3 × 2048 = 9216, two
+/// layers and the 128 × 32 head: N = 22528; LoRA r·(in + out) per layer 128 + 96 + 96 + 128 +
+/// 3 × 192 = 1024, R = 2048; attention 4·T·32·2 layers = 4096 forward.
+/// 4N + 6R + 3·4096 = 90112 + 12288 + 12288 = 114688.
+#[test]
+fn lora_step_flops_are_counted_as_mfu_counts_them() {
+    use unlearn::lora::{attach_lora, LoraConfig, TargetModules};
+    let c = unlearn::bench::BenchConfig {
+        hidden: 32,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 64,
+        vocab: 128,
+        rank: 2,
+        ..Default::default()
+    };
+    let cfg = unlearn::bench::llama_config(&c).unwrap();
+    let mut model = Decoder::random(cfg, 0, 0.02, DType::F32, &cpu()).unwrap();
+    assert_eq!(
+        unlearn::bench::lora_step_flops_per_token(&model, 16),
+        4.0 * 22528.0 + 3.0 * 4096.0
+    );
+    let lora = LoraConfig {
+        r: 2,
+        alpha: 4.0,
+        use_rslora: false,
+        dropout: 0.0,
+        target_modules: TargetModules::Names(vec!["all-linear".into()]),
+        layers: None,
+    };
+    attach_lora(&mut model, &lora, &mut unlearn::rng::Rng::new(1)).unwrap();
+    assert_eq!(
+        unlearn::bench::lora_step_flops_per_token(&model, 16),
+        114_688.0
+    );
 }

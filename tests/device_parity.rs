@@ -1,0 +1,156 @@
+//! `unlearn parity` (device check): logits, loss and LoRA gradients of a device/dtype against the CPU in f32
+//! and transformers + PEFT. Here the device is the CPU (CI has no GPU); bf16 base weights on the
+//! CPU exercise the bf16 tolerance that a CUDA run is held to.
+mod common;
+use candle_core::{DType, Device};
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use unlearn::model::weights::{write_safetensors, OwnedView};
+use unlearn::parity::{check, relative_l2, ParityRequest};
+
+fn request(base: &str, dtype: DType) -> ParityRequest {
+    let adapter = fixture(&format!("{base}-lora"));
+    ParityRequest {
+        model: fixture(base),
+        reference: adapter.join("reference.safetensors"),
+        adapter,
+        device: Device::Cpu,
+        dtype,
+    }
+}
+
+#[test]
+fn f32_matches_peft_and_bf16_stays_within_its_tolerance() {
+    for base in ["llama", "qwen2"] {
+        let f32_report = check(&request(base, DType::F32)).unwrap();
+        // logits, loss, 2 layers × 7 modules × (A, B)
+        assert_eq!(f32_report.tensors.len(), 30, "{base}");
+        assert_eq!(f32_report.tensors[0].name, "logits");
+        for t in &f32_report.tensors {
+            assert_eq!(t.vs_cpu, 0.0, "{base} {}: same computation", t.name);
+            let r = t.vs_reference.expect("every tensor has a PEFT reference");
+            assert!(r <= 1e-5, "{base} {}: {r} from PEFT", t.name);
+        }
+        assert!(f32_report.pass);
+
+        // bf16 base weights: really rounded (not zero error), within twice PyTorch's own bf16
+        // error on these fixtures (2.4e-2 worst gradient)
+        let bf16 = check(&request(base, DType::BF16)).unwrap();
+        assert!(
+            bf16.pass,
+            "{base}: worst {} at {}",
+            bf16.worst, bf16.worst_name
+        );
+        assert!(
+            bf16.worst > 1e-3 && bf16.worst <= 5e-2,
+            "{base}: {}",
+            bf16.worst
+        );
+        assert_eq!(bf16.tolerance, 5e-2);
+        let logits = &bf16.tensors[0];
+        assert!(
+            logits.vs_cpu > 1e-3 && logits.vs_cpu < 3e-2,
+            "{}",
+            logits.vs_cpu
+        );
+        // against f32 CPU and against PEFT alike, as the two agree to 1e-5
+        let r = logits.vs_reference.unwrap();
+        assert!((r - logits.vs_cpu).abs() < 1e-4, "{r} vs {}", logits.vs_cpu);
+    }
+}
+
+#[test]
+fn relative_l2_is_the_normalised_distance() {
+    let a = candle_core::Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap();
+    let b = candle_core::Tensor::new(&[3.0f32, 0.0], &Device::Cpu).unwrap();
+    // ‖(0, 4)‖ / ‖(3, 0)‖
+    assert!((relative_l2(&a, &b).unwrap() - 4.0 / 3.0).abs() < 1e-12);
+    let zero = candle_core::Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(relative_l2(&zero, &zero).unwrap(), 0.0);
+    assert!(relative_l2(
+        &a,
+        &candle_core::Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()
+    )
+    .is_err());
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_unlearn"))
+        .args(args)
+        .output()
+        .expect("run unlearn")
+}
+
+/// The reference with `edit` applied to its tensors, written to `dir/reference.safetensors`.
+fn edited_reference(
+    dir: &Path,
+    edit: impl Fn(&str, candle_core::Tensor) -> Option<candle_core::Tensor>,
+) -> PathBuf {
+    let tensors: Vec<(String, OwnedView)> = reference("llama-lora")
+        .into_iter()
+        .filter_map(|(n, t)| edit(&n, t).map(|t| (n, OwnedView::from_tensor(&t).unwrap())))
+        .collect();
+    let path = dir.join("reference.safetensors");
+    write_safetensors(&path, &tensors).unwrap();
+    path
+}
+
+#[test]
+fn cli_passes_on_agreement_and_fails_with_the_tensor_named() {
+    let args = |reference: &str| {
+        vec![
+            "parity".to_string(),
+            "--model".into(),
+            fixture("llama").to_str().unwrap().into(),
+            "--adapter".into(),
+            fixture("llama-lora").to_str().unwrap().into(),
+            "--reference".into(),
+            reference.into(),
+        ]
+    };
+    let good = fixture("llama-lora").join("reference.safetensors");
+    let mut a = args(good.to_str().unwrap());
+    a.push("--json".into());
+    let out = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["dtype"], "f32");
+    assert_eq!(report["pass"], true);
+
+    // PEFT's gradient of one LoRA B scaled by 1.1: ‖g − 1.1g‖ / ‖1.1g‖ = 0.1 / 1.1 there
+    let tmp = tempfile::tempdir().unwrap();
+    let wrong = "grad.base_model.model.model.layers.1.mlp.up_proj.lora_B.default.weight";
+    let bad = edited_reference(tmp.path(), |n, t| {
+        Some(if n == wrong { (t * 1.1).unwrap() } else { t })
+    });
+    let out = run(&args(bad.to_str().unwrap())
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("layers.1.mlp.up_proj.lora_B") && err.contains("9.09e-2"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL"));
+
+    // a reference without the batch is refused, naming the file and the missing tensor
+    let tmp2 = tempfile::tempdir().unwrap();
+    let no_ids = edited_reference(tmp2.path(), |n, t| (n != "input_ids").then_some(t));
+    let out = run(&args(no_ids.to_str().unwrap())
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("reference.safetensors") && err.contains("input_ids"),
+        "{err}"
+    );
+}
