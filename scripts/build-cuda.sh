@@ -4,7 +4,9 @@
 # nvcc 13.0 and the CUDA headers/libraries come from NVIDIA's PyPI wheels, unpacked into
 # .cuda/ (ignored by git); libcuda.so is the driver and ships with no wheel, so a stub with the
 # right soname is generated for linking only — at run time the real driver is used.
-# Output: target/cuda/release/unlearn (strip'ped), ready to carry to a GPU machine.
+# Output: target/cuda/release/unlearn (strip'ped) and target/cuda/unlearn.xz, the same binary
+# compressed (about 9 MB against 66): carry that one to a GPU machine, whose working-tree limit
+# is 64 MiB; scripts/gpu-checks.sh unpacks it there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD/.cuda"
@@ -40,4 +42,6 @@ export LIBRARY_PATH="$libdir:$libdir/stubs:${LIBRARY_PATH:-}"
 export RUSTFLAGS="${RUSTFLAGS:-} -L $libdir -L $libdir/stubs"
 CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda
 strip target/cuda/release/unlearn
-ls -la target/cuda/release/unlearn
+xz -T0 -6 -c target/cuda/release/unlearn > target/cuda/unlearn.xz.tmp
+mv target/cuda/unlearn.xz.tmp target/cuda/unlearn.xz
+ls -la target/cuda/release/unlearn target/cuda/unlearn.xz
