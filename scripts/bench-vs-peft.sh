@@ -10,11 +10,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${UNLEARN_BIN:-target/release/unlearn}
 [ -x "$bin" ] || cargo build --release
-device=cpu; rust_args=(); py_args=()
+device=cpu; rust_args=(); py_args=(); global_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) device=$2; shift 2 ;;
-    --dtype) py_args+=(--dtype "$2"); shift 2 ;;
+    --dtype) py_args+=(--dtype "$2"); global_args+=(--base-dtype "$2"); shift 2 ;;
     --peak-tflops) rust_args+=(--peak-tflops "$2"); shift 2 ;;
     *) rust_args+=("$1"); py_args+=("$1"); shift ;;
   esac
@@ -37,7 +37,7 @@ measured() { # NAME CMD...: run CMD; on a GPU, its peak memory in MiB goes to $t
   echo $(( $(sort -n "$tmp/$name.samples" | tail -1) - before )) > "$tmp/$name"
   return $rc
 }
-ours=$(measured ours "$bin" --device "$device" bench --methods gradascent --json "${rust_args[@]}")
+ours=$(measured ours "$bin" --device "$device" "${global_args[@]}" bench --methods gradascent --json "${rust_args[@]}")
 theirs=$(measured theirs "${PYTHON:-python3}" benches/peft_step.py --device "$device" "${py_args[@]}")
 echo "unlearn:     $ours"
 echo "torch+peft:  $theirs"

@@ -56,9 +56,9 @@ step() { echo; echo "=== $*"; }
 step "1. parity on $device (relative L2 error against CPU f32 and PEFT)"
 for base in llama qwen2; do
   for dtype in f32 bf16; do
-    if "$bin" --device "$device" parity --model "tests/fixtures/hf/$base" \
+    if "$bin" --device "$device" --base-dtype "$dtype" parity --model "tests/fixtures/hf/$base" \
       --adapter "tests/fixtures/hf/$base-lora" \
-      --reference "tests/fixtures/hf/$base-lora/reference.safetensors" --dtype "$dtype" \
+      --reference "tests/fixtures/hf/$base-lora/reference.safetensors" \
       --json > "$out/parity-$base-$dtype.json"; then
       :
     else
@@ -96,14 +96,15 @@ scripts/bench-vs-peft.sh --device "$device" "${shape[@]}" | tee "$out/bench-vs-p
   || failed+=("bench-vs-peft")
 
 step "4. every method's step at that shape"
-bench_shape=()
-for a in "${shape[@]}"; do bench_shape+=("$a"); done
-# --dtype is the Python side's; `unlearn bench` uses the device's base dtype (bf16 on CUDA)
-for i in "${!bench_shape[@]}"; do
-  if [ "${bench_shape[$i]}" = --dtype ]; then unset 'bench_shape[i]' 'bench_shape[i+1]'; fi
+# --dtype is bench-vs-peft.sh's (both stacks); `unlearn bench` takes the global --base-dtype
+bench_shape=() base_dtype=()
+for ((i = 0; i < ${#shape[@]}; i++)); do
+  if [ "${shape[$i]}" = --dtype ]; then base_dtype=(--base-dtype "${shape[$((i + 1))]}"); i=$((i + 1))
+  else bench_shape+=("${shape[$i]}"); fi
 done
-"$bin" --device "$device" bench --methods gradascent,graddiff,npo,eupmu,eupmu-fast,surgery \
-  "${bench_shape[@]}" | tee "$out/bench-methods.txt" || failed+=("bench methods")
+"$bin" --device "$device" "${base_dtype[@]}" bench \
+  --methods gradascent,graddiff,npo,eupmu,eupmu-fast,surgery "${bench_shape[@]}" \
+  | tee "$out/bench-methods.txt" || failed+=("bench methods")
 
 echo
 if [ ${#failed[@]} -gt 0 ]; then

@@ -38,9 +38,31 @@ pub fn parse_device(name: &str) -> Result<Device> {
     })
 }
 
+/// The process-wide choice of `--base-dtype`, when the user made one.
+static BASE_DTYPE: std::sync::OnceLock<DType> = std::sync::OnceLock::new();
+
+/// Compute with the base weights in `dtype` on every device, for the rest of the process (the
+/// command line's `--base-dtype`). Set once, before any model is loaded.
+pub fn set_base_dtype(dtype: DType) -> Result<()> {
+    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+        return Err(Error::InvalidArgument(format!(
+            "base dtype {dtype:?}: use f32, bf16 or f16"
+        )));
+    }
+    BASE_DTYPE.set(dtype).map_err(|already| {
+        Error::InvalidArgument(format!(
+            "the base dtype is already {already:?} for this process"
+        ))
+    })
+}
+
 /// Base weights in bf16 on GPUs (LoRA weights, gradients, optimizer state and losses stay f32);
-/// f32 on CPU, where bf16 matmuls are slower.
+/// f32 on CPU, where bf16 matmuls are slower; or what [`set_base_dtype`] chose. Full-parameter
+/// training keeps f32 whatever this says.
 pub fn base_dtype(device: &Device) -> DType {
+    if let Some(&chosen) = BASE_DTYPE.get() {
+        return chosen;
+    }
     if device.is_cuda() {
         DType::BF16
     } else {

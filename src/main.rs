@@ -26,6 +26,11 @@ struct Cli {
     /// where to compute: cpu, cuda or cuda:N (CUDA needs a binary built with scripts/build-cuda.sh)
     #[arg(long, global = true, default_value = "cpu")]
     device: String,
+    /// dtype the frozen base weights are computed in: f32, bf16 or f16 (default: bf16 on CUDA,
+    /// f32 on CPU). LoRA weights, gradients, optimizer state and losses stay f32; full-parameter
+    /// training (`unlearn train` without [lora]) stays f32
+    #[arg(long, global = true)]
+    base_dtype: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -175,7 +180,7 @@ enum Command {
     /// The reference file is a safetensors with `input_ids`, `attention_mask` and `labels`
     /// ([batch, seq]) and, optionally, transformers + PEFT's `logits`, `loss` and
     /// `grad.<PEFT parameter name>` (as the test fixtures' reference.safetensors). The run on
-    /// --device with the base weights in --dtype is compared with the same run on the CPU in
+    /// --device with the base weights in --base-dtype is compared with the same run on the CPU in
     /// f32 and with the reference values, as relative L2 errors ‖x − y‖/‖y‖. Exits non-zero
     /// when one exceeds the tolerance: 1e-4 for f32 base weights, 5e-2 for bf16/f16 (about
     /// twice what PyTorch + PEFT itself deviates from f32 with bf16 base weights).
@@ -186,9 +191,6 @@ enum Command {
         adapter: PathBuf,
         #[arg(long)]
         reference: PathBuf,
-        /// base weights' dtype: f32, bf16 or f16 (default: bf16 on CUDA, f32 on CPU)
-        #[arg(long)]
-        dtype: Option<String>,
         /// print one JSON object instead of a table
         #[arg(long)]
         json: bool,
@@ -351,6 +353,9 @@ fn error_message(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> Result<()> {
     let device = unlearn::device::parse_device(&cli.device)?;
+    if let Some(d) = &cli.base_dtype {
+        unlearn::device::set_base_dtype(parse_dtype(d).context("--base-dtype")?)?;
+    }
     match cli.command {
         Command::Run {
             recipe,
@@ -480,13 +485,9 @@ fn run(cli: Cli) -> Result<()> {
             model,
             adapter,
             reference,
-            dtype,
             json,
         } => {
-            let dtype = match dtype {
-                Some(d) => parse_dtype(&d)?,
-                None => unlearn::device::base_dtype(&device),
-            };
+            let dtype = unlearn::device::base_dtype(&device);
             let report = unlearn::parity::check(&unlearn::parity::ParityRequest {
                 model,
                 adapter,

@@ -154,3 +154,56 @@ fn cli_passes_on_agreement_and_fails_with_the_tensor_named() {
         "{err}"
     );
 }
+
+/// A whole unlearning run with bf16 base weights (`--base-dtype bf16`, the CUDA default) on the
+/// CPU: the composed (non-fused) ops a GPU runs, end to end. It follows the f32 run within bf16
+/// noise, and the adapter it writes stays f32.
+#[test]
+fn bf16_base_weights_train_like_f32_and_keep_the_adapter_f32() {
+    let losses = |dtype: &str| -> (Vec<f64>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path();
+        let recipe = write_recipe(tmp, "npo", "", "steps = 6\ncheckpoint_every = 0");
+        let out = run(&["--base-dtype", dtype, "run", recipe.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{dtype}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let metrics = std::fs::read_to_string(tmp.join("out/metrics.jsonl")).unwrap();
+        let losses = metrics
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter_map(|v| v.get("loss").and_then(serde_json::Value::as_f64))
+            .collect();
+        (losses, dir)
+    };
+    let (f32_losses, _) = losses("f32");
+    let (bf16_losses, bf16_dir) = losses("bf16");
+    let adapter = bf16_dir
+        .path()
+        .join("out/adapter/adapter_model.safetensors");
+    assert_eq!(f32_losses.len(), 6);
+    assert_eq!(bf16_losses.len(), 6);
+    for (a, b) in f32_losses.iter().zip(&bf16_losses) {
+        assert!(
+            b.is_finite() && (a - b).abs() <= 0.01 * a.abs().max(0.1),
+            "{f32_losses:?} vs {bf16_losses:?}"
+        );
+    }
+    // training moved the loss, in both
+    assert!(
+        (f32_losses[5] - f32_losses[0]).abs() > 0.01,
+        "{f32_losses:?}"
+    );
+    let file = unlearn::model::weights::SafetensorsFile::open(&adapter).unwrap();
+    let names: Vec<String> = file.names().cloned().collect();
+    assert!(!names.is_empty());
+    for n in names {
+        assert_eq!(file.info(&n).unwrap().dtype, safetensors::Dtype::F32, "{n}");
+    }
+    // an unknown dtype is refused before anything runs
+    let out = run(&["--base-dtype", "f64", "methods"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--base-dtype"));
+}

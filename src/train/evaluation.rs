@@ -105,7 +105,7 @@ impl RunEvaluator {
 
     /// What the cached retain-model evaluation is computed from: the model (its files' sizes
     /// and modification times), the suite, the data (likewise) and the settings that change
-    /// results. The cache is reused only when these are equal, so a changed split file or a
+    /// results, the base weights' dtype among them. The cache is reused only when these are equal, so a changed split file or a
     /// retrained retain model is never scored against a stale reference.
     fn retain_inputs(&self, spec: &str, model_dir: &Path) -> Value {
         let mut model_files = Map::new();
@@ -142,6 +142,8 @@ impl RunEvaluator {
             "max_new_tokens": self.section.max_new_tokens,
             "batch_size": self.section.batch_size,
             "prompt_style": format!("{:?}", self.prompt_style),
+            // bf16 and f32 base weights score differently
+            "base_dtype": format!("{:?}", crate::device::base_dtype(&self.device)),
         })
     }
 
