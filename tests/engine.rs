@@ -749,6 +749,9 @@ fn evaluation_during_the_run_logs_summaries_and_selects_the_best_step() {
         .collect();
     steps.sort();
     assert_eq!(steps, vec!["step-000000", "step-000002"]);
+    // …nor its later checkpoints, which `--resume` would continue and pruning would prefer
+    assert!(!out.join("checkpoints/step-000004").exists());
+    assert!(out.join("checkpoints/step-000002").exists());
     // …nor its step-0 evaluation when this run does not evaluate before training
     let no_before = eval.replace("every = 2", "every = 2\nbefore = false");
     let p = write_recipe_with(

@@ -383,6 +383,8 @@ pub(crate) fn drive(s: &mut Session, opts: &RunOptions) -> Result<LoopEnd> {
 
     let metrics_path = out_dir.join("metrics.jsonl");
     truncate_metrics(&metrics_path, start_step)?;
+    drop_checkpoints_after(&out_dir.join("checkpoints"), start_step)?;
+    drop_stale_best(&out_dir.join("best.json"), start_step)?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -697,6 +699,46 @@ pub fn find_checkpoint(path: &Path) -> Result<PathBuf> {
         .ok_or_else(|| Error::config(&root, "no checkpoint (step-*/state.json) to resume from"))
 }
 
+/// Remove the checkpoints of steps after `step` under `root`, as metrics.jsonl is truncated
+/// there: a fresh run (`step` 0) into an old output directory, or a resume from an earlier
+/// checkpoint, must not leave another trajectory's later checkpoints behind — `--resume DIR`
+/// would continue that trajectory, and pruning (which keeps the latest) would delete this
+/// run's own checkpoints in favour of them.
+fn drop_checkpoints_after(root: &Path, step: usize) -> Result<()> {
+    if !root.is_dir() {
+        return Ok(());
+    }
+    for dir in checkpoint_dirs(root)? {
+        let later = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("step-"))
+            .and_then(|n| n.parse::<usize>().ok())
+            .is_some_and(|s| s > step);
+        if later {
+            tracing::info!("removing {}: a checkpoint of an earlier run", dir.display());
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// best.json of an earlier run: removed on a fresh start, or when it names a step after the
+/// one resumed from (this run writes its own at the end).
+fn drop_stale_best(path: &Path, step: usize) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let best_step = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64));
+    if step == 0 || best_step.is_none_or(|b| b as usize > step) {
+        std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
+
 /// Delete every checkpoint under `root` but the `keep` most recent and the one of step `best`
 /// (the run's best evaluation names it in best.json).
 fn prune_checkpoints(root: &Path, keep: usize, best: Option<usize>) -> Result<()> {
@@ -754,5 +796,34 @@ mod tests {
         );
         prune_checkpoints(root, 3, None).unwrap();
         assert_eq!(names(root), vec![".step-000006.tmp", "step-000005"]);
+    }
+
+    #[test]
+    fn checkpoints_and_best_of_later_steps_are_dropped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = &tmp.path().join("checkpoints");
+        for step in [10, 20, 30] {
+            let d = root.join(format!("step-{step:06}"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("state.json"), "{}").unwrap();
+        }
+        drop_checkpoints_after(root, 20).unwrap();
+        assert_eq!(names(root), vec!["step-000010", "step-000020"]);
+        drop_checkpoints_after(root, 0).unwrap();
+        assert!(names(root).is_empty());
+        drop_checkpoints_after(&tmp.path().join("none"), 0).unwrap();
+
+        let best = tmp.path().join("best.json");
+        std::fs::write(&best, r#"{"step": 20}"#).unwrap();
+        drop_stale_best(&best, 20).unwrap();
+        assert!(best.exists(), "resuming at the best step keeps it");
+        drop_stale_best(&best, 10).unwrap();
+        assert!(
+            !best.exists(),
+            "a best step after the resumed one is another trajectory's"
+        );
+        std::fs::write(&best, r#"{"step": 0}"#).unwrap();
+        drop_stale_best(&best, 0).unwrap();
+        assert!(!best.exists(), "a fresh run writes its own");
     }
 }
