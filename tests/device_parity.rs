@@ -98,29 +98,30 @@ fn edited_reference(
 
 #[test]
 fn cli_passes_on_agreement_and_fails_with_the_tensor_named() {
-    let args = |reference: &str| {
-        vec![
-            "parity".to_string(),
-            "--model".into(),
-            fixture("llama").to_str().unwrap().into(),
-            "--adapter".into(),
-            fixture("llama-lora").to_str().unwrap().into(),
-            "--reference".into(),
-            reference.into(),
-        ]
+    // `global` flags go before the subcommand, `json` after it
+    let parity = |reference: &Path, global: &[&str], json: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_unlearn"));
+        cmd.args(global)
+            .arg("parity")
+            .args(if json { &["--json"][..] } else { &[] })
+            .arg("--model")
+            .arg(fixture("llama"))
+            .arg("--adapter")
+            .arg(fixture("llama-lora"))
+            .arg("--reference")
+            .arg(reference);
+        let out = cmd.output().expect("run unlearn");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out, err)
     };
     let good = fixture("llama-lora").join("reference.safetensors");
-    let mut a = args(good.to_str().unwrap());
-    a.push("--json".into());
-    let out = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["dtype"], "f32");
-    assert_eq!(report["pass"], true);
+    for (dtype, flags) in [("f32", vec![]), ("bf16", vec!["--base-dtype", "bf16"])] {
+        let (out, err) = parity(&good, &flags, true);
+        assert!(out.status.success(), "{err}");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["dtype"], dtype);
+        assert_eq!(report["pass"], true);
+    }
 
     // PEFT's gradient of one LoRA B scaled by 1.1: ‖g − 1.1g‖ / ‖1.1g‖ = 0.1 / 1.1 there
     let tmp = tempfile::tempdir().unwrap();
@@ -128,12 +129,8 @@ fn cli_passes_on_agreement_and_fails_with_the_tensor_named() {
     let bad = edited_reference(tmp.path(), |n, t| {
         Some(if n == wrong { (t * 1.1).unwrap() } else { t })
     });
-    let out = run(&args(bad.to_str().unwrap())
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>());
+    let (out, err) = parity(&bad, &[], false);
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("layers.1.mlp.up_proj.lora_B") && err.contains("9.09e-2"),
         "{err}"
@@ -143,12 +140,8 @@ fn cli_passes_on_agreement_and_fails_with_the_tensor_named() {
     // a reference without the batch is refused, naming the file and the missing tensor
     let tmp2 = tempfile::tempdir().unwrap();
     let no_ids = edited_reference(tmp2.path(), |n, t| (n != "input_ids").then_some(t));
-    let out = run(&args(no_ids.to_str().unwrap())
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>());
+    let (out, err) = parity(&no_ids, &[], false);
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("reference.safetensors") && err.contains("input_ids"),
         "{err}"

@@ -59,11 +59,10 @@ fn generation_stops_at_eos_and_respects_the_limit() {
     assert!(greedy(&model, &[vec![]], &cfg).is_err());
 }
 
-/// The benchmark harness itself works (tiny shape, so the test is quick; the numbers in the
-/// README come from the release build at the default shape).
-#[test]
-fn bench_harness_runs_on_a_tiny_shape() {
-    let c = unlearn::bench::BenchConfig {
+/// A Llama shape small enough for debug-build tests: hidden 32, 4 heads of 8, 2 KV heads,
+/// intermediate 64, vocab 128, 2 layers, LoRA r 2, batch 2 × 16.
+fn tiny_bench() -> unlearn::bench::BenchConfig {
+    unlearn::bench::BenchConfig {
         hidden: 32,
         layers: 2,
         heads: 4,
@@ -75,9 +74,17 @@ fn bench_harness_runs_on_a_tiny_shape() {
         seq: 16,
         steps: 2,
         warmup: 1,
-        seed: 0,
-        config: None,
+        ..Default::default()
+    }
+}
+
+/// The benchmark harness itself works (tiny shape, so the test is quick; the numbers in the
+/// README come from the release build at the default shape).
+#[test]
+fn bench_harness_runs_on_a_tiny_shape() {
+    let c = unlearn::bench::BenchConfig {
         peak_tflops: Some(2.0),
+        ..tiny_bench()
     };
     let g = unlearn::bench::bench_generate(&c, 5, &cpu()).unwrap();
     assert_eq!((g.batch, g.new_tokens), (2, 5));
@@ -118,8 +125,8 @@ fn bench_harness_runs_on_a_tiny_shape() {
     assert!(e.to_string().contains("/nonexistent/config.json"), "{e}");
 }
 
-/// Model FLOPs per trained token, by hand for the tiny shape above (hidden 32, 4 heads of 8, 2
-/// KV heads, intermediate 64, vocab 128, 2 layers, r 2, T 16):
+/// Model FLOPs per trained token, by hand for [`tiny_bench`] (hidden 32, 4 heads of 8, 2 KV
+/// heads, intermediate 64, vocab 128, 2 layers, r 2, T 16):
 /// base weights per layer q 1024 + k 512 + v 512 + o 1024 + gate/up/down 3 × 2048 = 9216, two
 /// layers and the 128 × 32 head: N = 22528; LoRA r·(in + out) per layer 128 + 96 + 96 + 128 +
 /// 3 × 192 = 1024, R = 2048; attention 4·T·32·2 layers = 4096 forward.
@@ -127,17 +134,7 @@ fn bench_harness_runs_on_a_tiny_shape() {
 #[test]
 fn lora_step_flops_are_counted_as_mfu_counts_them() {
     use unlearn::lora::{attach_lora, LoraConfig, TargetModules};
-    let c = unlearn::bench::BenchConfig {
-        hidden: 32,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        intermediate: 64,
-        vocab: 128,
-        rank: 2,
-        ..Default::default()
-    };
-    let cfg = unlearn::bench::llama_config(&c).unwrap();
+    let cfg = unlearn::bench::llama_config(&tiny_bench()).unwrap();
     let mut model = Decoder::random(cfg, 0, 0.02, DType::F32, &cpu()).unwrap();
     assert_eq!(
         unlearn::bench::lora_step_flops_per_token(&model, 16),
