@@ -818,6 +818,11 @@ pub struct AttributeSection {
     /// rows per forward pass when scoring
     #[serde(default = "default_attr_batch")]
     pub batch_size: usize,
+    /// the simulated shadow's LoRA rank: each module's change cut to its best rank-k
+    /// approximation (randomized SVD), the report saying how much was cut. Unset: the change
+    /// is stored exactly, at full rank (an adapter about the model's own size)
+    #[serde(default)]
+    pub shadow_rank: Option<usize>,
 }
 
 fn default_estimator() -> crate::attribute::influence::Estimator {
@@ -862,6 +867,7 @@ impl Default for AttributeSection {
             scale: default_scale(),
             seed: 0,
             batch_size: default_attr_batch(),
+            shadow_rank: None,
         }
     }
 }
@@ -945,6 +951,16 @@ impl AttributeRecipe {
                 )
             }
             None => {}
+        }
+        match a.shadow_rank {
+            Some(0) => return bad("attribute.shadow_rank must be ≥ 1".into()),
+            Some(_) if !simulated => {
+                return bad(
+                    "attribute.shadow_rank applies to the \"simulated\" estimator, which neither attribute.estimator nor attribute.compare names"
+                        .into(),
+                )
+            }
+            _ => {}
         }
         if let Some(r) = &recipe.report {
             if r.data.is_empty() {

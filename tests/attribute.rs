@@ -268,7 +268,13 @@ fn simulated_shadow_adapter_reproduces_the_changed_weights_exactly() {
     // head A = I, the embedding PEFT's transposed layout
     let base = Decoder::load(&fixture("llama-tied"), DType::F32, &cpu()).unwrap();
     let tuned = perturbed(&base, 0.05);
-    let (shadow, cfg, drops) = unlearn::attribute::simulated::exact_adapter(&base, &tuned).unwrap();
+    let (shadow, cfg, drops) = unlearn::attribute::simulated::shadow_adapter(
+        &base,
+        &tuned,
+        None,
+        &mut unlearn::rng::Rng::new(0),
+    )
+    .unwrap();
     assert_eq!(cfg.r, 64, "the largest min(in, out) is the hidden size");
     assert_eq!((cfg.alpha, drops.modules), (64.0, 2 * 7 + 2));
     assert!(drops.dropped.is_empty() && drops.dropped_norm == 0.0);
@@ -311,6 +317,82 @@ fn simulated_shadow_adapter_reproduces_the_changed_weights_exactly() {
         want_sq += sq(&t.weight, &b.weight);
     }
     assert!((drops.carried_norm - want_sq.sqrt()).abs() < 1e-3 * want_sq.sqrt());
+}
+
+/// `base` with a rank-2 change u₁v₁ᵀ + u₂v₂ᵀ (seeded, entries of size `eps`) on every linear
+/// weight and the tied embedding.
+fn low_rank_change(base: &Decoder, eps: f64) -> Decoder {
+    let mut rng = unlearn::rng::Rng::new(11);
+    let mut change = |t: &candle_core::Tensor| {
+        let (m, n) = t.dims2().unwrap();
+        let mut draw = |len: usize| {
+            let v: Vec<f32> = (0..2 * len).map(|_| rng.normal() as f32).collect();
+            candle_core::Tensor::from_vec(v, (len, 2), &cpu()).unwrap()
+        };
+        let (u, v) = (draw(m), draw(n));
+        let delta = (u.matmul(&v.t().unwrap()).unwrap() * eps).unwrap();
+        (t + delta).unwrap()
+    };
+    let mut tuned = base.clone();
+    for lin in tuned.linears_mut() {
+        lin.weight = change(&lin.weight);
+    }
+    tuned.embed = change(&tuned.embed);
+    tuned.lm_head.weight = tuned.embed.clone();
+    tuned
+}
+
+#[test]
+fn simulated_shadow_at_a_rank_keeps_the_leading_directions() {
+    use unlearn::attribute::simulated::shadow_adapter;
+    let base = Decoder::load(&fixture("llama-tied"), DType::F32, &cpu()).unwrap();
+    let tuned = low_rank_change(&base, 0.02);
+    let ids = candle_core::Tensor::new(&[[0u32, 5, 9, 17, 33, 40, 2, 7]], &cpu()).unwrap();
+    let input = unlearn::model::ModelInput::new(&ids, None);
+    let want = tuned
+        .forward(&input, &ForwardOptions::base_model())
+        .unwrap();
+    let plain = base.forward(&input, &ForwardOptions::base_model()).unwrap();
+    assert!(max_abs_diff(&plain, &want) > 0.1, "the change matters");
+    let rng = || unlearn::rng::Rng::new(3);
+    let (_, _, exact) = shadow_adapter(&base, &tuned, None, &mut rng()).unwrap();
+
+    // rank 4 ≥ the change's rank 2: nothing is cut, the logits are the tuned model's
+    let (shadow, cfg, drops) = shadow_adapter(&base, &tuned, Some(4), &mut rng()).unwrap();
+    assert_eq!((cfg.r, cfg.alpha, drops.rank), (4, 4.0, 4));
+    let got = shadow.forward(&input, &ForwardOptions::eval()).unwrap();
+    assert!(
+        max_abs_diff(&got, &want) < 1e-3,
+        "{}",
+        max_abs_diff(&got, &want)
+    );
+    assert!(
+        drops.truncated_norm < 1e-4 * exact.carried_norm,
+        "{drops:?}"
+    );
+    assert!((drops.carried_norm - exact.carried_norm).abs() < 1e-4 * exact.carried_norm);
+    assert_eq!(exact.truncated_norm, 0.0);
+
+    // rank 1: half of each change is cut, the two parts add up to the whole (Pythagoras)
+    let (shadow, cfg, drops) = shadow_adapter(&base, &tuned, Some(1), &mut rng()).unwrap();
+    assert_eq!(cfg.r, 1);
+    let whole = exact.carried_norm.powi(2);
+    let parts = drops.carried_norm.powi(2) + drops.truncated_norm.powi(2);
+    assert!((parts - whole).abs() < 1e-3 * whole, "{parts} vs {whole}");
+    assert!(drops.truncated_norm > 0.2 * exact.carried_norm, "{drops:?}");
+    // as a PEFT directory of rank 1 and back
+    let dir = tempfile::tempdir().unwrap();
+    unlearn::lora::save_adapter(&shadow, &cfg, dir.path(), None).unwrap();
+    let mut again = base.clone();
+    let loaded = load_adapter(&mut again, dir.path()).unwrap();
+    assert_eq!(loaded.r, 1);
+    let cut = shadow.forward(&input, &ForwardOptions::eval()).unwrap();
+    let back = again.forward(&input, &ForwardOptions::eval()).unwrap();
+    assert_eq!(max_abs_diff(&back, &cut), 0.0);
+    // the cut shadow sits between the base model and the tuned one
+    let d_plain = max_abs_diff(&plain, &want);
+    let d_cut = max_abs_diff(&cut, &want);
+    assert!(d_cut < d_plain, "{d_cut} vs {d_plain}");
 }
 
 #[test]
@@ -378,6 +460,28 @@ fn simulated_estimator_fine_tunes_and_reports_its_adapter() {
         .unwrap()
         .to_string();
     assert!(e.contains("[simulate]"), "{e}");
+    // shadow_rank: ≥ 1, and only where the simulated estimator runs
+    let with = |extra: &str, upto: usize| {
+        let mut v = set[..upto].to_vec();
+        v.push(extra.to_string());
+        AttributeRecipe::load(&path, &v)
+    };
+    let e = with("attribute.shadow_rank=0", 5)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("attribute.shadow_rank must be ≥ 1"), "{e}");
+    let mut influence_only = set[1..2].to_vec();
+    influence_only.push("attribute.shadow_rank=8".into());
+    let e = AttributeRecipe::load(&path, &influence_only)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("shadow_rank applies to the \"simulated\""),
+        "{e}"
+    );
+    assert!(with("attribute.shadow_rank=8", 5).is_ok());
 }
 
 #[test]
@@ -388,7 +492,13 @@ fn simulated_shadow_of_an_untied_head_names_it_as_the_model_does() {
     let mut tuned = base.clone();
     let w = &tuned.lm_head.weight;
     tuned.lm_head.weight = (w + w.ones_like().unwrap().affine(0.01, 0.0).unwrap()).unwrap();
-    let (shadow, cfg, drops) = unlearn::attribute::simulated::exact_adapter(&base, &tuned).unwrap();
+    let (shadow, cfg, drops) = unlearn::attribute::simulated::shadow_adapter(
+        &base,
+        &tuned,
+        None,
+        &mut unlearn::rng::Rng::new(0),
+    )
+    .unwrap();
     let unlearn::lora::TargetModules::Names(names) = &cfg.target_modules else {
         panic!("{:?}", cfg.target_modules)
     };

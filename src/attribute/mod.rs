@@ -29,6 +29,7 @@
 //! equals the model's own NLL on items it never saw (`data.calibrate`, e.g. holdout people): a
 //! model retrained without F treats F like unseen data. No oracle is used for this.
 pub mod influence;
+pub mod lowrank;
 pub mod simulated;
 
 use crate::error::{Error, Result};
@@ -369,7 +370,8 @@ fn run_simulated(
     let train = recipe.simulate.clone().unwrap_or_default();
     say(progress, "simulated oracle: its adapter");
     let tuned = Decoder::load(tuned_dir, DType::F32, device)?;
-    let (shadow, cfg, drops) = simulated::exact_adapter(base, &tuned)?;
+    let mut rng = crate::rng::Rng::new(a.seed).fork("shadow-rank");
+    let (shadow, cfg, drops) = simulated::shadow_adapter(base, &tuned, a.shadow_rank, &mut rng)?;
     drop(tuned);
     let dir = match stage {
         Some(s) => s.to_path_buf(),
@@ -1098,7 +1100,7 @@ fn markdown(r: &AttributeReport) -> String {
     if let Some(m) = &r.simulated {
         s.push_str(&format!(
             "simulated oracle: the model fine-tuned on the retain data alone, {} steps (lr {:e}, \
-             batch {}); its change as a rank-{} adapter on {} modules, ‖Δ‖ = {:.3}; not carried: \
+             batch {}); its change as a rank-{} adapter on {} modules, ‖Δ‖ = {:.3}{}; not carried: \
              ‖Δ‖ = {:.3} over {} norm weights and biases\n\n",
             m.steps,
             m.train.lr,
@@ -1106,6 +1108,14 @@ fn markdown(r: &AttributeReport) -> String {
             m.adapter.rank,
             m.adapter.modules,
             m.adapter.carried_norm,
+            if m.adapter.truncated_norm > 0.0 {
+                format!(
+                    " (cut to rank {}: ‖Δ − Δ_k‖ = {:.3} left out)",
+                    m.adapter.rank, m.adapter.truncated_norm
+                )
+            } else {
+                String::new()
+            },
             m.adapter.dropped_norm,
             m.adapter.dropped.len()
         ));

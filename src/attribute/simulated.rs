@@ -20,6 +20,10 @@
 //! r is the largest min(in, out), with zero padding elsewhere, and alpha = r (scale 1), so one
 //! `r` serves every module. Norm weights and biases have no place in a LoRA adapter: their
 //! change is dropped and the report says how large it was.
+//!
+//! With `attribute.shadow_rank = k` below that, a module whose min(in, out) exceeds k gets its
+//! best rank-k approximation instead ([`crate::attribute::lowrank`]), the others stay exact
+//! (zero-padded to k), and the report gives ‖Δ − Δ_k‖ over all modules.
 use crate::error::{Error, Result};
 use crate::lora::{LoraConfig, TargetModules};
 use crate::model::decoder::LoraWeights;
@@ -85,8 +89,15 @@ pub fn fine_tune(
 }
 
 /// A copy of `base` whose adapter turns it into `tuned` (up to the dropped norm weights and
-/// biases), with the adapter's config. Both models must have the same architecture.
-pub fn exact_adapter(base: &Decoder, tuned: &Decoder) -> Result<(Decoder, LoraConfig, Drops)> {
+/// biases, and with `rank`, each module's change cut to rank `rank`), with the adapter's
+/// config. Both models must have the same architecture. `rng` draws the randomized SVD's test
+/// matrices.
+pub fn shadow_adapter(
+    base: &Decoder,
+    tuned: &Decoder,
+    rank: Option<usize>,
+    rng: &mut crate::rng::Rng,
+) -> Result<(Decoder, LoraConfig, Drops)> {
     if base.cfg.family != tuned.cfg.family
         || base.linears().len() != tuned.linears().len()
         || base.embed.dims() != tuned.embed.dims()
@@ -121,22 +132,41 @@ pub fn exact_adapter(base: &Decoder, tuned: &Decoder) -> Result<(Decoder, LoraCo
         }
         pairs.push((b.name.clone(), b.weight.clone(), t.weight.clone()));
     }
-    let rank = pairs
+    let full_rank = pairs
         .iter()
         .map(|(_, w, _)| w.dims()[0].min(w.dims()[1]))
         .chain([vocab.min(hidden)])
         .max()
         .unwrap_or(1);
+    let rank = rank.map_or(full_rank, |k| k.min(full_rank));
     let dev = base.embed.device().clone();
     let f32 = |t: &Tensor| t.to_dtype(DType::F32);
     let mut shadow = base.clone();
     crate::lora::detach_lora(&mut shadow);
-    let mut carried_sq = 0.0f64;
+    // ‖Δ_k‖² carried and ‖Δ − Δ_k‖² cut, summed over modules
+    let (mut carried_sq, mut truncated_sq) = (0.0f64, 0.0f64);
+    let mut factor_at_rank = |delta: &Tensor, count: bool| -> Result<(Tensor, Tensor)> {
+        let (out, inp) = delta.dims2()?;
+        let exact = out.min(inp) <= rank;
+        let (a, b) = if exact {
+            factor(delta, rank, &dev)?
+        } else {
+            super::lowrank::low_rank(delta, rank, rng)?
+        };
+        if count && exact {
+            carried_sq += squared_norm(delta)?;
+        } else if count {
+            // B has orthonormal columns, so ‖Δ_k‖ = ‖B·A‖ = ‖A‖; the residual directly (not
+            // ‖Δ‖² − ‖A‖², which cancels to f32 rounding when little is cut)
+            carried_sq += squared_norm(&a)?;
+            truncated_sq += squared_norm(&(delta - b.matmul(&a)?)?)?;
+        }
+        Ok((a, b))
+    };
     let mut factors = std::collections::HashMap::new();
     for (name, wb, wt) in &pairs {
         let delta = (f32(wt)? - f32(wb)?)?;
-        carried_sq += squared_norm(&delta)?;
-        factors.insert(name.clone(), factor(&delta, rank, &dev)?);
+        factors.insert(name.clone(), factor_at_rank(&delta, true)?);
     }
     for lin in shadow.linears_with_head_mut() {
         let (a, b) = factors.remove(&lin.name).ok_or_else(|| {
@@ -146,11 +176,8 @@ pub fn exact_adapter(base: &Decoder, tuned: &Decoder) -> Result<(Decoder, LoraCo
     }
     // embedding: (B·A)ᵀ = ΔE → B·A = ΔEᵀ [hidden, vocab]; hidden ≤ vocab, so B = [I | 0]
     let delta_e = (f32(&tuned.embed)? - f32(&base.embed)?)?;
-    if !base.cfg.tie_word_embeddings {
-        // tied, the head's delta above is this ΔE: counted once
-        carried_sq += squared_norm(&delta_e)?;
-    }
-    let (a_t, b_t) = factor(&delta_e.t()?.contiguous()?, rank, &dev)?;
+    // tied, the head's delta above is this ΔE: counted once
+    let (a_t, b_t) = factor_at_rank(&delta_e.t()?.contiguous()?, !base.cfg.tie_word_embeddings)?;
     shadow.embed_lora = Some(LoraWeights::from_tensors(&a_t, &b_t, 1.0, 0.0)?);
     let modules = pairs.len() + 1;
     let mut names: Vec<String> = base
@@ -184,20 +211,23 @@ pub fn exact_adapter(base: &Decoder, tuned: &Decoder) -> Result<(Decoder, LoraCo
             modules,
             rank,
             carried_norm: carried_sq.sqrt(),
+            truncated_norm: truncated_sq.sqrt(),
             ..drops
         },
     ))
 }
 
-/// What [`exact_adapter`] carried and dropped.
+/// What [`shadow_adapter`] carried and dropped.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Drops {
     /// modules the adapter carries (linear modules, the head, the embedding)
     pub modules: usize,
-    /// the adapter's rank (largest min(in, out)); alpha = rank
+    /// the adapter's rank (largest min(in, out), or attribute.shadow_rank); alpha = rank
     pub rank: usize,
-    /// ‖Δθ‖ over the carried weights
+    /// ‖Δθ‖ over the carried weights (of the rank-k approximations, when cut)
     pub carried_norm: f64,
+    /// ‖Δθ − Δθ_k‖ over the carried weights: what the rank cut left out (0 at full rank)
+    pub truncated_norm: f64,
     /// ‖Δθ‖ over the weights the adapter cannot carry (norm weights, biases)
     pub dropped_norm: f64,
     /// names of those weights that changed
