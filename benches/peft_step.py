@@ -60,7 +60,10 @@ def main():
     # built on the device in its dtype: a 1B model initialised on the CPU in f32 first takes
     # minutes and twice the memory
     with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        except TypeError:  # transformers before 4.56 call it torch_dtype
+            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
     # PEFT's "all-linear": every linear layer but the output head, as `unlearn bench` targets
     lora = LoraConfig(
         r=args.rank,

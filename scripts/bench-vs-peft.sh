@@ -14,6 +14,7 @@ device=cpu; rust_args=(); py_args=(); global_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) device=$2; shift 2 ;;
+    --device=*) device=${1#--device=}; shift ;;
     --dtype) py_args+=(--dtype "$2"); global_args+=(--base-dtype "$2"); shift 2 ;;
     --peak-tflops) rust_args+=(--peak-tflops "$2"); shift 2 ;;
     *) rust_args+=("$1"); py_args+=("$1"); shift ;;
@@ -25,16 +26,30 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 gpu_memory=false
 if [[ $device == cuda* ]] && command -v nvidia-smi > /dev/null; then gpu_memory=true; fi
+# the GPU of --device cuda:N as nvidia-smi numbers it: N, or the Nth entry of
+# CUDA_VISIBLE_DEVICES when that is set (an index, a UUID or a MIG id, passed on as it is)
+gpu_index=0
+if $gpu_memory; then
+  gpu_index=${device#cuda}; gpu_index=${gpu_index#:}; gpu_index=${gpu_index:-0}
+  if [[ -n ${CUDA_VISIBLE_DEVICES:-} && $gpu_index =~ ^[0-9]+$ ]]; then
+    IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
+    gpu_index=${visible[$gpu_index]:-$gpu_index}
+  fi
+fi
 measured() { # NAME CMD...: run CMD; on a GPU, its peak memory in MiB goes to $tmp/NAME
   local name=$1; shift
   if ! $gpu_memory; then "$@"; return; fi
-  local query=(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits --id="${CUDA_VISIBLE_DEVICES:-0}")
-  local before; before=$("${query[@]}")
-  "${query[@]}" -lms 50 > "$tmp/$name.samples" &
+  local query=(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits --id="$gpu_index")
+  local before; before=$("${query[@]}" 2> /dev/null | head -1) || true
+  "${query[@]}" -lms 50 > "$tmp/$name.samples" 2> /dev/null &
   local sampler=$! rc=0
   "$@" || rc=$?
   kill "$sampler" 2> /dev/null; wait "$sampler" 2> /dev/null || true
-  echo $(( $(sort -n "$tmp/$name.samples" | tail -1) - before )) > "$tmp/$name"
+  # a memory figure only when nvidia-smi gave numbers; the timing stands without it
+  local peak; peak=$(grep -E '^[0-9]+$' "$tmp/$name.samples" | sort -n | tail -1) || true
+  if [[ $before =~ ^[0-9]+$ && $peak =~ ^[0-9]+$ ]]; then
+    echo $(( peak - before )) > "$tmp/$name"
+  fi
   return $rc
 }
 ours=$(measured ours "$bin" --device "$device" "${global_args[@]}" bench --methods gradascent --json "${rust_args[@]}")

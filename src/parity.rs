@@ -167,12 +167,24 @@ pub fn check(req: &ParityRequest) -> Result<ParityReport> {
     let cpu = compute(req, &Device::Cpu, DType::F32, &batch)?;
     let dev = compute(req, &req.device, req.dtype, &batch)?;
     let mut tensors = Vec::new();
+    let mut matched = std::collections::HashSet::new();
     let mut compare = |name: &str, ours: &Tensor, cpu: &Tensor, key: &str| -> Result<()> {
         let vs_reference = match batch.expected.get(key) {
-            Some(r) => Some(relative_l2(
-                ours,
-                &r.to_dtype(DType::F32)?.reshape(ours.dims())?,
-            )?),
+            Some(r) => {
+                matched.insert(key.to_string());
+                if r.elem_count() != ours.elem_count() {
+                    return Err(Error::Config {
+                        path: req.reference.clone(),
+                        msg: format!(
+                            "'{key}' has shape {:?}, the computed {name} {:?}",
+                            r.dims(),
+                            ours.dims()
+                        ),
+                    });
+                }
+                let r = r.to_dtype(DType::F32)?.reshape(ours.dims())?;
+                Some(relative_l2(ours, &r)?)
+            }
             None => None,
         };
         tensors.push(TensorParity {
@@ -185,9 +197,31 @@ pub fn check(req: &ParityRequest) -> Result<ParityReport> {
     compare("logits", &dev.logits, &cpu.logits, "logits")?;
     compare("loss", &dev.loss, &cpu.loss, "loss")?;
     for ((name, g), (_, g_cpu)) in dev.grads.iter().zip(&cpu.grads) {
-        // PEFT names its parameters `...lora_A.default.weight`
-        let key = format!("grad.{}", name.replace(".weight", ".default.weight"));
-        compare(name, g, g_cpu, &key)?;
+        compare(
+            name,
+            g,
+            g_cpu,
+            &format!("grad.{}", peft_parameter_name(name)),
+        )?;
+    }
+    // a reference gradient no LoRA weight of the adapter matched: the adapter is not the one
+    // the reference was computed with
+    let mut unmatched: Vec<&String> = batch
+        .expected
+        .keys()
+        .filter(|k| k.starts_with("grad.") && !matched.contains(*k))
+        .collect();
+    if !unmatched.is_empty() {
+        unmatched.sort();
+        return Err(Error::Config {
+            path: req.reference.clone(),
+            msg: format!(
+                "{} reference gradient(s) match no LoRA weight of the adapter {} (first: {})",
+                unmatched.len(),
+                req.adapter.display(),
+                unmatched[0]
+            ),
+        });
     }
     let (worst, worst_name) = tensors
         .iter()
@@ -214,6 +248,15 @@ pub fn check(req: &ParityRequest) -> Result<ParityReport> {
         worst,
         worst_name,
     })
+}
+
+/// PEFT's name of a LoRA parameter as the model holds it: the adapter name `default` goes
+/// before `.weight` (`…lora_A.default.weight`) or at the end (`…lora_embedding_A.default`).
+fn peft_parameter_name(name: &str) -> String {
+    match name.strip_suffix(".weight") {
+        Some(stem) => format!("{stem}.default.weight"),
+        None => format!("{name}.default"),
+    }
 }
 
 fn device_label(d: &Device) -> String {

@@ -137,6 +137,24 @@ fn cli_passes_on_agreement_and_fails_with_the_tensor_named() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL"));
 
+    // a reference gradient the adapter has no weight for: not the adapter it was made with
+    let tmp3 = tempfile::tempdir().unwrap();
+    let extra = tmp3.path().join("reference.safetensors");
+    let mut tensors: Vec<(String, OwnedView)> = reference("llama-lora")
+        .into_iter()
+        .map(|(n, t)| (n, OwnedView::from_tensor(&t).unwrap()))
+        .collect();
+    let stray = "grad.base_model.model.model.embed_tokens.lora_embedding_A.default";
+    let g = candle_core::Tensor::zeros((4, 320), DType::F32, &Device::Cpu).unwrap();
+    tensors.push((stray.into(), OwnedView::from_tensor(&g).unwrap()));
+    write_safetensors(&extra, &tensors).unwrap();
+    let (out, err) = parity(&extra, &[], false);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("match no LoRA weight") && err.contains(stray),
+        "{err}"
+    );
+
     // a reference without the batch is refused, naming the file and the missing tensor
     let tmp2 = tempfile::tempdir().unwrap();
     let no_ids = edited_reference(tmp2.path(), |n, t| (n != "input_ids").then_some(t));

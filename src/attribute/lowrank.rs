@@ -5,8 +5,8 @@
 //! iterations), then the top-k eigenvectors U_k of (QᵀΔ)(QᵀΔ)ᵀ give Δ_k = (Q·U_k)(U_kᵀ·QᵀΔ),
 //! the projection of Δ onto its k leading left singular vectors. As LoRA factors B = Q·U_k
 //! (orthonormal columns) and A = U_kᵀ·QᵀΔ, so ‖Δ_k‖ = ‖A‖ and ‖Δ − Δ_k‖² = ‖Δ‖² − ‖A‖².
-//! The large products run as candle matmuls in f32; orthonormalisation and the small
-//! eigenproblem in f64 on the host.
+//! The large products run as candle matmuls in f32; the small Gram matrix in f64, its
+//! eigenproblem and the orthonormalisation in f64 on the host.
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use candle_core::{DType, Tensor};
@@ -28,6 +28,16 @@ pub fn low_rank(delta: &Tensor, k: usize, rng: &mut Rng) -> Result<(Tensor, Tens
     }
     let dev = delta.device();
     let delta = delta.to_dtype(DType::F32)?;
+    let size = delta
+        .sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    if !size.is_finite() {
+        return Err(Error::InvalidArgument(format!(
+            "low-rank approximation: the {m} × {n} change has non-finite entries"
+        )));
+    }
     let l = (k + OVERSAMPLE).min(m.min(n));
     let omega: Vec<f32> = (0..n * l).map(|_| rng.normal() as f32).collect();
     let omega = Tensor::from_vec(omega, (n, l), dev)?;
@@ -37,12 +47,11 @@ pub fn low_rank(delta: &Tensor, k: usize, rng: &mut Rng) -> Result<(Tensor, Tens
         let z = orthonormal_columns(&delta_t.matmul(&q)?)?;
         q = orthonormal_columns(&delta.matmul(&z)?)?;
     }
-    // small [l, n] problem: its left singular vectors are eigenvectors of G = S·Sᵀ
+    // small [l, n] problem: its left singular vectors are eigenvectors of G = S·Sᵀ, formed in
+    // f64 (in f32 the squaring would drown singular values below ~3e-4·σ₁ in rounding)
     let small = q.t()?.matmul(&delta)?;
-    let g = small
-        .matmul(&small.t()?)?
-        .to_dtype(DType::F64)?
-        .to_vec2::<f64>()?;
+    let small64 = small.to_dtype(DType::F64)?;
+    let g = small64.matmul(&small64.t()?)?.to_vec2::<f64>()?;
     let (eigenvalues, vectors) = symmetric_eigen(g);
     let mut order: Vec<usize> = (0..l).collect();
     order.sort_by(|&i, &j| eigenvalues[j].total_cmp(&eigenvalues[i]));
@@ -64,12 +73,13 @@ pub fn low_rank(delta: &Tensor, k: usize, rng: &mut Rng) -> Result<(Tensor, Tens
 fn orthonormal_columns(y: &Tensor) -> Result<Tensor> {
     let (m, l) = y.dims2()?;
     let mut cols: Vec<Vec<f64>> = y.t()?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
-    let scale: f64 = cols
-        .iter()
-        .map(|c| c.iter().map(|x| x * x).sum::<f64>())
-        .fold(0.0, f64::max)
-        .sqrt();
     for _pass in 0..2 {
+        // the largest column of this pass's input (1 in the second pass)
+        let scale: f64 = cols
+            .iter()
+            .map(|c| c.iter().map(|x| x * x).sum::<f64>())
+            .fold(0.0, f64::max)
+            .sqrt();
         for j in 0..l {
             let (done, rest) = cols.split_at_mut(j);
             let cj = &mut rest[0];
@@ -222,6 +232,9 @@ mod tests {
         for bad in [0, 30, 31] {
             assert!(low_rank(&delta, bad, &mut Rng::new(0)).is_err(), "{bad}");
         }
+        let nan = (&delta * f64::NAN).unwrap();
+        let e = low_rank(&nan, 2, &mut Rng::new(0)).unwrap_err().to_string();
+        assert!(e.contains("non-finite"), "{e}");
     }
 
     #[test]

@@ -89,6 +89,11 @@ impl RunEvaluator {
                         log.display()
                     );
                 }
+                // the old record goes first: a crash before the new one is written must not
+                // leave a fresh EVAL.json under the old inputs
+                if inputs_file.exists() {
+                    std::fs::remove_file(&inputs_file).map_err(|e| Error::io(&inputs_file, e))?;
+                }
                 let out = evaluate(&ev.request(dir, spec.clone(), None, None))?;
                 write_outputs(&cache, &out)?;
                 crate::model::weights::write_atomic(
