@@ -165,6 +165,15 @@ fn synthetic(n: usize, seq: usize, vocab: usize, rng: &mut Rng) -> Dataset {
     }
 }
 
+/// The benched model: random weights drawn on the device (fast for 1B+ shapes), seeded.
+fn random_model(cfg: ArchConfig, c: &BenchConfig, device: &Device) -> Result<Decoder> {
+    // candle's CPU generator has no seed to set; timings do not depend on the values
+    if !device.is_cpu() {
+        device.set_seed(c.seed)?;
+    }
+    Decoder::random_on_device(cfg, 0.02, crate::device::base_dtype(device), device)
+}
+
 /// Peak resident set size of this process in MB (Linux `VmHWM`; 0 elsewhere).
 pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -182,7 +191,7 @@ pub fn bench_method(c: &BenchConfig, label: &str, device: &Device) -> Result<Ben
     let (name, params) = method_spec(label)?;
     let cfg = arch_config(c)?;
     let vocab = cfg.vocab_size;
-    let mut model = Decoder::random(cfg, c.seed, 0.02, crate::device::base_dtype(device), device)?;
+    let mut model = random_model(cfg, c, device)?;
     let lora = LoraConfig {
         r: c.rank,
         alpha: 2.0 * c.rank as f64,
@@ -289,7 +298,7 @@ pub fn bench_generate(
 ) -> Result<GenerateResult> {
     let cfg = arch_config(c)?;
     let vocab = cfg.vocab_size;
-    let model = Decoder::random(cfg, c.seed, 0.02, crate::device::base_dtype(device), device)?;
+    let model = random_model(cfg, c, device)?;
     let mut rng = Rng::new(c.seed + 3);
     let prompts: Vec<Vec<u32>> = (0..c.batch)
         .map(|_| (0..c.seq).map(|_| rng.below(vocab) as u32).collect())

@@ -153,6 +153,10 @@ enum Source<'a> {
     /// seeded random init (benchmarks, training from scratch): matrices N(0, std²), norm
     /// weights 1 (0 for Gemma's 1+w), biases 0
     Random(std::cell::RefCell<crate::rng::Rng>, f64),
+    /// the same shapes and constants, matrices drawn on the device by candle's generator: fast
+    /// (a 1B model in seconds, not a minute of host sampling) but not reproducible across
+    /// devices; for timing only
+    DeviceRandom(f64),
 }
 
 struct Loader<'a> {
@@ -178,6 +182,15 @@ impl Loader<'_> {
         }
     }
 
+    /// A random model's vectors: biases 0, norm weights 1 (0 for Gemma's 1 + w).
+    fn vector_init(&self, name: &str) -> f32 {
+        if name.ends_with(".bias") || self.cfg.norm == NormKind::RmsPlusOne {
+            0.0
+        } else {
+            1.0
+        }
+    }
+
     fn read(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let store = match &self.source {
             Source::Store(s) => s,
@@ -186,12 +199,18 @@ impl Loader<'_> {
                 let data: Vec<f32> = if shape.len() >= 2 {
                     let mut r = rng.borrow_mut();
                     (0..n).map(|_| (r.normal() * std) as f32).collect()
-                } else if name.ends_with(".bias") || self.cfg.norm == NormKind::RmsPlusOne {
-                    vec![0.0; n]
                 } else {
-                    vec![1.0; n]
+                    vec![self.vector_init(name); n]
                 };
                 return Ok(Tensor::from_vec(data, shape, self.device)?.to_dtype(self.dtype)?);
+            }
+            Source::DeviceRandom(std) => {
+                let t = if shape.len() >= 2 {
+                    Tensor::randn(0f32, *std as f32, shape, self.device)?
+                } else {
+                    Tensor::full(self.vector_init(name), shape, self.device)?
+                };
+                return Ok(t.to_dtype(self.dtype)?);
             }
             Source::CheckOnly(store) => {
                 let (_, got, _, path) = store.raw(name)?;
@@ -314,6 +333,26 @@ impl Decoder {
         .0)
     }
 
+    /// [`Decoder::random`] with the matrices drawn on the device (candle's generator, seeded by
+    /// `Device::set_seed` where the device has one): for benchmarks of large shapes, where
+    /// sampling a billion normals on the host takes a minute.
+    pub fn random_on_device(
+        cfg: ArchConfig,
+        std: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(Self::build(
+            cfg,
+            Source::DeviceRandom(std),
+            Path::new(""),
+            dtype,
+            device,
+            false,
+        )?
+        .0)
+    }
+
     /// Full-parameter training: load a checkpoint (`from = Some(dir)`) or draw seeded random
     /// weights (`seed`, `std`), with every base tensor a `Var` of `dtype`. Returns the trainable
     /// tensors under their checkpoint names, in build order (a tied head shares the embedding's
@@ -355,7 +394,7 @@ impl Decoder {
         };
         let contains = |name: &str| match &l.source {
             Source::Store(s) | Source::CheckOnly(s) => s.contains(name),
-            Source::Random(..) => true,
+            Source::Random(..) | Source::DeviceRandom(_) => true,
         };
         let (h, v, inter) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
