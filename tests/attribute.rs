@@ -241,25 +241,31 @@ fn reference_models_give_the_retraining_floor() {
     assert!(e.contains("/nonexistent/model"), "{e}");
 }
 
-/// `base` with every linear weight and the (tied) embedding moved by seeded noise of size `eps`.
-fn perturbed(base: &Decoder, eps: f64) -> Decoder {
-    let mut rng = unlearn::rng::Rng::new(7);
-    let mut noise = |t: &candle_core::Tensor| {
-        let n = t.elem_count();
-        let v: Vec<f32> = (0..n)
-            .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
-            .collect();
-        let d = candle_core::Tensor::from_vec(v, t.shape(), t.device()).unwrap();
-        (t + (d * eps).unwrap()).unwrap()
-    };
+/// `base` (a tied model) with `delta(W)` added to every linear weight and the embedding.
+fn changed(
+    base: &Decoder,
+    mut delta: impl FnMut(&candle_core::Tensor) -> candle_core::Tensor,
+) -> Decoder {
     let mut tuned = base.clone();
     for lin in tuned.linears_mut() {
-        lin.weight = noise(&lin.weight);
+        lin.weight = (&lin.weight + delta(&lin.weight)).unwrap();
     }
-    tuned.embed = noise(&tuned.embed);
+    tuned.embed = (&tuned.embed + delta(&tuned.embed)).unwrap();
     assert!(tuned.cfg.tie_word_embeddings);
     tuned.lm_head.weight = tuned.embed.clone();
     tuned
+}
+
+/// `base` with every linear weight and the (tied) embedding moved by seeded noise of size `eps`.
+fn perturbed(base: &Decoder, eps: f64) -> Decoder {
+    let mut rng = unlearn::rng::Rng::new(7);
+    changed(base, |t| {
+        let v: Vec<f32> = (0..t.elem_count())
+            .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+            .collect();
+        let d = candle_core::Tensor::from_vec(v, t.shape(), t.device()).unwrap();
+        (d * eps).unwrap()
+    })
 }
 
 #[test]
@@ -323,23 +329,15 @@ fn simulated_shadow_adapter_reproduces_the_changed_weights_exactly() {
 /// weight and the tied embedding.
 fn low_rank_change(base: &Decoder, eps: f64) -> Decoder {
     let mut rng = unlearn::rng::Rng::new(11);
-    let mut change = |t: &candle_core::Tensor| {
+    changed(base, |t| {
         let (m, n) = t.dims2().unwrap();
         let mut draw = |len: usize| {
             let v: Vec<f32> = (0..2 * len).map(|_| rng.normal() as f32).collect();
             candle_core::Tensor::from_vec(v, (len, 2), &cpu()).unwrap()
         };
         let (u, v) = (draw(m), draw(n));
-        let delta = (u.matmul(&v.t().unwrap()).unwrap() * eps).unwrap();
-        (t + delta).unwrap()
-    };
-    let mut tuned = base.clone();
-    for lin in tuned.linears_mut() {
-        lin.weight = change(&lin.weight);
-    }
-    tuned.embed = change(&tuned.embed);
-    tuned.lm_head.weight = tuned.embed.clone();
-    tuned
+        (u.matmul(&v.t().unwrap()).unwrap() * eps).unwrap()
+    })
 }
 
 #[test]
