@@ -110,8 +110,9 @@ impl RunEvaluator {
 
     /// What the cached retain-model evaluation is computed from: the model (its files' sizes
     /// and modification times), the suite, the data (likewise) and the settings that change
-    /// results, the base weights' dtype among them. The cache is reused only when these are equal, so a changed split file or a
-    /// retrained retain model is never scored against a stale reference.
+    /// results, the base weights' dtype among them. The cache is reused only when these are
+    /// equal, so a changed split file or a retrained retain model is never scored against a
+    /// stale reference.
     fn retain_inputs(&self, spec: &str, model_dir: &Path) -> Value {
         let mut model_files = Map::new();
         if let Ok(entries) = std::fs::read_dir(model_dir) {
