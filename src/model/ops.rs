@@ -420,6 +420,62 @@ impl candle_core::CustomOp1 for FusedSoftmax {
         "fused-softmax"
     }
 
+    /// candle's own row softmax kernel (the one `candle_nn::ops::softmax_last_dim` launches,
+    /// one warp per row, f32 accumulation), launched the way candle-nn launches it; that
+    /// function has no backward, this op has [`FusedSoftmax::bwd`].
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{
+            CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+        };
+        use candle_core::cuda_backend::{kernel_name, kernels, Map1, WrapErr};
+        use candle_core::{CudaDevice, WithDType};
+
+        struct RowSoftmax;
+        impl Map1 for RowSoftmax {
+            fn f<T: DeviceRepr + WithDType>(
+                &self,
+                src: &CudaSlice<T>,
+                dev: &CudaDevice,
+                layout: &Layout,
+            ) -> candle_core::Result<CudaSlice<T>> {
+                let src = match layout.contiguous_offsets() {
+                    None => candle_core::bail!("fused-softmax: contiguous input expected"),
+                    Some((o1, o2)) => src.slice(o1..o2),
+                };
+                let el = layout.shape().elem_count();
+                let n_cols = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+                let cfg = LaunchConfig {
+                    grid_dim: ((el / n_cols) as u32, 1, 1),
+                    block_dim: (1, 32, 1),
+                    shared_mem_bytes: 0,
+                };
+                let func = dev.get_or_load_func(&kernel_name::<T>("softmax"), &kernels::REDUCE)?;
+                // SAFETY: every element is written by the kernel
+                let dst = unsafe { dev.alloc::<T>(el)? };
+                let mut builder = func.builder();
+                builder.arg(&src);
+                builder.arg(&dst);
+                candle_core::builder_arg!(builder, n_cols as i32);
+                // SAFETY: the kernel's signature is (src, dst, ncols)
+                unsafe { builder.launch(cfg) }.w()?;
+                Ok(dst)
+            }
+        }
+        use candle_core::backend::BackendStorage;
+        let dev = storage.device();
+        let slice = RowSoftmax.map(&storage.slice, dev, layout)?;
+        let out = candle_core::cuda_backend::CudaStorage {
+            slice,
+            device: dev.clone(),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_input(s, l, "fused-softmax")?;
         let d = l.shape().dims().last().copied().unwrap_or(1).max(1);
@@ -514,9 +570,10 @@ fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
-/// Softmax over the last dimension with a backward; fused on CPU f32.
+/// Softmax over the last dimension with a backward; fused on CPU f32 and, through candle's
+/// kernel, on CUDA f32 (the attention probabilities: one pass instead of five).
 pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
-    if fusable(x) {
+    if fusable(x) || (x.device().is_cuda() && x.dtype() == DType::F32) {
         x.contiguous()?.apply_op1(FusedSoftmax)
     } else {
         softmax_last_dim(x)
