@@ -167,8 +167,8 @@ fn cli_passes_on_agreement_and_fails_with_the_tensor_named() {
 }
 
 /// A whole unlearning run with bf16 base weights (`--base-dtype bf16`, the CUDA default) on the
-/// CPU: the composed (non-fused) ops a GPU runs, end to end. It follows the f32 run within bf16
-/// noise, and the adapter it writes stays f32.
+/// CPU: bf16 matmuls and the composed RMSNorm and RoPE a GPU runs, end to end. It follows the
+/// f32 run within bf16 noise, and the adapter it writes stays f32.
 #[test]
 fn bf16_base_weights_train_like_f32_and_keep_the_adapter_f32() {
     let losses = |dtype: &str| -> (Vec<f64>, tempfile::TempDir) {
