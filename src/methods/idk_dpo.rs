@@ -129,7 +129,7 @@ impl IdkDpo {
     }
 }
 
-/// −(2/β)·mean log σ(β·[(ref_w − ℓ_w) − (ref_l − ℓ_l)]) for per-sequence summed NLLs [B].
+/// −(2/β)·mean log σ(β·[(ref_w − ℓ_w) − (ref_l − ℓ_l)]) for per-sequence summed NLLs \[B\].
 pub fn dpo_loss(
     sum_win: &Tensor,
     sum_lose: &Tensor,

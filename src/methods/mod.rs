@@ -213,7 +213,7 @@ pub fn mean_nll(logits: &Tensor, batch: &ItemBatch) -> Result<Tensor> {
     Ok(causal_lm_loss(logits, &batch.labels)?)
 }
 
-/// Per-sequence summed NLL ℓ_sum [B] and scored-token counts [B].
+/// Per-sequence summed NLL ℓ_sum \[B\] and scored-token counts \[B\].
 pub fn seq_nll(logits: &Tensor, batch: &ItemBatch) -> Result<(Tensor, Tensor)> {
     row_nll(logits, &batch.labels)
 }
@@ -563,7 +563,7 @@ impl AnswerPositions {
         }
         out
     }
-    /// The gold ids as a u32 tensor [M].
+    /// The gold ids as a u32 tensor \[M\].
     pub fn targets_tensor(&self, device: &candle_core::Device) -> Result<Tensor> {
         Ok(Tensor::from_vec(
             self.targets.clone(),
@@ -611,7 +611,7 @@ pub fn flat_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
         .index_select(&idx, 0)?)
 }
 
-/// One-hot rows [M, V] (f32) of `targets` [M] (u32).
+/// One-hot rows \[M, V\] (f32) of `targets` \[M\] (u32).
 pub fn one_hot(targets: &Tensor, vocab: usize) -> Result<Tensor> {
     let m = targets.dim(0)?;
     let range = Tensor::arange(0u32, vocab as u32, targets.device())?.reshape((1, vocab))?;
@@ -620,7 +620,7 @@ pub fn one_hot(targets: &Tensor, vocab: usize) -> Result<Tensor> {
         .to_dtype(DType::F32)?)
 }
 
-/// Per-position cross-entropy CE_t = −log p_θ(y_t) [M] at the answer positions, from logits
+/// Per-position cross-entropy CE_t = −log p_θ(y_t) \[M\] at the answer positions, from logits
 /// [B, T, V].
 pub fn answer_ce(logits: &Tensor, pos: &AnswerPositions) -> Result<Tensor> {
     let z = flat_rows(logits, &pos.rows)?;

@@ -7,7 +7,7 @@
 //! from our seeded generator (`Rng::new(seed)`, d draws of `next_f64`). The activation loss A is,
 //! per sequence, the mean over d of the squared difference summed over the valid tokens
 //! (labels ≠ −100) and divided by their count, then averaged over the batch. (open-unlearning
-//! divides a [B] vector by a [B, 1] count, which broadcasts to a [B, B] matrix before the mean;
+//! divides a \[B\] vector by a \[B, 1\] count, which broadcasts to a \[B, B\] matrix before the mean;
 //! we compute the intended per-sequence mean.)
 //!
 //! The forward stops after `layer` (no LM head), so adapters above it would get no gradient:

@@ -42,7 +42,7 @@ impl Wga {
 }
 
 /// −mean over answer tokens of [w(sg(p_t)) · CE_t]: the forget term of WGA and SatImp.
-/// `weight` maps the detached token probabilities [M] to weights [M].
+/// `weight` maps the detached token probabilities \[M\] to weights \[M\].
 pub fn weighted_ascent_loss(
     logits: &Tensor,
     batch: &ItemBatch,

@@ -187,8 +187,8 @@ pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Res
     }
 }
 
-/// Cross-entropy per position: `-log p(label)`, with `labels` i64 [N] (−100 = ignore) and
-/// `logits` [N, V]. Returns (per-position NLL [N] with zeros where ignored, mask [N] as f32).
+/// Cross-entropy per position: `-log p(label)`, with `labels` i64 \[N\] (−100 = ignore) and
+/// `logits` \[N, V\]. Returns (per-position NLL \[N\] with zeros where ignored, mask \[N\] as f32).
 pub fn token_nll(logits: &Tensor, labels: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
     let logits = logits.to_dtype(accum_dtype(logits.dtype()))?;
     let labels_v = labels.to_dtype(DType::I64)?.to_vec1::<i64>()?;
