@@ -241,6 +241,19 @@ fn reference_models_give_the_retraining_floor() {
     assert!(e.contains("/nonexistent/model"), "{e}");
 }
 
+/// The full-rank simulated shadow of `tuned` on `base` (no randomness involved).
+fn exact_shadow(
+    base: &Decoder,
+    tuned: &Decoder,
+) -> (
+    Decoder,
+    unlearn::lora::LoraConfig,
+    unlearn::attribute::simulated::Drops,
+) {
+    let mut unused = unlearn::rng::Rng::new(0);
+    unlearn::attribute::simulated::shadow_adapter(base, tuned, None, &mut unused).unwrap()
+}
+
 /// `base` (a tied model) with `delta(W)` added to every linear weight and the embedding.
 fn changed(
     base: &Decoder,
@@ -274,13 +287,7 @@ fn simulated_shadow_adapter_reproduces_the_changed_weights_exactly() {
     // head A = I, the embedding PEFT's transposed layout
     let base = Decoder::load(&fixture("llama-tied"), DType::F32, &cpu()).unwrap();
     let tuned = perturbed(&base, 0.05);
-    let (shadow, cfg, drops) = unlearn::attribute::simulated::shadow_adapter(
-        &base,
-        &tuned,
-        None,
-        &mut unlearn::rng::Rng::new(0),
-    )
-    .unwrap();
+    let (shadow, cfg, drops) = exact_shadow(&base, &tuned);
     assert_eq!(cfg.r, 64, "the largest min(in, out) is the hidden size");
     assert_eq!((cfg.alpha, drops.modules), (64.0, 2 * 7 + 2));
     assert!(drops.dropped.is_empty() && drops.dropped_norm == 0.0);
@@ -353,7 +360,7 @@ fn simulated_shadow_at_a_rank_keeps_the_leading_directions() {
     let plain = base.forward(&input, &ForwardOptions::base_model()).unwrap();
     assert!(max_abs_diff(&plain, &want) > 0.1, "the change matters");
     let rng = || unlearn::rng::Rng::new(3);
-    let (_, _, exact) = shadow_adapter(&base, &tuned, None, &mut rng()).unwrap();
+    let (_, _, exact) = exact_shadow(&base, &tuned);
 
     // rank 4 ≥ the change's rank 2: nothing is cut, the logits are the tuned model's
     let (shadow, cfg, drops) = shadow_adapter(&base, &tuned, Some(4), &mut rng()).unwrap();
@@ -490,13 +497,7 @@ fn simulated_shadow_of_an_untied_head_names_it_as_the_model_does() {
     let mut tuned = base.clone();
     let w = &tuned.lm_head.weight;
     tuned.lm_head.weight = (w + w.ones_like().unwrap().affine(0.01, 0.0).unwrap()).unwrap();
-    let (shadow, cfg, drops) = unlearn::attribute::simulated::shadow_adapter(
-        &base,
-        &tuned,
-        None,
-        &mut unlearn::rng::Rng::new(0),
-    )
-    .unwrap();
+    let (shadow, cfg, drops) = exact_shadow(&base, &tuned);
     let unlearn::lora::TargetModules::Names(names) = &cfg.target_modules else {
         panic!("{:?}", cfg.target_modules)
     };
