@@ -166,42 +166,50 @@ fn cli_passes_on_agreement_and_fails_with_the_tensor_named() {
     );
 }
 
+/// The per-step losses of a 6-step `method` run with the base weights in `dtype`, and its
+/// directory.
+fn run_losses(dtype: &str, method: &str, params: &str) -> (Vec<f64>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path();
+    let recipe = write_recipe(tmp, method, params, "steps = 6\ncheckpoint_every = 0");
+    let out = run(&["--base-dtype", dtype, "run", recipe.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{dtype}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = std::fs::read_to_string(tmp.join("out/metrics.jsonl")).unwrap();
+    let losses = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v.get("loss").and_then(serde_json::Value::as_f64))
+        .collect();
+    (losses, dir)
+}
+
+/// Each step's loss within `rel` of the f32 run's (bf16 noise), all finite.
+fn assert_close(f32_losses: &[f64], bf16_losses: &[f64], rel: f64) {
+    assert_eq!(f32_losses.len(), bf16_losses.len());
+    for (a, b) in f32_losses.iter().zip(bf16_losses) {
+        assert!(
+            b.is_finite() && (a - b).abs() <= rel * a.abs().max(0.1),
+            "{f32_losses:?} vs {bf16_losses:?}"
+        );
+    }
+}
+
 /// A whole unlearning run with bf16 base weights (`--base-dtype bf16`, the CUDA default) on the
 /// CPU: bf16 matmuls and the composed RMSNorm and RoPE a GPU runs, end to end. It follows the
 /// f32 run within bf16 noise, and the adapter it writes stays f32.
 #[test]
 fn bf16_base_weights_train_like_f32_and_keep_the_adapter_f32() {
-    let losses = |dtype: &str| -> (Vec<f64>, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let tmp = dir.path();
-        let recipe = write_recipe(tmp, "npo", "", "steps = 6\ncheckpoint_every = 0");
-        let out = run(&["--base-dtype", dtype, "run", recipe.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "{dtype}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let metrics = std::fs::read_to_string(tmp.join("out/metrics.jsonl")).unwrap();
-        let losses = metrics
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter_map(|v| v.get("loss").and_then(serde_json::Value::as_f64))
-            .collect();
-        (losses, dir)
-    };
-    let (f32_losses, _) = losses("f32");
-    let (bf16_losses, bf16_dir) = losses("bf16");
+    let (f32_losses, _) = run_losses("f32", "npo", "");
+    let (bf16_losses, bf16_dir) = run_losses("bf16", "npo", "");
     let adapter = bf16_dir
         .path()
         .join("out/adapter/adapter_model.safetensors");
     assert_eq!(f32_losses.len(), 6);
-    assert_eq!(bf16_losses.len(), 6);
-    for (a, b) in f32_losses.iter().zip(&bf16_losses) {
-        assert!(
-            b.is_finite() && (a - b).abs() <= 0.01 * a.abs().max(0.1),
-            "{f32_losses:?} vs {bf16_losses:?}"
-        );
-    }
+    assert_close(&f32_losses, &bf16_losses, 0.01);
     // training moved the loss, in both
     assert!(
         (f32_losses[5] - f32_losses[0]).abs() > 0.01,
@@ -217,4 +225,19 @@ fn bf16_base_weights_train_like_f32_and_keep_the_adapter_f32() {
     let out = run(&["--base-dtype", "f64", "methods"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--base-dtype"));
+}
+
+/// DMM towards an oracle model directory: the teacher loads in the student's base dtype (bf16
+/// here, as on a GPU), and the matching loss still follows the f32 run.
+#[test]
+fn dmm_teacher_follows_the_base_dtype() {
+    let params = format!(
+        "target = \"oracle:{}\"\nloss = \"kl\"\nforget_share = 0.5",
+        fixture("llama-lora-merged").display()
+    );
+    let (f32_losses, _) = run_losses("f32", "dmm", &params);
+    let (bf16_losses, _) = run_losses("bf16", "dmm", &params);
+    assert_eq!(f32_losses.len(), 6);
+    assert!(f32_losses[0] > 1e-3, "the teacher differs: {f32_losses:?}");
+    assert_close(&f32_losses, &bf16_losses, 0.02);
 }

@@ -30,7 +30,7 @@ use crate::model::{Decoder, ForwardOptions};
 use crate::recipe::method_params;
 use crate::tokenizer::EncodedExample;
 use crate::train::batch::{ItemBatch, PairedBatch};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -178,7 +178,9 @@ impl Method for Dmm {
                         dir.display()
                     )));
                 }
-                Decoder::load(dir, DType::F32, &model.device)?
+                // in the student's base dtype: a frozen model like its base weights (bf16 on a
+                // GPU by default, f32 on the CPU; --base-dtype chooses)
+                Decoder::load(dir, model.dtype, &model.device)?
             }
         };
         check_teacher("dmm", "the target model", &teacher, model, self.top_k, "")?;
@@ -204,7 +206,7 @@ impl Method for Dmm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     fn t3(v: &[f32], shape: (usize, usize, usize)) -> Tensor {
         Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()

@@ -244,7 +244,8 @@ impl Method for Oracle {
                 path.display()
             )));
         }
-        let teacher = Decoder::load(path, DType::F32, &model.device)?;
+        // in the student's base dtype, like its frozen base weights
+        let teacher = Decoder::load(path, model.dtype, &model.device)?;
         let what = format!("the teacher {}", path.display());
         check_teacher(
             "oracle",
