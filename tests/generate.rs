@@ -135,7 +135,7 @@ fn bench_harness_runs_on_a_tiny_shape() {
 fn lora_step_flops_are_counted_as_mfu_counts_them() {
     use unlearn::lora::{attach_lora, LoraConfig, TargetModules};
     let cfg = unlearn::bench::llama_config(&tiny_bench()).unwrap();
-    let mut model = Decoder::random(cfg, 0, 0.02, DType::F32, &cpu()).unwrap();
+    let mut model = Decoder::random_on_device(cfg, 0.02, DType::F32, &cpu()).unwrap();
     assert_eq!(
         unlearn::bench::lora_step_flops_per_token(&model, 16),
         4.0 * 22528.0 + 3.0 * 4096.0

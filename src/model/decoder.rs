@@ -150,8 +150,8 @@ enum Source<'a> {
     Store(&'a WeightStore),
     /// only check names and shapes against the file headers; tensors are empty placeholders
     CheckOnly(&'a WeightStore),
-    /// seeded random init (benchmarks, training from scratch): matrices N(0, std²), norm
-    /// weights 1 (0 for Gemma's 1+w), biases 0
+    /// seeded random init (training from scratch): matrices N(0, std²), norm weights 1 (0 for
+    /// Gemma's 1+w), biases 0
     Random(std::cell::RefCell<crate::rng::Rng>, f64),
     /// the same shapes and constants, matrices drawn on the device by candle's generator: fast
     /// (a 1B model in seconds, not a minute of host sampling) but not reproducible across
@@ -313,29 +313,10 @@ impl Decoder {
         Ok(Self::build(cfg, Source::Store(store), dir, dtype, device, false)?.0)
     }
 
-    /// A model with seeded random weights (N(0, std²) matrices) for a config.
-    pub fn random(
-        cfg: ArchConfig,
-        seed: u64,
-        std: f64,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let rng = std::cell::RefCell::new(crate::rng::Rng::new(seed));
-        Ok(Self::build(
-            cfg,
-            Source::Random(rng, std),
-            Path::new(""),
-            dtype,
-            device,
-            false,
-        )?
-        .0)
-    }
-
-    /// [`Decoder::random`] with the matrices drawn on the device (candle's generator, seeded by
-    /// `Device::set_seed` where the device has one): for benchmarks of large shapes, where
-    /// sampling a billion normals on the host takes a minute.
+    /// A model with random weights for a config: N(0, std²) matrices drawn on the device
+    /// (candle's generator, seeded by `Device::set_seed` where the device has one), norm weights
+    /// 1, biases 0. For benchmarks: fast for large shapes, not reproducible across devices
+    /// (seeded training from scratch is [`Decoder::trainable`]).
     pub fn random_on_device(
         cfg: ArchConfig,
         std: f64,
