@@ -8,6 +8,9 @@
 #   3. the Llama-3.2-1B-shape step (bf16, batch 8×512, LoRA r 8 on all linear layers) against
 #      transformers + PEFT, with model FLOP utilisation and peak GPU memory
 #   4. every bench method's step cost at that shape
+#   5. the step with UNLEARN_CUDA_FUSED=0 (composed attention softmax and loss), to
+#      measure the fused kernels of src/cuda/; if parity fails with them and passes without,
+#      2–4 run without them too
 # Everything printed goes to $OUT/gpu-checks.log as well; JSON results land in $OUT.
 # DEVICE=cpu runs the same checks on the CPU with a small bench shape: a dry run of this script
 # on a machine without a GPU (UNLEARN_BIN=target/release/unlearn PYTHON=... for that).
@@ -51,6 +54,7 @@ else
 fi
 "$bin" --version
 failed=()
+fused_kernels_wrong=false
 step() { echo; echo "=== $*"; }
 
 step "1. parity on $device (relative L2 error against CPU f32 and PEFT)"
@@ -63,6 +67,16 @@ for base in llama qwen2; do
       :
     else
       failed+=("parity $base $dtype")
+      # tell the fused kernels (src/cuda/) from the rest: the same check with the composed
+      # attention softmax and loss
+      if [ "$device" = cuda ] && UNLEARN_CUDA_FUSED=0 "$bin" --device "$device" \
+        --base-dtype "$dtype" parity --model "tests/fixtures/hf/$base" \
+        --adapter "tests/fixtures/hf/$base-lora" \
+        --reference "tests/fixtures/hf/$base-lora/reference.safetensors" \
+        --json > "$out/parity-$base-$dtype-composed.json"; then
+        echo "parity $base $dtype passes with UNLEARN_CUDA_FUSED=0: the fused kernels are wrong"
+        fused_kernels_wrong=true
+      fi
     fi
     "$PYTHON" - "$out/parity-$base-$dtype.json" <<'PY' || failed+=("parity $base $dtype: no report")
 import json, sys
@@ -77,6 +91,9 @@ print(f"{sys.argv[1].split('/')[-1]}: logits {logits['vs_cpu']:.2e} vs cpu, {vs_
 PY
   done
 done
+
+# timings of a wrong kernel mean nothing: the rest runs on the composed form then
+if $fused_kernels_wrong; then export UNLEARN_CUDA_FUSED=0; fi
 
 step "2. quickstart on $device"
 qs=/tmp/gpu-checks-quickstart
@@ -106,6 +123,13 @@ done
 "$bin" --device "$device" "${base_dtype[@]}" bench \
   --methods gradascent,graddiff,npo,eupmu,eupmu-fast,surgery "${bench_shape[@]}" \
   | tee "$out/bench-methods.txt" || failed+=("bench methods")
+
+if [ "$device" = cuda ] && ! $fused_kernels_wrong; then
+  step "5. the same step with the composed attention softmax and loss (what src/cuda/ saves)"
+  UNLEARN_CUDA_FUSED=0 "$bin" --device "$device" "${base_dtype[@]}" bench \
+    --methods gradascent "${bench_shape[@]}" | tee "$out/bench-composed-attention.txt" \
+    || failed+=("bench composed attention")
+fi
 
 echo
 if [ ${#failed[@]} -gt 0 ]; then

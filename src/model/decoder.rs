@@ -847,9 +847,7 @@ impl Decoder {
         if let Some(cap) = cfg.attn_softcap {
             scores = ((scores / cap)?.tanh()? * cap)?;
         }
-        let scores = scores.broadcast_add(&mask.additive)?;
-        let mut probs =
-            ops::softmax(&scores.to_dtype(ops::accum_dtype(x.dtype()))?)?.to_dtype(x.dtype())?;
+        let mut probs = ops::masked_softmax(&scores, &mask.additive)?;
         if let Some(keep) = &mask.empty_rows {
             probs = probs.broadcast_mul(keep)?;
         }
@@ -862,15 +860,18 @@ impl Decoder {
         let act = self.cfg.activation;
         match mlp {
             Mlp::Gated { gate, up, down } => {
-                let g = ops::activation(&gate.forward(x, opts)?, act)?;
-                down.forward(&(g * up.forward(x, opts)?)?, opts)
+                let h = ops::gated_activation(&gate.forward(x, opts)?, &up.forward(x, opts)?, act)?;
+                down.forward(&h, opts)
             }
             Mlp::FusedGated { gate_up, down } => {
                 let y = gate_up.forward(x, opts)?;
                 let i = self.cfg.intermediate_size;
-                let g = ops::activation(&y.narrow(D::Minus1, 0, i)?, act)?;
-                let u = y.narrow(D::Minus1, i, i)?;
-                down.forward(&(g * u)?, opts)
+                let h = ops::gated_activation(
+                    &y.narrow(D::Minus1, 0, i)?,
+                    &y.narrow(D::Minus1, i, i)?,
+                    act,
+                )?;
+                down.forward(&h, opts)
             }
             Mlp::Plain { fc, proj } => {
                 let h = ops::activation(&fc.forward(x, opts)?, act)?;

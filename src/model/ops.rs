@@ -208,14 +208,15 @@ pub fn token_nll(logits: &Tensor, labels: &Tensor) -> candle_core::Result<(Tenso
 }
 
 /// Next-token NLL per position: logits[:, t] predict labels[:, t+1]. Returns (nll [B, T−1] with
-/// zeros where the label is −100, mask [B, T−1]). On CPU f32 this is one fused op over the
-/// unshifted logits (no shifted copy, no log-softmax intermediates of vocabulary size).
+/// zeros where the label is −100, mask [B, T−1]). On CPU f32, and on CUDA (src/cuda/nll.cu),
+/// this is one fused op over the unshifted logits (no shifted copy, no log-softmax
+/// intermediates of vocabulary size).
 pub fn shifted_token_nll(
     logits: &Tensor,
     labels: &Tensor,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let (b, t, v) = logits.dims3()?;
-    if fusable(logits) {
+    if fusable(logits) || cuda_fusable(logits) {
         let lab = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
         // row b·T + i is scored against labels[b][i + 1]; the last position of each row has none
         let shifted: Vec<i64> = lab
@@ -257,20 +258,44 @@ impl candle_core::CustomOp1 for FusedNll {
         if self.labels.len() != n {
             candle_core::bail!("fused-nll: {} labels for {n} rows", self.labels.len());
         }
-        use rayon::prelude::*;
-        let out: Vec<f32> = x
-            .par_chunks(v)
-            .zip(self.labels.par_iter())
-            .map(|(row, &label)| {
-                if label < 0 || label as usize >= v {
-                    return 0.0;
-                }
-                let m = row_max(row);
-                let lse = m + row.iter().map(|z| (z - m).exp()).sum::<f32>().ln();
-                lse - row[label as usize]
-            })
-            .collect();
+        let mut out = vec![0f32; n];
+        for_each_row_mut(&mut out, 1, |i, o| {
+            let label = self.labels[i];
+            if label < 0 || label as usize >= v {
+                return;
+            }
+            let row = &x[i * v..(i + 1) * v];
+            let m = row_max(row);
+            let lse = m + row.iter().map(|z| (z - m).exp()).sum::<f32>().ln();
+            o[0] = lse - row[label as usize];
+        });
         Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    /// src/cuda/nll.cu's `nll_fwd`: f32 losses from f32, bf16 or f16 logits.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::CudaStorageSlice as S;
+        let (n, _) = layout.shape().dims2()?;
+        if self.labels.len() != n {
+            candle_core::bail!("fused-nll: {} labels for {n} rows", self.labels.len());
+        }
+        let dev = storage.device();
+        let nll = match &storage.slice {
+            S::F32(x) => cuda_nll::forward(x, layout, &self.labels, dev)?,
+            S::BF16(x) => cuda_nll::forward(x, layout, &self.labels, dev)?,
+            S::F16(x) => cuda_nll::forward(x, layout, &self.labels, dev)?,
+            _ => candle_core::bail!("fused-nll: f32, bf16 or f16 logits expected"),
+        };
+        let out = candle_core::CudaStorage {
+            slice: S::F32(nll),
+            device: dev.clone(),
+        };
+        Ok((out, Shape::from(n)))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -294,24 +319,50 @@ impl candle_core::CustomOp1 for FusedNllGrad {
         "fused-nll-grad"
     }
 
+    /// src/cuda/nll.cu's `nll_bwd`: the gradient in the logits' dtype.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::Map1;
+        let (n, _) = layout.shape().dims2()?;
+        if self.labels.len() != n || self.upstream.len() != n {
+            candle_core::bail!(
+                "fused-nll-grad: {} labels and {} gradients for {n} rows",
+                self.labels.len(),
+                self.upstream.len()
+            );
+        }
+        let dev = storage.device();
+        let slice = cuda_nll::Backward {
+            labels: &self.labels,
+            upstream: &self.upstream,
+        }
+        .map(&storage.slice, dev, layout)?;
+        let out = candle_core::CudaStorage {
+            slice,
+            device: dev.clone(),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_input(s, l, "fused-nll-grad")?;
         let (_, v) = l.shape().dims2()?;
         let mut out = vec![0f32; x.len()];
-        use rayon::prelude::*;
-        out.par_chunks_mut(v)
-            .zip(x.par_chunks(v))
-            .zip(self.labels.par_iter().zip(self.upstream.par_iter()))
-            .for_each(|((o, row), (&label, &gi))| {
-                if label < 0 || label as usize >= v || gi == 0.0 {
-                    return;
-                }
-                let scale = gi / exp_shifted(o, row);
-                for oi in o.iter_mut() {
-                    *oi *= scale;
-                }
-                o[label as usize] -= gi;
-            });
+        for_each_row_mut(&mut out, v, |i, o| {
+            let (label, gi) = (self.labels[i], self.upstream[i]);
+            if label < 0 || label as usize >= v || gi == 0.0 {
+                return;
+            }
+            let scale = gi / exp_shifted(o, &x[i * v..(i + 1) * v]);
+            for oi in o.iter_mut() {
+                *oi *= scale;
+            }
+            o[label as usize] -= gi;
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }
@@ -383,6 +434,33 @@ mod tests {
 // but allocate 4–6 full-size intermediates each, all kept alive by the graph. These custom ops
 // compute the forward in one pass (f32, contiguous, CPU) and give the analytic backward. Other
 // devices and dtypes use the composed forms.
+
+/// Calls `f(i, row)` for every `row_len`-long row `i` of `out` (the last may be shorter), in
+/// parallel on candle's own CPU pool.
+///
+/// Not rayon: candle's element-wise ops run on its barrier pool, whose helper threads spin for a
+/// while after each op; work handed to rayon's separate pool then competes with those spinning
+/// threads for the cores (on a 2-core machine the fused SwiGLU was slower than the composed ops
+/// it replaces until it moved here).
+fn for_each_row_mut(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    struct Base(*mut f32);
+    // SAFETY: every row index is handed to exactly one closure call, so the rows written
+    // through the pointer are disjoint, and `out` outlives `execute_chunked`.
+    unsafe impl Sync for Base {}
+    let row_len = row_len.max(1);
+    let total = out.len();
+    let base = Base(out.as_mut_ptr());
+    let base = &base;
+    candle_core::utils::barrier_pool().execute_chunked(total.div_ceil(row_len), |rows| {
+        for i in rows {
+            let start = i * row_len;
+            let len = row_len.min(total - start);
+            // SAFETY: see `Base`; start + len ≤ total.
+            let row = unsafe { std::slice::from_raw_parts_mut(base.0.add(start), len) };
+            f(i, row);
+        }
+    });
+}
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
@@ -480,15 +558,12 @@ impl candle_core::CustomOp1 for FusedSoftmax {
         let x = f32_input(s, l, "fused-softmax")?;
         let d = l.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; x.len()];
-        use rayon::prelude::*;
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(o, row)| {
-                let inv = 1.0 / exp_shifted(o, row);
-                for oi in o.iter_mut() {
-                    *oi *= inv;
-                }
-            });
+        for_each_row_mut(&mut out, d, |i, o| {
+            let inv = 1.0 / exp_shifted(o, &x[i * d..(i + 1) * d]);
+            for oi in o.iter_mut() {
+                *oi *= inv;
+            }
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -524,18 +599,16 @@ impl CustomOp2 for FusedRmsNorm {
             candle_core::bail!("fused-rms-norm: weight of {d} does not fit the input");
         }
         let mut out = vec![0f32; x.len()];
-        use rayon::prelude::*;
         let (eps, plus_one) = (self.eps, self.plus_one);
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(o, row)| {
-                let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
-                let r = 1.0 / (ms + eps).sqrt();
-                for ((oi, &xi), &wi) in o.iter_mut().zip(row).zip(w) {
-                    let scale = if plus_one { 1.0 + wi } else { wi };
-                    *oi = xi * r * scale;
-                }
-            });
+        for_each_row_mut(&mut out, d, |i, o| {
+            let row = &x[i * d..(i + 1) * d];
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let r = 1.0 / (ms + eps).sqrt();
+            for ((oi, &xi), &wi) in o.iter_mut().zip(row).zip(w) {
+                let scale = if plus_one { 1.0 + wi } else { wi };
+                *oi = xi * r * scale;
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -568,6 +641,16 @@ impl CustomOp2 for FusedRmsNorm {
 
 fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// Whether the CUDA kernels of src/cuda/ (attention softmax, next-token loss) take `x`: a CUDA
+/// tensor in f32, bf16 or f16, unless `UNLEARN_CUDA_FUSED=0` asks for the composed forms (to
+/// compare speed, or to tell a kernel fault from anything else).
+fn cuda_fusable(x: &Tensor) -> bool {
+    cfg!(feature = "cuda")
+        && x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && std::env::var("UNLEARN_CUDA_FUSED").map_or(true, |v| v != "0")
 }
 
 /// Softmax over the last dimension with a backward; fused on CPU f32 and, through candle's
@@ -689,9 +772,8 @@ impl candle_core::CustomOp1 for FusedRope {
         let cos = self.cos.flatten_all()?.to_vec1::<f32>()?;
         let sin = self.sin.flatten_all()?.to_vec1::<f32>()?;
         let mut out = x.to_vec();
-        use rayon::prelude::*;
         // one chunk per (batch, head, position) row of D values
-        out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+        for_each_row_mut(&mut out, d, |row, o| {
             let bi = row / (h * t);
             let ti = row % t;
             let base = (bi * t + ti) * half;
@@ -829,5 +911,524 @@ mod trainable_weight_tests {
             .unwrap();
         // d/dW_stored[i][j] of Σ_j Σ_i x_i W_stored[i][j] = x_i
         assert_eq!(gs, vec![vec![1.0, 1.0], vec![-1.0, -1.0], vec![0.5, 0.5]]);
+    }
+}
+
+// ---- fused SwiGLU: silu(gate) ⊙ up ------------------------------------------------------------
+//
+// Composed, the gated MLP's activation is two passes forward and about eleven backward (candle's
+// silu rule builds the sigmoid from neg, exp, +1 and recip, then its derivative from four more
+// ops); on the CPU bench shape that was an eighth of the main thread. Fused, it is one pass
+// forward and two backward (one per input), each recomputing the sigmoid.
+
+/// silu(x) as candle computes it, so fused and composed forwards agree to the last bit.
+fn silu_f32(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Applies `f` element-wise to equally long contiguous f32 inputs, in parallel chunks (callers
+/// check the lengths: see [`same_shape_f32`]).
+fn zip_map<const N: usize>(inputs: [&[f32]; N], f: impl Fn([f32; N]) -> f32 + Sync) -> Vec<f32> {
+    const CHUNK: usize = 4096;
+    let n = inputs[0].len();
+    let mut out = vec![0f32; n];
+    for_each_row_mut(&mut out, CHUNK, |c, o| {
+        let start = c * CHUNK;
+        let chunk = inputs.map(|v| &v[start..start + o.len()]);
+        for (i, oi) in o.iter_mut().enumerate() {
+            *oi = f(chunk.map(|v| v[i]));
+        }
+    });
+    out
+}
+
+/// Checks that a fused op's inputs are contiguous f32 of one shape, and returns their data.
+fn same_shape_f32<'a, const N: usize>(
+    inputs: [(&'a CpuStorage, &Layout); N],
+    op: &str,
+) -> candle_core::Result<[&'a [f32]; N]> {
+    let shape = inputs[0].1.shape();
+    let mut out = [&[][..]; N];
+    for (slot, (s, l)) in out.iter_mut().zip(inputs) {
+        if l.shape() != shape {
+            candle_core::bail!("{op}: inputs of shapes {shape:?} and {:?}", l.shape());
+        }
+        *slot = f32_input(s, l, op)?;
+    }
+    Ok(out)
+}
+
+/// silu(gate) ⊙ up.
+struct FusedSwiglu;
+
+impl CustomOp2 for FusedSwiglu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let inputs = same_shape_f32([(s1, l1), (s2, l2)], self.name())?;
+        let out = zip_map(inputs, |[gate, up]| silu_f32(gate) * up);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let d_gate = gate.apply_op3(up, &g, SwigluGateGrad)?;
+        let d_up = gate.apply_op2(&g, SwigluUpGrad)?;
+        Ok((Some(d_gate), Some(d_up)))
+    }
+}
+
+/// ∂/∂gate of silu(gate) ⊙ up: g ⊙ up ⊙ σ(gate)·(1 + gate·(1 − σ(gate))).
+struct SwigluGateGrad;
+
+impl candle_core::CustomOp3 for SwigluGateGrad {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-gate-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let inputs = same_shape_f32([(s1, l1), (s2, l2), (s3, l3)], self.name())?;
+        let out = zip_map(inputs, |[gate, up, g]| {
+            let sigmoid = 1.0 / (1.0 + (-gate).exp());
+            g * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// ∂/∂up of silu(gate) ⊙ up: g ⊙ silu(gate).
+struct SwigluUpGrad;
+
+impl CustomOp2 for SwigluUpGrad {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-up-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let inputs = same_shape_f32([(s1, l1), (s2, l2)], self.name())?;
+        let out = zip_map(inputs, |[gate, g]| silu_f32(gate) * g);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `act(gate) ⊙ up`, the gated MLP's hidden activation; fused for SiLU on CPU f32, composed
+/// elsewhere.
+pub fn gated_activation(
+    gate: &Tensor,
+    up: &Tensor,
+    act: Activation,
+) -> candle_core::Result<Tensor> {
+    if act == Activation::Silu && fusable(gate) && fusable(up) && gate.shape() == up.shape() {
+        gate.contiguous()?.apply_op2(&up.contiguous()?, FusedSwiglu)
+    } else {
+        activation(gate, act)? * up
+    }
+}
+
+#[cfg(test)]
+mod swiglu_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_swiglu_equals_composed_in_value_and_gradients() {
+        let dev = Device::Cpu;
+        // wide enough for several parallel chunks, with saturated sigmoids at both ends
+        let shape = (3, 5, 1000);
+        let gate = Var::from_tensor(&Tensor::randn(0f32, 6.0, shape, &dev).unwrap()).unwrap();
+        let up = Var::from_tensor(&Tensor::randn(0f32, 2.0, shape, &dev).unwrap()).unwrap();
+        let t = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let run = |fused: bool| {
+            let y = if fused {
+                gated_activation(gate.as_tensor(), up.as_tensor(), Activation::Silu).unwrap()
+            } else {
+                (gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap()
+            };
+            let grads = (&y * &t).unwrap().sum_all().unwrap().backward().unwrap();
+            (
+                y,
+                grads.get(gate.as_tensor()).unwrap().clone(),
+                grads.get(up.as_tensor()).unwrap().clone(),
+            )
+        };
+        let (y1, dg1, du1) = run(true);
+        let (y2, dg2, du2) = run(false);
+        assert_eq!(maxdiff(&y1, &y2), 0.0, "value");
+        let scale = dg2
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            maxdiff(&dg1, &dg2) <= 1e-6 * scale,
+            "gate grad: {}",
+            maxdiff(&dg1, &dg2)
+        );
+        assert_eq!(maxdiff(&du1, &du2), 0.0, "up grad");
+        // a non-SiLU activation keeps the composed form
+        let gelu = gated_activation(gate.as_tensor(), up.as_tensor(), Activation::Gelu).unwrap();
+        let expect = (gate.as_tensor().gelu_erf().unwrap() * up.as_tensor()).unwrap();
+        assert_eq!(maxdiff(&gelu, &expect), 0.0);
+    }
+
+    fn maxdiff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+}
+
+// ---- attention softmax: softmax(scores + mask) ----------------------------------------------
+
+/// The attention probabilities `softmax(scores + mask)` over the last dimension, computed in f32
+/// (f64 for f64 models) and returned in the scores' dtype, as transformers' eager attention
+/// does. `scores` is [B, H, T, C], `mask` the additive [B, 1, T, C].
+///
+/// On CUDA this is one kernel forward and one backward (src/cuda/attention.cu) instead of the
+/// composed add, casts and softmax, each a full pass over the [B, H, T, C] scores (see
+/// [`cuda_fusable`]).
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if cuda_attention::applies(scores, mask) {
+        return scores
+            .contiguous()?
+            .apply_op2(&mask.contiguous()?, cuda_attention::MaskedSoftmax);
+    }
+    let dtype = scores.dtype();
+    softmax(&scores.broadcast_add(mask)?.to_dtype(accum_dtype(dtype))?)?.to_dtype(dtype)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_attention {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    };
+    use candle_core::cuda_backend::{kernel_name, CudaStorage, Map2, Map3, WrapErr};
+    use candle_core::{CpuStorage, CudaDevice, Layout, Shape, Tensor, WithDType};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+    const MODULE: &str = "unlearn_attention";
+    /// rows (one warp each) per block of the kernels
+    const ROWS_PER_BLOCK: u32 = 4;
+
+    /// Whether the fused kernels take this call: [`super::cuda_fusable`] scores [B, H, T, C]
+    /// with a mask of the same dtype and shape [B, 1, T, C].
+    pub fn applies(scores: &Tensor, mask: &Tensor) -> bool {
+        let (sd, md) = (scores.dims(), mask.dims());
+        super::cuda_fusable(scores)
+            && mask.dtype() == scores.dtype()
+            && sd.len() == 4
+            && md == [sd[0], 1, sd[2], sd[3]]
+            && sd.iter().all(|&d| d > 0)
+            && sd[3] <= i32::MAX as usize
+            && sd[1] * sd[2] <= i32::MAX as usize
+    }
+
+    /// (rows, cols, heads, t_q) of contiguous scores [B, H, T, C].
+    fn geometry(scores: &Layout) -> candle_core::Result<(i64, i32, i32, i32)> {
+        let (b, h, t, c) = scores.shape().dims4()?;
+        Ok(((b * h * t) as i64, c as i32, h as i32, t as i32))
+    }
+
+    fn launch_config(rows: i64) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: ((rows as u64).div_ceil(ROWS_PER_BLOCK as u64) as u32, 1, 1),
+            block_dim: (32, ROWS_PER_BLOCK, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn contiguous<'a, T>(
+        src: &'a CudaSlice<T>,
+        layout: &Layout,
+        what: &str,
+    ) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+        match layout.contiguous_offsets() {
+            Some((start, end)) => Ok(src.slice(start..end)),
+            None => candle_core::bail!("masked-softmax: contiguous {what} expected"),
+        }
+    }
+
+    /// softmax(scores + mask); the backward is [`MaskedSoftmaxGrad`].
+    pub struct MaskedSoftmax;
+
+    struct Forward;
+    impl Map2 for Forward {
+        fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+            &self,
+            scores: &CudaSlice<T>,
+            scores_l: &Layout,
+            mask: &CudaSlice<T>,
+            mask_l: &Layout,
+            dev: &CudaDevice,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let (rows, cols, heads, t_q) = geometry(scores_l)?;
+            let scores = contiguous(scores, scores_l, "scores")?;
+            let mask = contiguous(mask, mask_l, "mask")?;
+            let func =
+                dev.get_or_load_custom_func(&kernel_name::<T>("masked_softmax"), MODULE, PTX)?;
+            // SAFETY: the kernel writes every element of every row
+            let probs = unsafe { dev.alloc::<T>(scores_l.shape().elem_count())? };
+            let mut builder = func.builder();
+            builder.arg(&scores);
+            builder.arg(&mask);
+            builder.arg(&probs);
+            candle_core::builder_arg!(builder, rows, cols, heads, t_q);
+            // SAFETY: (scores, mask, probs, rows, cols, heads, t_q) is the kernel's signature
+            unsafe { builder.launch(launch_config(rows)) }.w()?;
+            Ok(probs)
+        }
+    }
+
+    impl candle_core::CustomOp2 for MaskedSoftmax {
+        fn name(&self) -> &'static str {
+            "masked-softmax"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("masked-softmax: CUDA only (the CPU uses the composed form)")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let dev = s1.device();
+            let slice = Forward.map(&s1.slice, l1, &s2.slice, l2, dev)?;
+            let out = CudaStorage {
+                slice,
+                device: dev.clone(),
+            };
+            Ok((out, l1.shape().clone()))
+        }
+
+        fn bwd(
+            &self,
+            scores: &Tensor,
+            mask: &Tensor,
+            _probs: &Tensor,
+            grad: &Tensor,
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+            let d_scores = scores.apply_op3(mask, &grad.contiguous()?, MaskedSoftmaxGrad)?;
+            // the mask is a constant of the batch, never trained
+            Ok((Some(d_scores), None))
+        }
+    }
+
+    /// ∂scores of [`MaskedSoftmax`]: p ⊙ (g − Σ g⊙p), p recomputed in f32 from the scores.
+    struct MaskedSoftmaxGrad;
+
+    struct Backward;
+    impl Map3 for Backward {
+        fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+            &self,
+            scores: &CudaSlice<T>,
+            scores_l: &Layout,
+            mask: &CudaSlice<T>,
+            mask_l: &Layout,
+            grad: &CudaSlice<T>,
+            grad_l: &Layout,
+            dev: &CudaDevice,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            if grad_l.shape() != scores_l.shape() {
+                candle_core::bail!(
+                    "masked-softmax backward: gradient {:?} for scores {:?}",
+                    grad_l.shape(),
+                    scores_l.shape()
+                );
+            }
+            let (rows, cols, heads, t_q) = geometry(scores_l)?;
+            let scores = contiguous(scores, scores_l, "scores")?;
+            let mask = contiguous(mask, mask_l, "mask")?;
+            let grad = contiguous(grad, grad_l, "gradient")?;
+            let func =
+                dev.get_or_load_custom_func(&kernel_name::<T>("masked_softmax_bwd"), MODULE, PTX)?;
+            // SAFETY: the kernel writes every element of every row
+            let d_scores = unsafe { dev.alloc::<T>(scores_l.shape().elem_count())? };
+            let mut builder = func.builder();
+            builder.arg(&scores);
+            builder.arg(&mask);
+            builder.arg(&grad);
+            builder.arg(&d_scores);
+            candle_core::builder_arg!(builder, rows, cols, heads, t_q);
+            // SAFETY: (scores, mask, grad, d_scores, rows, cols, heads, t_q) is the signature
+            unsafe { builder.launch(launch_config(rows)) }.w()?;
+            Ok(d_scores)
+        }
+    }
+
+    impl candle_core::CustomOp3 for MaskedSoftmaxGrad {
+        fn name(&self) -> &'static str {
+            "masked-softmax-grad"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("masked-softmax-grad: CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let dev = s1.device();
+            let slice = Backward.map(&s1.slice, l1, &s2.slice, l2, &s3.slice, l3, dev)?;
+            let out = CudaStorage {
+                slice,
+                device: dev.clone(),
+            };
+            Ok((out, l1.shape().clone()))
+        }
+    }
+}
+
+/// Launches of src/cuda/nll.cu for [`FusedNll`] and [`FusedNllGrad`].
+#[cfg(feature = "cuda")]
+mod cuda_nll {
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    };
+    use candle_core::cuda_backend::{kernel_name, Map1, WrapErr};
+    use candle_core::{CudaDevice, Layout, WithDType};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nll.ptx"));
+    const MODULE: &str = "unlearn_nll";
+    /// threads per block, one block per row (NLL_THREADS in nll.cu)
+    const THREADS: u32 = 256;
+
+    fn launch_config(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn logits_view<'a, T>(
+        x: &'a CudaSlice<T>,
+        layout: &Layout,
+    ) -> candle_core::Result<(
+        candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>,
+        usize,
+        i32,
+    )> {
+        let (n, v) = layout.shape().dims2()?;
+        if v > i32::MAX as usize || n > u32::MAX as usize {
+            candle_core::bail!("fused-nll: {n} rows of {v} logits is too large for the kernel");
+        }
+        match layout.contiguous_offsets() {
+            Some((start, end)) => Ok((x.slice(start..end), n, v as i32)),
+            None => candle_core::bail!("fused-nll: contiguous logits expected"),
+        }
+    }
+
+    /// f32 NLL per row of the logits [N, V].
+    pub fn forward<T: DeviceRepr + WithDType>(
+        x: &CudaSlice<T>,
+        layout: &Layout,
+        labels: &[i64],
+        dev: &CudaDevice,
+    ) -> candle_core::Result<CudaSlice<f32>> {
+        let (x, n, v) = logits_view(x, layout)?;
+        let labels = dev.clone_htod(labels)?;
+        let func = dev.get_or_load_custom_func(&kernel_name::<T>("nll_fwd"), MODULE, PTX)?;
+        // SAFETY: the kernel writes every row's loss, ignored rows included
+        let nll = unsafe { dev.alloc::<f32>(n)? };
+        let mut builder = func.builder();
+        builder.arg(&x);
+        builder.arg(&labels);
+        builder.arg(&nll);
+        candle_core::builder_arg!(builder, v);
+        // SAFETY: (logits, labels, nll, v) is the kernel's signature
+        unsafe { builder.launch(launch_config(n)) }.w()?;
+        Ok(nll)
+    }
+
+    /// The gradient g·(softmax − onehot) of the logits, in their dtype.
+    pub struct Backward<'a> {
+        pub labels: &'a [i64],
+        pub upstream: &'a [f32],
+    }
+
+    impl Map1 for Backward<'_> {
+        fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+            &self,
+            x: &CudaSlice<T>,
+            dev: &CudaDevice,
+            layout: &Layout,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let (x, n, v) = logits_view(x, layout)?;
+            let labels = dev.clone_htod(self.labels)?;
+            let upstream = dev.clone_htod(self.upstream)?;
+            let func = dev.get_or_load_custom_func(&kernel_name::<T>("nll_bwd"), MODULE, PTX)?;
+            // SAFETY: the kernel writes every element, zeros for ignored rows
+            let grad = unsafe { dev.alloc::<T>(layout.shape().elem_count())? };
+            let mut builder = func.builder();
+            builder.arg(&x);
+            builder.arg(&labels);
+            builder.arg(&upstream);
+            builder.arg(&grad);
+            candle_core::builder_arg!(builder, v);
+            // SAFETY: (logits, labels, upstream, grad, v) is the kernel's signature
+            unsafe { builder.launch(launch_config(n)) }.w()?;
+            Ok(grad)
+        }
     }
 }
