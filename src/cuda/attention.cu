@@ -16,18 +16,26 @@ __device__ __forceinline__ size_t mask_row(size_t row, int heads, int t_q) {
   return b * (size_t)t_q + i;
 }
 
+// scores + mask rounded to T before the f32 softmax, as the composed path and transformers add
+// them in the model dtype: for a row that sees no key (−1e9 everywhere) the rounding is what
+// makes it the uniform average that eager attention gives.
+template <typename T>
+__device__ __forceinline__ float masked(const T* s, const T* m, int c) {
+  return load_f(store_f<T>(load_f(s[c]) + load_f(m[c])));
+}
+
 // The row's max and 1 / Σ exp(x − max) of x = scores + mask, every lane ending with both.
 template <typename T>
 __device__ __forceinline__ void row_stats(const T* s, const T* m, int cols, int lane, float* max_out,
                                           float* inv_sum_out) {
   float mx = -INFINITY;
   for (int c = lane; c < cols; c += 32) {
-    mx = fmaxf(mx, load_f(s[c]) + load_f(m[c]));
+    mx = fmaxf(mx, masked(s, m, c));
   }
   mx = warp_max(mx);
   float sum = 0.0f;
   for (int c = lane; c < cols; c += 32) {
-    sum += expf(load_f(s[c]) + load_f(m[c]) - mx);
+    sum += expf(masked(s, m, c) - mx);
   }
   sum = warp_sum(sum);
   *max_out = mx;
@@ -47,7 +55,7 @@ __device__ void masked_softmax(const T* scores, const T* mask, T* probs, int64_t
   float mx, inv;
   row_stats(s, m, cols, lane, &mx, &inv);
   for (int c = lane; c < cols; c += 32) {
-    y[c] = store_f<T>(expf(load_f(s[c]) + load_f(m[c]) - mx) * inv);
+    y[c] = store_f<T>(expf(masked(s, m, c) - mx) * inv);
   }
 }
 
@@ -67,11 +75,11 @@ __device__ void masked_softmax_bwd(const T* scores, const T* mask, const T* grad
   row_stats(s, m, cols, lane, &mx, &inv);
   float dot = 0.0f;
   for (int c = lane; c < cols; c += 32) {
-    dot += load_f(g[c]) * (expf(load_f(s[c]) + load_f(m[c]) - mx) * inv);
+    dot += load_f(g[c]) * (expf(masked(s, m, c) - mx) * inv);
   }
   dot = warp_sum(dot);
   for (int c = lane; c < cols; c += 32) {
-    float p = expf(load_f(s[c]) + load_f(m[c]) - mx) * inv;
+    float p = expf(masked(s, m, c) - mx) * inv;
     d[c] = store_f<T>(p * (load_f(g[c]) - dot));
   }
 }

@@ -6,10 +6,11 @@
 
 #define NLL_THREADS 256
 
-// Running (max, Σ exp(x − max)) pairs, merged without exp(−inf + inf) = NaN.
+// Running (max, Σ exp(x − max)) pairs, merged without exp(−inf + inf) = NaN; an empty pair is
+// (−inf, 0), and a NaN logit (a NaN sum) carries through to the loss as on the CPU.
 __device__ __forceinline__ void merge_stats(float* m, float* s, float m2, float s2) {
-  if (m2 == -INFINITY) return;
-  if (*m == -INFINITY) {
+  if (m2 == -INFINITY && s2 == 0.0f) return;
+  if (*m == -INFINITY && *s == 0.0f) {
     *m = m2;
     *s = s2;
     return;

@@ -998,7 +998,8 @@ struct AttnMask {
 }
 
 /// Additive attention mask [B, 1, T, T]: 0 where query i may attend key j (j ≤ i, key not
-/// padding, and i − j < window), −1e9 elsewhere (−∞ would turn fully masked rows into NaN).
+/// padding, and i − j < window), −1e9 elsewhere (−∞ would turn fully masked rows into NaN);
+/// −32768 in f16, where −1e9 is −∞ (and −65504 plus a negative score overflows to it).
 ///
 /// A query that sees no key (right padding inside a sliding window) is padding itself; its
 /// output differs between transformers' attention kernels: SDPA returns zeros, eager attention
@@ -1016,6 +1017,7 @@ fn build_mask(
     // keys: cached + new positions; queries: the new positions only
     let t_kv = rows.first().map_or(0, |r| r.len());
     let t = t_kv.saturating_sub(past);
+    let masked = if dtype == DType::F16 { -32768.0 } else { -1e9 };
     let mut data = vec![0f32; b * t * t_kv];
     let mut keep = vec![1f32; b * t];
     let mut any_empty = false;
@@ -1028,7 +1030,7 @@ fn build_mask(
                 if allowed {
                     seen = true;
                 } else {
-                    data[(bi * t + qi) * t_kv + j] = -1e9;
+                    data[(bi * t + qi) * t_kv + j] = masked;
                 }
             }
             if !seen {
@@ -1133,4 +1135,57 @@ fn rope_tables(
     let cos = Tensor::from_vec(cos, (b, 1, t, half), device)?.to_dtype(dtype)?;
     let sin = Tensor::from_vec(sin, (b, 1, t, half), device)?.to_dtype(dtype)?;
     Ok((cos, sin))
+}
+
+#[cfg(test)]
+mod mask_tests {
+    use super::*;
+
+    #[test]
+    fn the_attention_mask_is_finite_in_every_dtype_and_masks_fully_masked_rows_finitely() {
+        // row 0: two left-padding positions (queries 0 and 1 see no key); row 1: no padding
+        let rows = vec![vec![0u32, 0, 5, 6], vec![3, 4, 5, 6]];
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let mask = build_mask(&rows, 0, None, true, &Device::Cpu, dtype).unwrap();
+            let values = mask
+                .additive
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap();
+            let values = values.to_vec1::<f32>().unwrap();
+            assert!(
+                values.iter().all(|v| v.is_finite()),
+                "{dtype:?}: {values:?}"
+            );
+            // a padded query's scores plus the mask, softmaxed in f32 as attention does it,
+            // give finite weights (NaN here would reach every later position through V)
+            let scores = Tensor::new(&[[-20f32, 7.0, -3.0, 0.5]], &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let first_row = mask
+                .additive
+                .get(0)
+                .unwrap()
+                .get(0)
+                .unwrap()
+                .narrow(0, 0, 1)
+                .unwrap();
+            let probs = crate::model::ops::masked_softmax(&scores, &first_row).unwrap();
+            let probs = probs
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            assert!(
+                probs[0].iter().all(|p| p.is_finite()),
+                "{dtype:?}: {probs:?}"
+            );
+            // the two empty rows are flagged for zeroing
+            let keep = mask.empty_rows.expect("empty rows").flatten_all().unwrap();
+            let keep = keep.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(keep, vec![0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
+        }
+    }
 }

@@ -561,6 +561,10 @@ impl candle_core::CustomOp1 for FusedSoftmax {
                 };
                 let el = layout.shape().elem_count();
                 let n_cols = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+                // candle's kernel indexes with a 32-bit int
+                if el > i32::MAX as usize {
+                    candle_core::bail!("fused-softmax: {el} values exceed the kernel's int index");
+                }
                 let cfg = LaunchConfig {
                     grid_dim: ((el / n_cols) as u32, 1, 1),
                     block_dim: (1, 32, 1),
@@ -1196,11 +1200,20 @@ mod cuda_attention {
             && sd.iter().all(|&d| d > 0)
             && sd[3] <= i32::MAX as usize
             && sd[1] * sd[2] <= i32::MAX as usize
+            && sd[0] * sd[1] * sd[2] <= i32::MAX as usize
     }
 
-    /// (rows, cols, heads, t_q) of contiguous scores [B, H, T, C].
-    fn geometry(scores: &Layout) -> candle_core::Result<(i64, i32, i32, i32)> {
+    /// (rows, cols, heads, t_q) of scores [B, H, T, C], checked against the mask [B, 1, T, C]:
+    /// the kernels read B·T·C mask values.
+    fn geometry(scores: &Layout, mask: &Layout) -> candle_core::Result<(i64, i32, i32, i32)> {
         let (b, h, t, c) = scores.shape().dims4()?;
+        if mask.dims() != [b, 1, t, c] {
+            candle_core::bail!(
+                "masked-softmax: mask {:?} for scores {:?}",
+                mask.shape(),
+                scores.shape()
+            );
+        }
         Ok(((b * h * t) as i64, c as i32, h as i32, t as i32))
     }
 
@@ -1236,7 +1249,7 @@ mod cuda_attention {
             mask_l: &Layout,
             dev: &CudaDevice,
         ) -> candle_core::Result<CudaSlice<T>> {
-            let (rows, cols, heads, t_q) = geometry(scores_l)?;
+            let (rows, cols, heads, t_q) = geometry(scores_l, mask_l)?;
             let scores = contiguous(scores, scores_l, "scores")?;
             let mask = contiguous(mask, mask_l, "mask")?;
             let func =
@@ -1292,7 +1305,8 @@ mod cuda_attention {
             _probs: &Tensor,
             grad: &Tensor,
         ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-            let d_scores = scores.apply_op3(mask, &grad.contiguous()?, MaskedSoftmaxGrad)?;
+            let d_scores =
+                scores.apply_op3_no_bwd(mask, &grad.contiguous()?, &MaskedSoftmaxGrad)?;
             // the mask is a constant of the batch, never trained
             Ok((Some(d_scores), None))
         }
@@ -1320,7 +1334,7 @@ mod cuda_attention {
                     scores_l.shape()
                 );
             }
-            let (rows, cols, heads, t_q) = geometry(scores_l)?;
+            let (rows, cols, heads, t_q) = geometry(scores_l, mask_l)?;
             let scores = contiguous(scores, scores_l, "scores")?;
             let mask = contiguous(mask, mask_l, "mask")?;
             let grad = contiguous(grad, grad_l, "gradient")?;
@@ -1408,8 +1422,9 @@ mod cuda_nll {
         i32,
     )> {
         let (n, v) = layout.shape().dims2()?;
-        if v > i32::MAX as usize || n > u32::MAX as usize {
-            candle_core::bail!("fused-nll: {n} rows of {v} logits is too large for the kernel");
+        // one block per row: the grid's x dimension takes at most 2³¹ − 1 blocks
+        if n == 0 || v == 0 || v > i32::MAX as usize || n > i32::MAX as usize {
+            candle_core::bail!("fused-nll: {n} rows of {v} logits do not fit the kernel");
         }
         match layout.contiguous_offsets() {
             Some((start, end)) => Ok((x.slice(start..end), n, v as i32)),
