@@ -788,6 +788,47 @@ mod fused_tests {
             assert!(maxdiff(&gw1, &gw2) < 1e-4, "grad w");
         }
     }
+
+    #[test]
+    fn fused_swiglu_equals_composed_in_value_and_gradients() {
+        let dev = Device::Cpu;
+        // wide enough for several parallel chunks, with saturated sigmoids at both ends
+        let shape = (3, 5, 1000);
+        let gate = Var::from_tensor(&Tensor::randn(0f32, 6.0, shape, &dev).unwrap()).unwrap();
+        let up = Var::from_tensor(&Tensor::randn(0f32, 2.0, shape, &dev).unwrap()).unwrap();
+        let t = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let run = |fused: bool| {
+            let y = if fused {
+                gated_activation(gate.as_tensor(), up.as_tensor(), Activation::Silu).unwrap()
+            } else {
+                (gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap()
+            };
+            let grads = (&y * &t).unwrap().sum_all().unwrap().backward().unwrap();
+            (
+                y,
+                grads.get(gate.as_tensor()).unwrap().clone(),
+                grads.get(up.as_tensor()).unwrap().clone(),
+            )
+        };
+        let (y1, dg1, du1) = run(true);
+        let (y2, dg2, du2) = run(false);
+        // fast_exp is within 2 ulp of libm's exp, so all three agree to a few f32 ulp
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let scale = maxdiff(b, &b.zeros_like().unwrap());
+            let diff = maxdiff(a, b);
+            assert!(
+                diff <= 1e-6 * scale,
+                "{what}: {diff} against a scale of {scale}"
+            );
+        };
+        close(&y1, &y2, "value");
+        close(&dg1, &dg2, "gate grad");
+        close(&du1, &du2, "up grad");
+        // a non-SiLU activation keeps the composed form
+        let gelu = gated_activation(gate.as_tensor(), up.as_tensor(), Activation::Gelu).unwrap();
+        let expect = (gate.as_tensor().gelu_erf().unwrap() * up.as_tensor()).unwrap();
+        assert_eq!(maxdiff(&gelu, &expect), 0.0);
+    }
 }
 
 /// RoPE as one pass over a contiguous f32 [B, H, T, D] input. RoPE is a rotation, so the
@@ -1088,70 +1129,6 @@ pub fn gated_activation(
         gate.contiguous()?.apply_op2(&up.contiguous()?, FusedSwiglu)
     } else {
         activation(gate, act)? * up
-    }
-}
-
-#[cfg(test)]
-mod swiglu_tests {
-    use super::*;
-    use candle_core::{Device, Var};
-
-    #[test]
-    fn fused_swiglu_equals_composed_in_value_and_gradients() {
-        let dev = Device::Cpu;
-        // wide enough for several parallel chunks, with saturated sigmoids at both ends
-        let shape = (3, 5, 1000);
-        let gate = Var::from_tensor(&Tensor::randn(0f32, 6.0, shape, &dev).unwrap()).unwrap();
-        let up = Var::from_tensor(&Tensor::randn(0f32, 2.0, shape, &dev).unwrap()).unwrap();
-        let t = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
-        let run = |fused: bool| {
-            let y = if fused {
-                gated_activation(gate.as_tensor(), up.as_tensor(), Activation::Silu).unwrap()
-            } else {
-                (gate.as_tensor().silu().unwrap() * up.as_tensor()).unwrap()
-            };
-            let grads = (&y * &t).unwrap().sum_all().unwrap().backward().unwrap();
-            (
-                y,
-                grads.get(gate.as_tensor()).unwrap().clone(),
-                grads.get(up.as_tensor()).unwrap().clone(),
-            )
-        };
-        let (y1, dg1, du1) = run(true);
-        let (y2, dg2, du2) = run(false);
-        // fast_exp is within 2 ulp of libm's exp, so all three agree to a few f32 ulp
-        let close = |a: &Tensor, b: &Tensor, what: &str| {
-            let scale = b
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let diff = maxdiff(a, b);
-            assert!(
-                diff <= 1e-6 * scale,
-                "{what}: {diff} against a scale of {scale}"
-            );
-        };
-        close(&y1, &y2, "value");
-        close(&dg1, &dg2, "gate grad");
-        close(&du1, &du2, "up grad");
-        // a non-SiLU activation keeps the composed form
-        let gelu = gated_activation(gate.as_tensor(), up.as_tensor(), Activation::Gelu).unwrap();
-        let expect = (gate.as_tensor().gelu_erf().unwrap() * up.as_tensor()).unwrap();
-        assert_eq!(maxdiff(&gelu, &expect), 0.0);
-    }
-
-    fn maxdiff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 }
 
