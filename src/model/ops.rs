@@ -1194,14 +1194,6 @@ mod cuda_attention {
         Ok(((b * h * t) as i64, c as i32, h as i32, t as i32))
     }
 
-    fn launch_config(rows: i64) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: ((rows as u64).div_ceil(ROWS_PER_BLOCK as u64) as u32, 1, 1),
-            block_dim: (32, ROWS_PER_BLOCK, 1),
-            shared_mem_bytes: 0,
-        }
-    }
-
     fn contiguous<'a, T>(
         src: &'a CudaSlice<T>,
         layout: &Layout,
@@ -1211,6 +1203,39 @@ mod cuda_attention {
             Some((start, end)) => Ok(src.slice(start..end)),
             None => candle_core::bail!("masked-softmax: contiguous {what} expected"),
         }
+    }
+
+    /// Runs the attention.cu kernel `root` (its `_f32`, `_bf16` or `_f16` form, for T) over the
+    /// rows of the scores. Every kernel there takes (inputs…, output, rows, cols, heads, t_q).
+    fn launch<T: DeviceRepr + WithDType>(
+        dev: &CudaDevice,
+        root: &str,
+        inputs: &[(&CudaSlice<T>, &Layout, &str)],
+        scores: &Layout,
+        mask: &Layout,
+    ) -> candle_core::Result<CudaSlice<T>> {
+        let (rows, cols, heads, t_q) = geometry(scores, mask)?;
+        let views = inputs
+            .iter()
+            .map(|(src, layout, what)| contiguous(src, layout, what))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let func = dev.get_or_load_custom_func(&kernel_name::<T>(root), MODULE, PTX)?;
+        // SAFETY: the kernels write every element of every row
+        let out = unsafe { dev.alloc::<T>(scores.shape().elem_count())? };
+        let mut builder = func.builder();
+        for view in &views {
+            builder.arg(view);
+        }
+        builder.arg(&out);
+        candle_core::builder_arg!(builder, rows, cols, heads, t_q);
+        let cfg = LaunchConfig {
+            grid_dim: ((rows as u64).div_ceil(ROWS_PER_BLOCK as u64) as u32, 1, 1),
+            block_dim: (32, ROWS_PER_BLOCK, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments are pushed in the kernels' order and types (see above)
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(out)
     }
 
     /// softmax(scores + mask); the backward is [`MaskedSoftmaxGrad`].
@@ -1226,21 +1251,8 @@ mod cuda_attention {
             mask_l: &Layout,
             dev: &CudaDevice,
         ) -> candle_core::Result<CudaSlice<T>> {
-            let (rows, cols, heads, t_q) = geometry(scores_l, mask_l)?;
-            let scores = contiguous(scores, scores_l, "scores")?;
-            let mask = contiguous(mask, mask_l, "mask")?;
-            let func =
-                dev.get_or_load_custom_func(&kernel_name::<T>("masked_softmax"), MODULE, PTX)?;
-            // SAFETY: the kernel writes every element of every row
-            let probs = unsafe { dev.alloc::<T>(scores_l.shape().elem_count())? };
-            let mut builder = func.builder();
-            builder.arg(&scores);
-            builder.arg(&mask);
-            builder.arg(&probs);
-            candle_core::builder_arg!(builder, rows, cols, heads, t_q);
-            // SAFETY: (scores, mask, probs, rows, cols, heads, t_q) is the kernel's signature
-            unsafe { builder.launch(launch_config(rows)) }.w()?;
-            Ok(probs)
+            let inputs = [(scores, scores_l, "scores"), (mask, mask_l, "mask")];
+            launch(dev, "masked_softmax", &inputs, scores_l, mask_l)
         }
     }
 
@@ -1311,23 +1323,12 @@ mod cuda_attention {
                     scores_l.shape()
                 );
             }
-            let (rows, cols, heads, t_q) = geometry(scores_l, mask_l)?;
-            let scores = contiguous(scores, scores_l, "scores")?;
-            let mask = contiguous(mask, mask_l, "mask")?;
-            let grad = contiguous(grad, grad_l, "gradient")?;
-            let func =
-                dev.get_or_load_custom_func(&kernel_name::<T>("masked_softmax_bwd"), MODULE, PTX)?;
-            // SAFETY: the kernel writes every element of every row
-            let d_scores = unsafe { dev.alloc::<T>(scores_l.shape().elem_count())? };
-            let mut builder = func.builder();
-            builder.arg(&scores);
-            builder.arg(&mask);
-            builder.arg(&grad);
-            builder.arg(&d_scores);
-            candle_core::builder_arg!(builder, rows, cols, heads, t_q);
-            // SAFETY: (scores, mask, grad, d_scores, rows, cols, heads, t_q) is the signature
-            unsafe { builder.launch(launch_config(rows)) }.w()?;
-            Ok(d_scores)
+            let inputs = [
+                (scores, scores_l, "scores"),
+                (mask, mask_l, "mask"),
+                (grad, grad_l, "gradient"),
+            ];
+            launch(dev, "masked_softmax_bwd", &inputs, scores_l, mask_l)
         }
     }
 
