@@ -681,9 +681,9 @@ fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
-/// Whether the CUDA kernels of src/cuda/ (attention softmax, next-token loss) take `x`: a CUDA
-/// tensor in f32, bf16 or f16, unless `UNLEARN_CUDA_FUSED=0` asks for the composed forms (to
-/// compare speed, or to tell a kernel fault from anything else).
+/// Whether the CUDA kernels of src/cuda/ (attention softmax, SwiGLU, next-token loss) take `x`:
+/// a CUDA tensor in f32, bf16 or f16, unless `UNLEARN_CUDA_FUSED=0` asks for the composed forms
+/// (to compare speed, or to tell a kernel fault from anything else).
 fn cuda_fusable(x: &Tensor) -> bool {
     cfg!(feature = "cuda")
         && x.device().is_cuda()
@@ -1057,6 +1057,17 @@ impl CustomOp2 for FusedSwiglu {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda_elementwise::run2("swiglu", s1, l1, s2, l2)
+    }
+
     fn bwd(
         &self,
         gate: &Tensor,
@@ -1065,8 +1076,8 @@ impl CustomOp2 for FusedSwiglu {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
-        let d_gate = gate.apply_op3(up, &g, SwigluGateGrad)?;
-        let d_up = gate.apply_op2(&g, SwigluUpGrad)?;
+        let d_gate = gate.apply_op3_no_bwd(up, &g, &SwigluGateGrad)?;
+        let d_up = gate.apply_op2_no_bwd(&g, &SwigluUpGrad)?;
         Ok((Some(d_gate), Some(d_up)))
     }
 }
@@ -1095,6 +1106,19 @@ impl candle_core::CustomOp3 for SwigluGateGrad {
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda_elementwise::run3("swiglu_gate_grad", s1, l1, s2, l2, s3, l3)
+    }
 }
 
 /// ∂/∂up of silu(gate) ⊙ up: g ⊙ silu(gate).
@@ -1116,16 +1140,29 @@ impl CustomOp2 for SwigluUpGrad {
         let out = zip_map(inputs, |[gate, g]| silu_f32(gate) * g);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda_elementwise::run2("swiglu_up_grad", s1, l1, s2, l2)
+    }
 }
 
-/// `act(gate) ⊙ up`, the gated MLP's hidden activation; fused for SiLU on CPU f32, composed
-/// elsewhere.
+/// `act(gate) ⊙ up`, the gated MLP's hidden activation; fused for SiLU on CPU f32 and on CUDA
+/// (src/cuda/swiglu.cu, see [`cuda_fusable`]), composed elsewhere.
 pub fn gated_activation(
     gate: &Tensor,
     up: &Tensor,
     act: Activation,
 ) -> candle_core::Result<Tensor> {
-    if act == Activation::Silu && fusable(gate) && fusable(up) && gate.shape() == up.shape() {
+    let fused = (fusable(gate) && fusable(up))
+        || (cuda_fusable(gate) && up.dtype() == gate.dtype() && gate.elem_count() > 0);
+    if act == Activation::Silu && fused && gate.shape() == up.shape() {
         gate.contiguous()?.apply_op2(&up.contiguous()?, FusedSwiglu)
     } else {
         activation(gate, act)? * up
@@ -1500,5 +1537,141 @@ mod fast_exp_tests {
             assert_eq!(fast_exp(x), f32::INFINITY, "exp({x})");
         }
         assert!(fast_exp(f32::NAN).is_nan());
+    }
+}
+
+/// Element-wise kernels of src/cuda/swiglu.cu: inputs of one shape and dtype, one output like
+/// them; each kernel takes (inputs…, output, n).
+#[cfg(feature = "cuda")]
+mod cuda_elementwise {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    };
+    use candle_core::cuda_backend::{kernel_name, CudaStorage, Map2, Map3, WrapErr};
+    use candle_core::{CudaDevice, Layout, Shape, WithDType};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
+    const MODULE: &str = "unlearn_swiglu";
+    const THREADS: u32 = 256;
+
+    fn launch<T: DeviceRepr + WithDType>(
+        dev: &CudaDevice,
+        root: &str,
+        inputs: &[(&CudaSlice<T>, &Layout)],
+    ) -> candle_core::Result<CudaSlice<T>> {
+        let shape = inputs[0].1.shape();
+        let n = shape.elem_count();
+        let mut views = Vec::with_capacity(inputs.len());
+        for (src, layout) in inputs {
+            if layout.shape() != shape {
+                candle_core::bail!(
+                    "{root}: inputs of shapes {shape:?} and {:?}",
+                    layout.shape()
+                );
+            }
+            match layout.contiguous_offsets() {
+                Some((start, end)) => views.push(src.slice(start..end)),
+                None => candle_core::bail!("{root}: contiguous inputs expected"),
+            }
+        }
+        if n == 0 {
+            candle_core::bail!("{root}: empty input");
+        }
+        let func = dev.get_or_load_custom_func(&kernel_name::<T>(root), MODULE, PTX)?;
+        // SAFETY: the kernel writes all n elements (a grid-stride loop)
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let mut builder = func.builder();
+        for view in &views {
+            builder.arg(view);
+        }
+        builder.arg(&out);
+        builder.arg(&n);
+        let blocks = n.div_ceil(THREADS as usize).min(i32::MAX as usize) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: (inputs…, output, n as size_t) is every swiglu.cu kernel's signature
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(out)
+    }
+
+    struct Kernel(&'static str);
+
+    impl Map2 for Kernel {
+        fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+            &self,
+            s1: &CudaSlice<T>,
+            l1: &Layout,
+            s2: &CudaSlice<T>,
+            l2: &Layout,
+            dev: &CudaDevice,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            launch(dev, self.0, &[(s1, l1), (s2, l2)])
+        }
+    }
+
+    impl Map3 for Kernel {
+        fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+            &self,
+            s1: &CudaSlice<T>,
+            l1: &Layout,
+            s2: &CudaSlice<T>,
+            l2: &Layout,
+            s3: &CudaSlice<T>,
+            l3: &Layout,
+            dev: &CudaDevice,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            launch(dev, self.0, &[(s1, l1), (s2, l2), (s3, l3)])
+        }
+    }
+
+    fn storage(
+        slice: candle_core::cuda_backend::CudaStorageSlice,
+        dev: &CudaDevice,
+    ) -> CudaStorage {
+        CudaStorage {
+            slice,
+            device: dev.clone(),
+        }
+    }
+
+    /// The two-input kernel `root` (`_f32`, `_bf16` or `_f16` for the inputs' dtype).
+    pub fn run2(
+        root: &'static str,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = s1.device();
+        let slice = Map2::map(&Kernel(root), &s1.slice, l1, &s2.slice, l2, dev)?;
+        Ok((storage(slice, dev), l1.shape().clone()))
+    }
+
+    /// The three-input kernel `root`.
+    pub fn run3(
+        root: &'static str,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = s1.device();
+        let slice = Map3::map(
+            &Kernel(root),
+            &s1.slice,
+            l1,
+            &s2.slice,
+            l2,
+            &s3.slice,
+            l3,
+            dev,
+        )?;
+        Ok((storage(slice, dev), l1.shape().clone()))
     }
 }
