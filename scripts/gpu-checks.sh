@@ -127,7 +127,7 @@ done
 if [ "$device" = cuda ] && ! $fused_kernels_wrong; then
   step "5. the same step with the composed attention softmax, SwiGLU and loss (what src/cuda/ saves)"
   UNLEARN_CUDA_FUSED=0 "$bin" --device "$device" "${base_dtype[@]}" bench \
-    --methods gradascent "${bench_shape[@]}" | tee "$out/bench-composed-attention.txt" \
+    --methods gradascent "${bench_shape[@]}" | tee "$out/bench-composed-kernels.txt" \
     || failed+=("bench composed kernels")
 fi
 
