@@ -291,11 +291,7 @@ impl candle_core::CustomOp1 for FusedNll {
             S::F16(x) => cuda_nll::forward(x, layout, &self.labels, dev)?,
             _ => candle_core::bail!("fused-nll: f32, bf16 or f16 logits expected"),
         };
-        let out = candle_core::CudaStorage {
-            slice: S::F32(nll),
-            device: dev.clone(),
-        };
-        Ok((out, Shape::from(n)))
+        Ok((cuda_map::wrap(S::F32(nll), dev), Shape::from(n)))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -326,7 +322,6 @@ impl candle_core::CustomOp1 for FusedNllGrad {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::cuda_backend::Map1;
         let (n, _) = layout.shape().dims2()?;
         if self.labels.len() != n || self.upstream.len() != n {
             candle_core::bail!(
@@ -335,17 +330,11 @@ impl candle_core::CustomOp1 for FusedNllGrad {
                 self.upstream.len()
             );
         }
-        let dev = storage.device();
-        let slice = cuda_nll::Backward {
+        let backward = cuda_nll::Backward {
             labels: &self.labels,
             upstream: &self.upstream,
-        }
-        .map(&storage.slice, dev, layout)?;
-        let out = candle_core::CudaStorage {
-            slice,
-            device: dev.clone(),
         };
-        Ok((out, layout.shape().clone()))
+        cuda_map::map1(&backward, storage, layout)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -582,14 +571,7 @@ impl candle_core::CustomOp1 for FusedSoftmax {
                 Ok(dst)
             }
         }
-        use candle_core::backend::BackendStorage;
-        let dev = storage.device();
-        let slice = RowSoftmax.map(&storage.slice, dev, layout)?;
-        let out = candle_core::cuda_backend::CudaStorage {
-            slice,
-            device: dev.clone(),
-        };
-        Ok((out, layout.shape().clone()))
+        cuda_map::map1(&RowSoftmax, storage, layout)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -1065,7 +1047,7 @@ impl CustomOp2 for FusedSwiglu {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda_elementwise::run2("swiglu", s1, l1, s2, l2)
+        cuda_map::map2(&cuda_elementwise::Kernel("swiglu"), s1, l1, s2, l2)
     }
 
     fn bwd(
@@ -1117,7 +1099,15 @@ impl candle_core::CustomOp3 for SwigluGateGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda_elementwise::run3("swiglu_gate_grad", s1, l1, s2, l2, s3, l3)
+        cuda_map::map3(
+            &cuda_elementwise::Kernel("swiglu_gate_grad"),
+            s1,
+            l1,
+            s2,
+            l2,
+            s3,
+            l3,
+        )
     }
 }
 
@@ -1149,7 +1139,7 @@ impl CustomOp2 for SwigluUpGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda_elementwise::run2("swiglu_up_grad", s1, l1, s2, l2)
+        cuda_map::map2(&cuda_elementwise::Kernel("swiglu_up_grad"), s1, l1, s2, l2)
     }
 }
 
@@ -1191,7 +1181,6 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Ten
 
 #[cfg(feature = "cuda")]
 mod cuda_attention {
-    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
     };
@@ -1315,13 +1304,7 @@ mod cuda_attention {
             s2: &CudaStorage,
             l2: &Layout,
         ) -> candle_core::Result<(CudaStorage, Shape)> {
-            let dev = s1.device();
-            let slice = Forward.map(&s1.slice, l1, &s2.slice, l2, dev)?;
-            let out = CudaStorage {
-                slice,
-                device: dev.clone(),
-            };
-            Ok((out, l1.shape().clone()))
+            super::cuda_map::map2(&Forward, s1, l1, s2, l2)
         }
 
         fn bwd(
@@ -1395,13 +1378,7 @@ mod cuda_attention {
             s3: &CudaStorage,
             l3: &Layout,
         ) -> candle_core::Result<(CudaStorage, Shape)> {
-            let dev = s1.device();
-            let slice = Backward.map(&s1.slice, l1, &s2.slice, l2, &s3.slice, l3, dev)?;
-            let out = CudaStorage {
-                slice,
-                device: dev.clone(),
-            };
-            Ok((out, l1.shape().clone()))
+            super::cuda_map::map3(&Backward, s1, l1, s2, l2, s3, l3)
         }
     }
 }
@@ -1544,12 +1521,11 @@ mod fast_exp_tests {
 /// them; each kernel takes (inputs…, output, n).
 #[cfg(feature = "cuda")]
 mod cuda_elementwise {
-    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
     };
-    use candle_core::cuda_backend::{kernel_name, CudaStorage, Map2, Map3, WrapErr};
-    use candle_core::{CudaDevice, Layout, Shape, WithDType};
+    use candle_core::cuda_backend::{kernel_name, Map2, Map3, WrapErr};
+    use candle_core::{CudaDevice, Layout, WithDType};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
     const MODULE: &str = "unlearn_swiglu";
@@ -1598,7 +1574,8 @@ mod cuda_elementwise {
         Ok(out)
     }
 
-    struct Kernel(&'static str);
+    /// The kernel of that name (`_f32`, `_bf16` or `_f16` for the inputs' dtype).
+    pub struct Kernel(pub &'static str);
 
     impl Map2 for Kernel {
         fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
@@ -1627,33 +1604,46 @@ mod cuda_elementwise {
             launch(dev, self.0, &[(s1, l1), (s2, l2), (s3, l3)])
         }
     }
+}
 
-    fn storage(
-        slice: candle_core::cuda_backend::CudaStorageSlice,
-        dev: &CudaDevice,
-    ) -> CudaStorage {
+/// Runs a candle CUDA map (one output slice in the inputs' dtype) over custom-op storages and
+/// gives the output the first input's shape: the `cuda_fwd` of every op above.
+#[cfg(feature = "cuda")]
+mod cuda_map {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, Map1, Map2, Map3};
+    use candle_core::{CudaDevice, Layout, Shape};
+
+    pub fn wrap(slice: CudaStorageSlice, dev: &CudaDevice) -> CudaStorage {
         CudaStorage {
             slice,
             device: dev.clone(),
         }
     }
 
-    /// The two-input kernel `root` (`_f32`, `_bf16` or `_f16` for the inputs' dtype).
-    pub fn run2(
-        root: &'static str,
+    pub fn map1(
+        m: &impl Map1,
+        s: &CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let slice = m.map(&s.slice, s.device(), l)?;
+        Ok((wrap(slice, s.device()), l.shape().clone()))
+    }
+
+    pub fn map2(
+        m: &impl Map2,
         s1: &CudaStorage,
         l1: &Layout,
         s2: &CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev = s1.device();
-        let slice = Map2::map(&Kernel(root), &s1.slice, l1, &s2.slice, l2, dev)?;
-        Ok((storage(slice, dev), l1.shape().clone()))
+        let slice = m.map(&s1.slice, l1, &s2.slice, l2, s1.device())?;
+        Ok((wrap(slice, s1.device()), l1.shape().clone()))
     }
 
-    /// The three-input kernel `root`.
-    pub fn run3(
-        root: &'static str,
+    #[allow(clippy::too_many_arguments)]
+    pub fn map3(
+        m: &impl Map3,
         s1: &CudaStorage,
         l1: &Layout,
         s2: &CudaStorage,
@@ -1661,17 +1651,7 @@ mod cuda_elementwise {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev = s1.device();
-        let slice = Map3::map(
-            &Kernel(root),
-            &s1.slice,
-            l1,
-            &s2.slice,
-            l2,
-            &s3.slice,
-            l3,
-            dev,
-        )?;
-        Ok((storage(slice, dev), l1.shape().clone()))
+        let slice = m.map(&s1.slice, l1, &s2.slice, l2, &s3.slice, l3, s1.device())?;
+        Ok((wrap(slice, s1.device()), l1.shape().clone()))
     }
 }
