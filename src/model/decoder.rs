@@ -842,7 +842,9 @@ impl Decoder {
             (k, v)
         };
         let q = q.contiguous()?;
-        let kt = k.transpose(2, 3)?.contiguous()?;
+        // kᵀ as a view of contiguous k: the matmul takes transposed strides, so only a k that is
+        // itself a view (no RoPE: still [B, T, H, D] underneath) is copied
+        let kt = k.contiguous()?.transpose(2, 3)?;
         let mut scores = (q.matmul(&kt)? * cfg.attn_scale)?;
         if let Some(cap) = cfg.attn_softcap {
             scores = ((scores / cap)?.tanh()? * cap)?;
