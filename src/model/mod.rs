@@ -1,5 +1,7 @@
 //! The decoder stack: configuration, weights, differentiable ops and the generic decoder.
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda_kernels;
 pub mod decoder;
 pub mod linear;
 pub mod ops;

@@ -1,0 +1,436 @@
+//! Launches of our own CUDA kernels (src/cuda/*.cu, compiled to PTX by build.rs) for the custom
+//! ops of [`crate::model::ops`]. Built with the `cuda` feature only; never reached on the CPU.
+
+pub(crate) mod attention {
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    };
+    use candle_core::cuda_backend::{kernel_name, CudaStorage, Map2, Map3, WrapErr};
+    use candle_core::{CpuStorage, CudaDevice, Layout, Shape, Tensor, WithDType};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+    const MODULE: &str = "unlearn_attention";
+    /// rows (one warp each) per block of the kernels
+    const ROWS_PER_BLOCK: u32 = 4;
+
+    /// Whether the fused kernels take this call: `cuda_fusable` scores [B, H, T, C] with a mask
+    /// of the same dtype and shape [B, 1, T, C].
+    pub fn applies(scores: &Tensor, mask: &Tensor) -> bool {
+        let (sd, md) = (scores.dims(), mask.dims());
+        crate::model::ops::cuda_fusable(scores)
+            && mask.dtype() == scores.dtype()
+            && sd.len() == 4
+            && md == [sd[0], 1, sd[2], sd[3]]
+            && sd.iter().all(|&d| d > 0)
+            && sd[3] <= i32::MAX as usize
+            && sd[1] * sd[2] <= i32::MAX as usize
+            && sd[0] * sd[1] * sd[2] <= i32::MAX as usize
+    }
+
+    /// (rows, cols, heads, t_q) of scores [B, H, T, C], checked against the mask [B, 1, T, C]:
+    /// the kernels read B·T·C mask values.
+    fn geometry(scores: &Layout, mask: &Layout) -> candle_core::Result<(i64, i32, i32, i32)> {
+        let (b, h, t, c) = scores.shape().dims4()?;
+        if mask.dims() != [b, 1, t, c] {
+            candle_core::bail!(
+                "masked-softmax: mask {:?} for scores {:?}",
+                mask.shape(),
+                scores.shape()
+            );
+        }
+        Ok(((b * h * t) as i64, c as i32, h as i32, t as i32))
+    }
+
+    fn contiguous<'a, T>(
+        src: &'a CudaSlice<T>,
+        layout: &Layout,
+        what: &str,
+    ) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+        match layout.contiguous_offsets() {
+            Some((start, end)) => Ok(src.slice(start..end)),
+            None => candle_core::bail!("masked-softmax: contiguous {what} expected"),
+        }
+    }
+
+    /// Runs the attention.cu kernel `root` (its `_f32`, `_bf16` or `_f16` form, for T) over the
+    /// rows of the scores. Every kernel there takes (inputs…, output, rows, cols, heads, t_q).
+    fn launch<T: DeviceRepr + WithDType>(
+        dev: &CudaDevice,
+        root: &str,
+        inputs: &[(&CudaSlice<T>, &Layout, &str)],
+        scores: &Layout,
+        mask: &Layout,
+    ) -> candle_core::Result<CudaSlice<T>> {
+        let (rows, cols, heads, t_q) = geometry(scores, mask)?;
+        let views = inputs
+            .iter()
+            .map(|(src, layout, what)| contiguous(src, layout, what))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let func = dev.get_or_load_custom_func(&kernel_name::<T>(root), MODULE, PTX)?;
+        // SAFETY: the kernels write every element of every row
+        let out = unsafe { dev.alloc::<T>(scores.shape().elem_count())? };
+        let mut builder = func.builder();
+        for view in &views {
+            builder.arg(view);
+        }
+        builder.arg(&out);
+        candle_core::builder_arg!(builder, rows, cols, heads, t_q);
+        let cfg = LaunchConfig {
+            grid_dim: ((rows as u64).div_ceil(ROWS_PER_BLOCK as u64) as u32, 1, 1),
+            block_dim: (32, ROWS_PER_BLOCK, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments are pushed in the kernels' order and types (see above)
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(out)
+    }
+
+    /// softmax(scores + mask); the backward is [`MaskedSoftmaxGrad`].
+    pub struct MaskedSoftmax;
+
+    struct Forward;
+    impl Map2 for Forward {
+        fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+            &self,
+            scores: &CudaSlice<T>,
+            scores_l: &Layout,
+            mask: &CudaSlice<T>,
+            mask_l: &Layout,
+            dev: &CudaDevice,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let inputs = [(scores, scores_l, "scores"), (mask, mask_l, "mask")];
+            launch(dev, "masked_softmax", &inputs, scores_l, mask_l)
+        }
+    }
+
+    impl candle_core::CustomOp2 for MaskedSoftmax {
+        fn name(&self) -> &'static str {
+            "masked-softmax"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("masked-softmax: CUDA only (the CPU uses the composed form)")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            super::map::map2(&Forward, s1, l1, s2, l2)
+        }
+
+        fn bwd(
+            &self,
+            scores: &Tensor,
+            mask: &Tensor,
+            _probs: &Tensor,
+            grad: &Tensor,
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+            let d_scores =
+                scores.apply_op3_no_bwd(mask, &grad.contiguous()?, &MaskedSoftmaxGrad)?;
+            // the mask is a constant of the batch, never trained
+            Ok((Some(d_scores), None))
+        }
+    }
+
+    /// ∂scores of [`MaskedSoftmax`]: p ⊙ (g − Σ g⊙p), p recomputed in f32 from the scores.
+    struct MaskedSoftmaxGrad;
+
+    struct Backward;
+    impl Map3 for Backward {
+        fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+            &self,
+            scores: &CudaSlice<T>,
+            scores_l: &Layout,
+            mask: &CudaSlice<T>,
+            mask_l: &Layout,
+            grad: &CudaSlice<T>,
+            grad_l: &Layout,
+            dev: &CudaDevice,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            if grad_l.shape() != scores_l.shape() {
+                candle_core::bail!(
+                    "masked-softmax backward: gradient {:?} for scores {:?}",
+                    grad_l.shape(),
+                    scores_l.shape()
+                );
+            }
+            let inputs = [
+                (scores, scores_l, "scores"),
+                (mask, mask_l, "mask"),
+                (grad, grad_l, "gradient"),
+            ];
+            launch(dev, "masked_softmax_bwd", &inputs, scores_l, mask_l)
+        }
+    }
+
+    impl candle_core::CustomOp3 for MaskedSoftmaxGrad {
+        fn name(&self) -> &'static str {
+            "masked-softmax-grad"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("masked-softmax-grad: CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            super::map::map3(&Backward, s1, l1, s2, l2, s3, l3)
+        }
+    }
+}
+
+/// Launches of src/cuda/nll.cu for `FusedNll` and `FusedNllGrad` (src/model/ops.rs).
+pub(crate) mod nll {
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    };
+    use candle_core::cuda_backend::{kernel_name, Map1, WrapErr};
+    use candle_core::{CudaDevice, Layout, WithDType};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nll.ptx"));
+    const MODULE: &str = "unlearn_nll";
+    /// threads per block, one block per row (NLL_THREADS in nll.cu)
+    const THREADS: u32 = 256;
+
+    fn launch_config(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn logits_view<'a, T>(
+        x: &'a CudaSlice<T>,
+        layout: &Layout,
+    ) -> candle_core::Result<(
+        candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>,
+        usize,
+        i32,
+    )> {
+        let (n, v) = layout.shape().dims2()?;
+        // one block per row: the grid's x dimension takes at most 2³¹ − 1 blocks
+        if n == 0 || v == 0 || v > i32::MAX as usize || n > i32::MAX as usize {
+            candle_core::bail!("fused-nll: {n} rows of {v} logits do not fit the kernel");
+        }
+        match layout.contiguous_offsets() {
+            Some((start, end)) => Ok((x.slice(start..end), n, v as i32)),
+            None => candle_core::bail!("fused-nll: contiguous logits expected"),
+        }
+    }
+
+    /// f32 NLL per row of the logits [N, V].
+    pub fn forward<T: DeviceRepr + WithDType>(
+        x: &CudaSlice<T>,
+        layout: &Layout,
+        labels: &[i64],
+        dev: &CudaDevice,
+    ) -> candle_core::Result<CudaSlice<f32>> {
+        let (x, n, v) = logits_view(x, layout)?;
+        let labels = dev.clone_htod(labels)?;
+        let func = dev.get_or_load_custom_func(&kernel_name::<T>("nll_fwd"), MODULE, PTX)?;
+        // SAFETY: the kernel writes every row's loss, ignored rows included
+        let nll = unsafe { dev.alloc::<f32>(n)? };
+        let mut builder = func.builder();
+        builder.arg(&x);
+        builder.arg(&labels);
+        builder.arg(&nll);
+        candle_core::builder_arg!(builder, v);
+        // SAFETY: (logits, labels, nll, v) is the kernel's signature
+        unsafe { builder.launch(launch_config(n)) }.w()?;
+        Ok(nll)
+    }
+
+    /// The gradient g·(softmax − onehot) of the logits, in their dtype.
+    pub struct Backward<'a> {
+        pub labels: &'a [i64],
+        pub upstream: &'a [f32],
+    }
+
+    impl Map1 for Backward<'_> {
+        fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+            &self,
+            x: &CudaSlice<T>,
+            dev: &CudaDevice,
+            layout: &Layout,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let (x, n, v) = logits_view(x, layout)?;
+            let labels = dev.clone_htod(self.labels)?;
+            let upstream = dev.clone_htod(self.upstream)?;
+            let func = dev.get_or_load_custom_func(&kernel_name::<T>("nll_bwd"), MODULE, PTX)?;
+            // SAFETY: the kernel writes every element, zeros for ignored rows
+            let grad = unsafe { dev.alloc::<T>(layout.shape().elem_count())? };
+            let mut builder = func.builder();
+            builder.arg(&x);
+            builder.arg(&labels);
+            builder.arg(&upstream);
+            builder.arg(&grad);
+            candle_core::builder_arg!(builder, v);
+            // SAFETY: (logits, labels, upstream, grad, v) is the kernel's signature
+            unsafe { builder.launch(launch_config(n)) }.w()?;
+            Ok(grad)
+        }
+    }
+}
+
+/// Element-wise kernels of src/cuda/swiglu.cu: inputs of one shape and dtype, one output like
+/// them; each kernel takes (inputs…, output, n).
+pub(crate) mod elementwise {
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    };
+    use candle_core::cuda_backend::{kernel_name, Map2, Map3, WrapErr};
+    use candle_core::{CudaDevice, Layout, WithDType};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
+    const MODULE: &str = "unlearn_swiglu";
+    const THREADS: u32 = 256;
+
+    fn launch<T: DeviceRepr + WithDType>(
+        dev: &CudaDevice,
+        root: &str,
+        inputs: &[(&CudaSlice<T>, &Layout)],
+    ) -> candle_core::Result<CudaSlice<T>> {
+        let shape = inputs[0].1.shape();
+        let n = shape.elem_count();
+        let mut views = Vec::with_capacity(inputs.len());
+        for (src, layout) in inputs {
+            if layout.shape() != shape {
+                candle_core::bail!(
+                    "{root}: inputs of shapes {shape:?} and {:?}",
+                    layout.shape()
+                );
+            }
+            match layout.contiguous_offsets() {
+                Some((start, end)) => views.push(src.slice(start..end)),
+                None => candle_core::bail!("{root}: contiguous inputs expected"),
+            }
+        }
+        if n == 0 {
+            candle_core::bail!("{root}: empty input");
+        }
+        let func = dev.get_or_load_custom_func(&kernel_name::<T>(root), MODULE, PTX)?;
+        // SAFETY: the kernel writes all n elements (a grid-stride loop)
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let mut builder = func.builder();
+        for view in &views {
+            builder.arg(view);
+        }
+        builder.arg(&out);
+        builder.arg(&n);
+        let blocks = n.div_ceil(THREADS as usize).min(i32::MAX as usize) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: (inputs…, output, n as size_t) is every swiglu.cu kernel's signature
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(out)
+    }
+
+    /// The kernel of that name (`_f32`, `_bf16` or `_f16` for the inputs' dtype).
+    pub struct Kernel(pub &'static str);
+
+    impl Map2 for Kernel {
+        fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+            &self,
+            s1: &CudaSlice<T>,
+            l1: &Layout,
+            s2: &CudaSlice<T>,
+            l2: &Layout,
+            dev: &CudaDevice,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            launch(dev, self.0, &[(s1, l1), (s2, l2)])
+        }
+    }
+
+    impl Map3 for Kernel {
+        fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+            &self,
+            s1: &CudaSlice<T>,
+            l1: &Layout,
+            s2: &CudaSlice<T>,
+            l2: &Layout,
+            s3: &CudaSlice<T>,
+            l3: &Layout,
+            dev: &CudaDevice,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            launch(dev, self.0, &[(s1, l1), (s2, l2), (s3, l3)])
+        }
+    }
+}
+
+/// Runs a candle CUDA map (one output slice in the inputs' dtype) over custom-op storages and
+/// gives the output the first input's shape: the `cuda_fwd` of every op in src/model/ops.rs.
+pub(crate) mod map {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, Map1, Map2, Map3};
+    use candle_core::{CudaDevice, Layout, Shape};
+
+    pub fn wrap(slice: CudaStorageSlice, dev: &CudaDevice) -> CudaStorage {
+        CudaStorage {
+            slice,
+            device: dev.clone(),
+        }
+    }
+
+    pub fn map1(
+        m: &impl Map1,
+        s: &CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let slice = m.map(&s.slice, s.device(), l)?;
+        Ok((wrap(slice, s.device()), l.shape().clone()))
+    }
+
+    pub fn map2(
+        m: &impl Map2,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let slice = m.map(&s1.slice, l1, &s2.slice, l2, s1.device())?;
+        Ok((wrap(slice, s1.device()), l1.shape().clone()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn map3(
+        m: &impl Map3,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let slice = m.map(&s1.slice, l1, &s2.slice, l2, &s3.slice, l3, s1.device())?;
+        Ok((wrap(slice, s1.device()), l1.shape().clone()))
+    }
+}
