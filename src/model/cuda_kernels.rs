@@ -434,3 +434,100 @@ pub(crate) mod map {
         Ok((wrap(slice, s1.device()), l1.shape().clone()))
     }
 }
+
+/// Launch of src/cuda/rope.cu for `FusedRope` (src/model/ops.rs).
+pub(crate) mod rope {
+    use candle_core::backend::{BackendDevice, BackendStorage};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    };
+    use candle_core::cuda_backend::{kernel_name, CudaStorage, Map3, WrapErr};
+    use candle_core::{CudaDevice, Layout, Shape, Storage, Tensor, WithDType};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
+    const MODULE: &str = "unlearn_rope";
+    const THREADS: u32 = 256;
+
+    fn view<'a, T>(
+        src: &'a CudaSlice<T>,
+        layout: &Layout,
+    ) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+        match layout.contiguous_offsets() {
+            Some((start, end)) => Ok(src.slice(start..end)),
+            None => candle_core::bail!("fused-rope: contiguous inputs expected"),
+        }
+    }
+
+    /// x [B, H, T, D] rotated by the tables cos, sin [B, 1, T, half].
+    struct Rope;
+
+    impl Map3 for Rope {
+        fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+            &self,
+            x: &CudaSlice<T>,
+            x_l: &Layout,
+            cos: &CudaSlice<T>,
+            cos_l: &Layout,
+            sin: &CudaSlice<T>,
+            sin_l: &Layout,
+            dev: &CudaDevice,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let (b, h, t, d) = x_l.shape().dims4()?;
+            let half = cos_l.dims().last().copied().unwrap_or(0);
+            if cos_l.dims() != [b, 1, t, half] || sin_l.dims() != cos_l.dims() || 2 * half > d {
+                candle_core::bail!(
+                    "fused-rope: tables {:?} / {:?} for x {:?}",
+                    cos_l.shape(),
+                    sin_l.shape(),
+                    x_l.shape()
+                );
+            }
+            let n = x_l.shape().elem_count();
+            if n == 0 || d > i32::MAX as usize || h * t > i32::MAX as usize {
+                candle_core::bail!("fused-rope: x {:?} does not fit the kernel", x_l.shape());
+            }
+            let (x, cos, sin) = (view(x, x_l)?, view(cos, cos_l)?, view(sin, sin_l)?);
+            let func = dev.get_or_load_custom_func(&kernel_name::<T>("rope"), MODULE, PTX)?;
+            // SAFETY: the kernel writes all n elements (a grid-stride loop)
+            let out = unsafe { dev.alloc::<T>(n)? };
+            let mut builder = func.builder();
+            builder.arg(&x);
+            builder.arg(&cos);
+            builder.arg(&sin);
+            builder.arg(&out);
+            builder.arg(&n);
+            candle_core::builder_arg!(builder, d as i32, half as i32, h as i32, t as i32);
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    n.div_ceil(THREADS as usize).min(i32::MAX as usize) as u32,
+                    1,
+                    1,
+                ),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: (x, cos, sin, out, n as size_t, d, half, heads, t) is the kernel's signature
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(out)
+        }
+    }
+
+    /// `FusedRope`'s forward on CUDA: x's storage with the op's (CUDA) tables.
+    pub fn forward(
+        x: &CudaStorage,
+        x_l: &Layout,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (cos_storage, cos_l) = cos.storage_and_layout();
+        let (sin_storage, sin_l) = sin.storage_and_layout();
+        match (&*cos_storage, &*sin_storage) {
+            (Storage::Cuda(cos_s), Storage::Cuda(sin_s))
+                if cos_s.device.same_device(x.device()) && sin_s.device.same_device(x.device()) =>
+            {
+                super::map::map3(&Rope, x, x_l, cos_s, cos_l, sin_s, sin_l)
+            }
+            _ => candle_core::bail!("fused-rope: the tables are not on x's GPU"),
+        }
+    }
+}

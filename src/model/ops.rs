@@ -155,9 +155,12 @@ pub fn log_softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 /// each head; the rest pass through (partial rotary, GPT-NeoX / Phi).
 /// `x`: [B, H, T, D]; `cos`, `sin`: [B, 1, T, rot/2].
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    if fusable(x) && cos.dtype() == DType::F32 && x.rank() == 4 {
-        let (b, _, t, _) = x.dims4()?;
-        if cos.dims() == [b, 1, t, cos.dim(D::Minus1)?] {
+    let fused =
+        (fusable(x) || cuda_fusable(x)) && cos.dtype() == x.dtype() && sin.dtype() == x.dtype();
+    if fused && x.rank() == 4 && x.elem_count() > 0 {
+        let (b, _, t, d) = x.dims4()?;
+        let half = cos.dim(D::Minus1)?;
+        if cos.dims() == [b, 1, t, half] && sin.dims() == cos.dims() && 2 * half <= d {
             return x.contiguous()?.apply_op1(FusedRope {
                 cos: cos.contiguous()?,
                 sin: sin.contiguous()?,
@@ -667,9 +670,9 @@ fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
-/// Whether the CUDA kernels of src/cuda/ (attention softmax, SwiGLU, next-token loss) take `x`:
-/// a CUDA tensor in f32, bf16 or f16, unless `UNLEARN_CUDA_FUSED=0` asks for the composed forms
-/// (to compare speed, or to tell a kernel fault from anything else).
+/// Whether the CUDA kernels of src/cuda/ (attention softmax, RoPE, SwiGLU, next-token loss) take
+/// `x`: a CUDA tensor in f32, bf16 or f16, unless `UNLEARN_CUDA_FUSED=0` asks for the composed
+/// forms (to compare speed, or to tell a kernel fault from anything else).
 pub(crate) fn cuda_fusable(x: &Tensor) -> bool {
     cfg!(feature = "cuda")
         && x.device().is_cuda()
@@ -828,6 +831,16 @@ struct FusedRope {
 impl candle_core::CustomOp1 for FusedRope {
     fn name(&self) -> &'static str {
         "fused-rope"
+    }
+
+    /// src/cuda/rope.cu, rounding in the model dtype as transformers does.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::model::cuda_kernels::rope::forward(storage, layout, &self.cos, &self.sin)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
