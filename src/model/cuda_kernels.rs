@@ -1,6 +1,22 @@
 //! Launches of our own CUDA kernels (src/cuda/*.cu, compiled to PTX by build.rs) for the custom
 //! ops of [`crate::model::ops`]. Built with the `cuda` feature only; never reached on the CPU.
 
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
+use candle_core::Layout;
+
+/// The kernel's view of a contiguous input (its offset applied); `what` names the op and input
+/// in the error.
+fn contiguous_view<'a, T>(
+    src: &'a CudaSlice<T>,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<CudaView<'a, T>> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(src.slice(start..end)),
+        None => candle_core::bail!("{what}: contiguous input expected"),
+    }
+}
+
 pub(crate) mod attention {
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
@@ -41,17 +57,6 @@ pub(crate) mod attention {
         Ok(((b * h * t) as i64, c as i32, h as i32, t as i32))
     }
 
-    fn contiguous<'a, T>(
-        src: &'a CudaSlice<T>,
-        layout: &Layout,
-        what: &str,
-    ) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-        match layout.contiguous_offsets() {
-            Some((start, end)) => Ok(src.slice(start..end)),
-            None => candle_core::bail!("masked-softmax: contiguous {what} expected"),
-        }
-    }
-
     /// Runs the attention.cu kernel `root` (its `_f32`, `_bf16` or `_f16` form, for T) over the
     /// rows of the scores. Every kernel there takes (inputs…, output, rows, cols, heads, t_q).
     fn launch<T: DeviceRepr + WithDType>(
@@ -64,7 +69,9 @@ pub(crate) mod attention {
         let (rows, cols, heads, t_q) = geometry(scores, mask)?;
         let views = inputs
             .iter()
-            .map(|(src, layout, what)| contiguous(src, layout, what))
+            .map(|(src, layout, what)| {
+                super::contiguous_view(src, layout, &format!("masked-softmax {what}"))
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let func = dev.get_or_load_custom_func(&kernel_name::<T>(root), MODULE, PTX)?;
         // SAFETY: the kernels write every element of every row
@@ -238,10 +245,11 @@ pub(crate) mod nll {
         if n == 0 || v == 0 || v > i32::MAX as usize || n > i32::MAX as usize {
             candle_core::bail!("fused-nll: {n} rows of {v} logits do not fit the kernel");
         }
-        match layout.contiguous_offsets() {
-            Some((start, end)) => Ok((x.slice(start..end), n, v as i32)),
-            None => candle_core::bail!("fused-nll: contiguous logits expected"),
-        }
+        Ok((
+            super::contiguous_view(x, layout, "fused-nll logits")?,
+            n,
+            v as i32,
+        ))
     }
 
     /// f32 NLL per row of the logits [N, V].
@@ -326,10 +334,7 @@ pub(crate) mod elementwise {
                     layout.shape()
                 );
             }
-            match layout.contiguous_offsets() {
-                Some((start, end)) => views.push(src.slice(start..end)),
-                None => candle_core::bail!("{root}: contiguous inputs expected"),
-            }
+            views.push(super::contiguous_view(src, layout, root)?);
         }
         if n == 0 {
             candle_core::bail!("{root}: empty input");
@@ -448,16 +453,6 @@ pub(crate) mod rope {
     const MODULE: &str = "unlearn_rope";
     const THREADS: u32 = 256;
 
-    fn view<'a, T>(
-        src: &'a CudaSlice<T>,
-        layout: &Layout,
-    ) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-        match layout.contiguous_offsets() {
-            Some((start, end)) => Ok(src.slice(start..end)),
-            None => candle_core::bail!("fused-rope: contiguous inputs expected"),
-        }
-    }
-
     /// x [B, H, T, D] rotated by the tables cos, sin [B, 1, T, half].
     struct Rope;
 
@@ -486,7 +481,12 @@ pub(crate) mod rope {
             if n == 0 || d > i32::MAX as usize || h * t > i32::MAX as usize {
                 candle_core::bail!("fused-rope: x {:?} does not fit the kernel", x_l.shape());
             }
-            let (x, cos, sin) = (view(x, x_l)?, view(cos, cos_l)?, view(sin, sin_l)?);
+            let view = super::contiguous_view;
+            let (x, cos, sin) = (
+                view(x, x_l, "fused-rope x")?,
+                view(cos, cos_l, "fused-rope cos")?,
+                view(sin, sin_l, "fused-rope sin")?,
+            );
             let func = dev.get_or_load_custom_func(&kernel_name::<T>("rope"), MODULE, PTX)?;
             // SAFETY: the kernel writes all n elements (a grid-stride loop)
             let out = unsafe { dev.alloc::<T>(n)? };
