@@ -58,22 +58,19 @@ fused_kernels_wrong=false
 step() { echo; echo "=== $*"; }
 
 step "1. parity on $device (relative L2 error against CPU f32 and PEFT)"
+parity() { # BASE DTYPE OUT_JSON: `unlearn parity` on that fixture
+  "$bin" --device "$device" --base-dtype "$2" parity --model "tests/fixtures/hf/$1" \
+    --adapter "tests/fixtures/hf/$1-lora" \
+    --reference "tests/fixtures/hf/$1-lora/reference.safetensors" --json > "$3"
+}
 for base in llama qwen2; do
   for dtype in f32 bf16; do
-    if "$bin" --device "$device" --base-dtype "$dtype" parity --model "tests/fixtures/hf/$base" \
-      --adapter "tests/fixtures/hf/$base-lora" \
-      --reference "tests/fixtures/hf/$base-lora/reference.safetensors" \
-      --json > "$out/parity-$base-$dtype.json"; then
-      :
-    else
+    if ! parity "$base" "$dtype" "$out/parity-$base-$dtype.json"; then
       failed+=("parity $base $dtype")
       # tell the fused kernels (src/cuda/) from the rest: the same check with the composed
       # attention softmax, RoPE, SwiGLU and loss
-      if [ "$device" = cuda ] && UNLEARN_CUDA_FUSED=0 "$bin" --device "$device" \
-        --base-dtype "$dtype" parity --model "tests/fixtures/hf/$base" \
-        --adapter "tests/fixtures/hf/$base-lora" \
-        --reference "tests/fixtures/hf/$base-lora/reference.safetensors" \
-        --json > "$out/parity-$base-$dtype-composed.json"; then
+      if [ "$device" = cuda ] &&
+        UNLEARN_CUDA_FUSED=0 parity "$base" "$dtype" "$out/parity-$base-$dtype-composed.json"; then
         echo "parity $base $dtype passes with UNLEARN_CUDA_FUSED=0: the fused kernels are wrong"
         fused_kernels_wrong=true
       fi

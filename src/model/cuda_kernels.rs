@@ -69,9 +69,7 @@ pub(crate) mod attention {
         let (rows, cols, heads, t_q) = geometry(scores, mask)?;
         let views = inputs
             .iter()
-            .map(|(src, layout, what)| {
-                super::contiguous_view(src, layout, &format!("masked-softmax {what}"))
-            })
+            .map(|(src, layout, what)| super::contiguous_view(src, layout, what))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let func = dev.get_or_load_custom_func(&kernel_name::<T>(root), MODULE, PTX)?;
         // SAFETY: the kernels write every element of every row
@@ -105,7 +103,10 @@ pub(crate) mod attention {
             mask_l: &Layout,
             dev: &CudaDevice,
         ) -> candle_core::Result<CudaSlice<T>> {
-            let inputs = [(scores, scores_l, "scores"), (mask, mask_l, "mask")];
+            let inputs = [
+                (scores, scores_l, "masked-softmax scores"),
+                (mask, mask_l, "masked-softmax mask"),
+            ];
             launch(dev, "masked_softmax", &inputs, scores_l, mask_l)
         }
     }
@@ -172,9 +173,9 @@ pub(crate) mod attention {
                 );
             }
             let inputs = [
-                (scores, scores_l, "scores"),
-                (mask, mask_l, "mask"),
-                (grad, grad_l, "gradient"),
+                (scores, scores_l, "masked-softmax scores"),
+                (mask, mask_l, "masked-softmax mask"),
+                (grad, grad_l, "masked-softmax gradient"),
             ];
             launch(dev, "masked_softmax_bwd", &inputs, scores_l, mask_l)
         }

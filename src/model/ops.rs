@@ -677,7 +677,13 @@ pub(crate) fn cuda_fusable(x: &Tensor) -> bool {
     cfg!(feature = "cuda")
         && x.device().is_cuda()
         && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        && std::env::var("UNLEARN_CUDA_FUSED").map_or(true, |v| v != "0")
+        && cuda_kernels_on()
+}
+
+/// `UNLEARN_CUDA_FUSED` read once per process: `cuda_fusable` runs for every layer's ops.
+fn cuda_kernels_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("UNLEARN_CUDA_FUSED").map_or(true, |v| v != "0"))
 }
 
 /// Softmax over the last dimension with a backward; fused on CPU f32 and, through candle's
