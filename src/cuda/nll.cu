@@ -30,7 +30,9 @@ __device__ float row_logsumexp(const T* x, int v) {
     float z = load_f(x[c]);
     if (z == -INFINITY) continue;
     if (z > m) {
-      s = (m == -INFINITY ? 0.0f : s * expf(m - z)) + 1.0f;
+      // s·exp(m − z) is 0 while nothing was seen (m = −inf, s = 0) and NaN once a NaN was:
+      // a NaN read first must not be reset by the next finite logit
+      s = s * expf(m - z) + 1.0f;
       m = z;
     } else {
       s += expf(z - m);

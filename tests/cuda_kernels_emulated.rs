@@ -1,0 +1,603 @@
+//! The CUDA kernels of src/cuda/ run on the CPU and compared with the CPU ops they replace.
+//!
+//! g++ compiles the .cu sources unchanged against a CPU stand-in for CUDA (tests/cuda_emu/:
+//! every GPU thread an OS thread, `__syncthreads` and warp shuffles as barriers). Each test
+//! launches a kernel with the grid, block and arguments that src/model/cuda_kernels.rs gives
+//! it, and checks the output against the CPU path: `ops::masked_softmax`, `ops::token_nll`,
+//! `ops::rope_composed` and `ops::gated_activation`, and their autograd backward. This is what
+//! shows the kernels' indexing, reductions and rounding right on a machine without a GPU; the
+//! GPU itself is checked by scripts/gpu-checks.sh (parity of logits and LoRA gradients).
+//!
+//! The launch geometry below mirrors cuda_kernels.rs: attention one warp per row, 4 rows per
+//! block; the loss one block of 256 threads per row; RoPE and SwiGLU 256 threads per block over
+//! all elements.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use half::{bf16, f16};
+use unlearn::model::config::Activation;
+use unlearn::model::ops;
+use unlearn::rng::Rng;
+
+const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+// ---- the emulator ------------------------------------------------------------------------------
+
+/// The emulator binary, compiled once per test run from tests/cuda_emu/launcher.cpp.
+fn emulator() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu");
+        let out = Command::new("g++")
+            .args(["-std=c++20", "-O2", "-ffp-contract=off", "-pthread", "-Wall"])
+            .arg("-I")
+            .arg(root.join("tests/cuda_emu"))
+            .args(["-include", "cuda_emu.h"])
+            .arg(root.join("tests/cuda_emu/launcher.cpp"))
+            .arg("-o")
+            .arg(&exe)
+            .output()
+            .expect("these tests compile the CUDA kernels for the CPU with g++; install g++");
+        assert!(
+            out.status.success(),
+            "g++ failed on the CUDA kernels:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        exe
+    })
+}
+
+enum Arg {
+    In(Vec<u8>),
+    /// an output buffer of this many bytes
+    Out(usize),
+    I32(i32),
+    I64(i64),
+    U64(u64),
+}
+
+/// Launches `kernel` on the emulator with grid (grid, 1, 1) and block (block.0, block.1, 1);
+/// returns the output buffers in argument order.
+fn launch(kernel: &str, grid: usize, block: (u32, u32), args: &[Arg]) -> Vec<Vec<u8>> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(emulator());
+    cmd.arg(kernel)
+        .arg(grid.to_string())
+        .arg(block.0.to_string())
+        .arg(block.1.to_string());
+    let mut outputs = Vec::new();
+    for (i, arg) in args.iter().enumerate() {
+        let path = dir.path().join(format!("arg{i}"));
+        cmd.arg(match arg {
+            Arg::In(bytes) => {
+                std::fs::write(&path, bytes).unwrap();
+                format!("in:{}", path.display())
+            }
+            Arg::Out(n) => {
+                outputs.push(path.clone());
+                format!("out:{}:{n}", path.display())
+            }
+            Arg::I32(v) => format!("i32:{v}"),
+            Arg::I64(v) => format!("i64:{v}"),
+            Arg::U64(v) => format!("u64:{v}"),
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{kernel}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    outputs
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect()
+}
+
+// ---- tensors as the kernels see them -----------------------------------------------------------
+
+fn suffix(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => panic!("no kernel for {other:?}"),
+    }
+}
+
+/// The tensor's elements in row-major order, as the device buffer would hold them.
+fn bytes(t: &Tensor) -> Arg {
+    let flat = t.flatten_all().unwrap();
+    Arg::In(match t.dtype() {
+        DType::F32 => flat
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::BF16 => flat
+            .to_vec1::<bf16>()
+            .unwrap()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F16 => flat
+            .to_vec1::<f16>()
+            .unwrap()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::I64 => flat
+            .to_vec1::<i64>()
+            .unwrap()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        other => panic!("no buffer for {other:?}"),
+    })
+}
+
+/// A kernel's output buffer as f32 values.
+fn values(raw: &[u8], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        DType::BF16 => raw
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes(c.try_into().unwrap()).to_f32())
+            .collect(),
+        DType::F16 => raw
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes(c.try_into().unwrap()).to_f32())
+            .collect(),
+        other => panic!("no values for {other:?}"),
+    }
+}
+
+fn to_f32(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// `v` rounded to `dtype` (nearest even), as f32.
+fn round_to(v: f64, dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => v as f32,
+        DType::BF16 => bf16::from_f64(v).to_f32(),
+        DType::F16 => f16::from_f64(v).to_f32(),
+        other => panic!("no rounding to {other:?}"),
+    }
+}
+
+fn uniform(rng: &mut Rng, dims: &[usize], lo: f64, hi: f64, dtype: DType) -> Tensor {
+    let n = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.uniform(lo, hi) as f32).collect();
+    Tensor::from_vec(v, dims, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// Units in the last place of `dtype` at `v` (the normal spacing below the smallest normal).
+fn ulp(v: f32, dtype: DType) -> f32 {
+    let (mantissa_bits, min_normal) = match dtype {
+        DType::F32 => (23, f32::MIN_POSITIVE),
+        DType::BF16 => (7, f32::MIN_POSITIVE),
+        DType::F16 => (10, 6.103_515_6e-5),
+        other => panic!("no ulp for {other:?}"),
+    };
+    let v = v.abs().max(min_normal);
+    2f32.powi(v.log2().floor() as i32 - mantissa_bits)
+}
+
+/// Every element within `ulps` units in the last place of `dtype` (at the reference value) plus
+/// `abs`; NaN only where the reference is NaN; in half types, at most 1% not equal.
+fn assert_close(what: &str, got: &[f32], want: &[f32], dtype: DType, ulps: f32, abs: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = (0f32, 0usize);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if w.is_nan() || g.is_nan() {
+            assert!(
+                w.is_nan() && g.is_nan(),
+                "{what}[{i}]: got {g}, want {w}"
+            );
+            continue;
+        }
+        if g == w {
+            continue;
+        }
+        let err = (g - w).abs() / (ulps * ulp(w, dtype) + abs);
+        if err > worst.0 {
+            worst = (err, i);
+        }
+    }
+    // in a half type both sides round the same f32 value, so they differ only at a rounding
+    // boundary (the exps differ by an ulp of f32): a step rounded where PyTorch does not round
+    // would show in far more elements
+    if dtype != DType::F32 {
+        let inexact = got.iter().zip(want).filter(|(g, w)| g != w && !g.is_nan()).count();
+        assert!(
+            inexact * 100 <= got.len(),
+            "{what}: {inexact} of {} elements differ from the reference",
+            got.len()
+        );
+    }
+    let i = worst.1;
+    assert!(
+        worst.0 <= 1.0,
+        "{what}[{i}]: got {}, want {} ({:.2}× the tolerance)",
+        got[i],
+        want[i],
+        worst.0
+    );
+}
+
+// ---- attention softmax -------------------------------------------------------------------------
+
+const ROWS_PER_BLOCK: u32 = 4;
+
+/// An additive mask [B, 1, T, C] as the decoder builds it: causal over C = past + T keys, batch
+/// row b left-padded by b·(past + 1) keys, so that its first b queries see no key (fully masked
+/// rows, uniform after the softmax).
+fn attention_mask(b: usize, t: usize, c: usize, dtype: DType) -> Tensor {
+    let masked = if dtype == DType::F16 { -32768.0 } else { -1e9 };
+    let past = c - t;
+    let mut data = vec![0f32; b * t * c];
+    for bi in 0..b {
+        for qi in 0..t {
+            for j in 0..c {
+                if j > past + qi || j < bi * (past + 1) {
+                    data[(bi * t + qi) * c + j] = masked;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(data, (b, 1, t, c), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// The attention kernel `root` over scores [B, H, T, C] (inputs: scores, mask, then any more).
+fn attention_kernel(root: &str, inputs: &[&Tensor]) -> Vec<f32> {
+    let (b, h, t, c) = inputs[0].dims4().unwrap();
+    let dtype = inputs[0].dtype();
+    let rows = b * h * t;
+    let mut args: Vec<Arg> = inputs.iter().map(|x| bytes(x)).collect();
+    args.extend([
+        Arg::Out(rows * c * dtype.size_in_bytes()),
+        Arg::I64(rows as i64),
+        Arg::I32(c as i32),
+        Arg::I32(h as i32),
+        Arg::I32(t as i32),
+    ]);
+    let grid = rows.div_ceil(ROWS_PER_BLOCK as usize);
+    let out = launch(
+        &format!("{root}_{}", suffix(dtype)),
+        grid,
+        (32, ROWS_PER_BLOCK),
+        &args,
+    );
+    values(&out[0], dtype)
+}
+
+/// [B, H, T, C] shapes: C under a warp, over a warp and not a multiple of it, keys from a cache
+/// (C > T), and B·H·T rows that do not fill the last block.
+const ATTENTION_SHAPES: [[usize; 4]; 3] = [[2, 3, 5, 37], [3, 2, 7, 7], [2, 1, 3, 70]];
+
+#[test]
+fn masked_softmax_kernel_matches_the_cpu_path() {
+    let mut rng = Rng::new(1);
+    for dtype in DTYPES {
+        for [b, h, t, c] in ATTENTION_SHAPES {
+            let scores = uniform(&mut rng, &[b, h, t, c], -6.0, 6.0, dtype);
+            let mask = attention_mask(b, t, c, dtype);
+            let got = attention_kernel("masked_softmax", &[&scores, &mask]);
+            let want = to_f32(&ops::masked_softmax(&scores, &mask).unwrap());
+            let what = format!("masked_softmax {dtype:?} {:?}", [b, h, t, c]);
+            // f32: summation order and expf; half types: a rounding boundary at most
+            let ulps = if dtype == DType::F32 { 8.0 } else { 1.0 };
+            assert_close(&what, &got, &want, dtype, ulps, 1e-12);
+            // batch row 1's first query sees no key: uniform, as eager attention gives it
+            let row = &got[(h * t) * c..(h * t + 1) * c];
+            assert!(row.iter().all(|&p| p == row[0]), "{what}: masked row {row:?}");
+        }
+    }
+}
+
+#[test]
+fn masked_softmax_backward_kernel_matches_autograd() {
+    let mut rng = Rng::new(2);
+    for [b, h, t, c] in ATTENTION_SHAPES {
+        // f32 against candle's autograd through the CPU path
+        let scores = uniform(&mut rng, &[b, h, t, c], -6.0, 6.0, DType::F32);
+        let grad = uniform(&mut rng, &[b, h, t, c], -1.0, 1.0, DType::F32);
+        let mask = attention_mask(b, t, c, DType::F32);
+        let var = Var::from_tensor(&scores).unwrap();
+        let probs = ops::masked_softmax(var.as_tensor(), &mask).unwrap();
+        let grads = (probs * &grad).unwrap().sum_all().unwrap().backward().unwrap();
+        let want = to_f32(grads.get(var.as_tensor()).unwrap());
+        let got = attention_kernel("masked_softmax_bwd", &[&scores, &mask, &grad]);
+        let what = format!("masked_softmax_bwd F32 {:?}", [b, h, t, c]);
+        // g − Σ g⊙p cancels: either side's f32 error is about ε·|g| absolute
+        assert_close(&what, &got, &want, DType::F32, 16.0, 2e-7);
+
+        // half types against p ⊙ (g − Σ g⊙p) in f64 from the rounded inputs, rounded once
+        for dtype in [DType::BF16, DType::F16] {
+            let scores = scores.to_dtype(dtype).unwrap();
+            let grad = grad.to_dtype(dtype).unwrap();
+            let mask = attention_mask(b, t, c, dtype);
+            let x = to_f32(&scores.broadcast_add(&mask).unwrap());
+            let g = to_f32(&grad);
+            let mut want = vec![0f32; x.len()];
+            for (r, (xr, gr)) in x.chunks(c).zip(g.chunks(c)).enumerate() {
+                let mx = xr.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+                let e: Vec<f64> = xr.iter().map(|&v| (v as f64 - mx).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                let dot: f64 = e.iter().zip(gr).map(|(e, &g)| e / sum * g as f64).sum();
+                for j in 0..c {
+                    want[r * c + j] = round_to(e[j] / sum * (gr[j] as f64 - dot), dtype);
+                }
+            }
+            let got = attention_kernel("masked_softmax_bwd", &[&scores, &mask, &grad]);
+            let what = format!("masked_softmax_bwd {dtype:?} {:?}", [b, h, t, c]);
+            // g − dot cancels: the kernel's f32 dot is good to ~1e-7 absolute
+            assert_close(&what, &got, &want, dtype, 1.0, 1e-6);
+        }
+    }
+}
+
+// ---- next-token loss ---------------------------------------------------------------------------
+
+const NLL_THREADS: u32 = 256;
+
+/// Logits [6, V] and labels that cover: ordinary rows, an ignored row (−100), a label ≥ V (the
+/// kernel ignores it), a row with −inf logits (a masked vocabulary), and a row whose first
+/// logit is NaN (the first value a thread reads; the loss must be NaN).
+fn nll_case(rng: &mut Rng, v: usize, dtype: DType) -> (Tensor, Vec<i64>) {
+    let n = 6;
+    let mut x: Vec<f32> = (0..n * v).map(|_| rng.uniform(-8.0, 8.0) as f32).collect();
+    for j in (0..v).step_by(3) {
+        x[3 * v + j] = f32::NEG_INFINITY;
+    }
+    x[5 * v] = f32::NAN;
+    let labels = vec![1, (v - 1) as i64, -100, 4, v as i64, 7];
+    let logits = Tensor::from_vec(x, (n, v), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    (logits, labels)
+}
+
+/// The labels the CPU's `token_nll` takes: the kernel's ignored rows (< 0 or ≥ V) as −100.
+fn cpu_labels(labels: &[i64], v: usize) -> Tensor {
+    let l: Vec<i64> = labels
+        .iter()
+        .map(|&l| if l >= v as i64 { -100 } else { l })
+        .collect();
+    Tensor::new(l, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn nll_kernels_match_the_cpu_loss_and_its_gradient() {
+    let mut rng = Rng::new(3);
+    // a vocabulary under the block's 256 threads, and one over it that no thread count divides
+    for v in [100, 1000] {
+        for dtype in DTYPES {
+            let (logits, labels) = nll_case(&mut rng, v, dtype);
+            let n = labels.len();
+            let label_buffer = || bytes(&Tensor::new(labels.clone(), &Device::Cpu).unwrap());
+            let name = |root: &str| format!("{root}_{}", suffix(dtype));
+            let what = format!("{dtype:?} V={v}");
+
+            // forward: f32 NLL per row, 0 where ignored
+            let out = launch(
+                &name("nll_fwd"),
+                n,
+                (NLL_THREADS, 1),
+                &[
+                    bytes(&logits),
+                    label_buffer(),
+                    Arg::Out(4 * n),
+                    Arg::I32(v as i32),
+                ],
+            );
+            let got = values(&out[0], DType::F32);
+            let logits_f32 = logits.to_dtype(DType::F32).unwrap();
+            let (nll, _) = ops::token_nll(&logits_f32, &cpu_labels(&labels, v)).unwrap();
+            let want = to_f32(&nll);
+            assert!(got[5].is_nan(), "{what}: a NaN logit read first was lost");
+            assert_close(&format!("nll_fwd {what}"), &got, &want, DType::F32, 8.0, 1e-6);
+
+            // backward: g·(softmax − onehot) per row, zeros where ignored or g = 0 (row 4)
+            let upstream = [0.5f32, -1.0, 2.0, 0.25, 3.0, 1.0];
+            let out = launch(
+                &name("nll_bwd"),
+                n,
+                (NLL_THREADS, 1),
+                &[
+                    bytes(&logits),
+                    label_buffer(),
+                    bytes(&Tensor::new(&upstream[..], &Device::Cpu).unwrap()),
+                    Arg::Out(n * v * dtype.size_in_bytes()),
+                    Arg::I32(v as i32),
+                ],
+            );
+            let got = values(&out[0], dtype);
+            let var = Var::from_tensor(&logits_f32).unwrap();
+            let (nll, _) = ops::token_nll(var.as_tensor(), &cpu_labels(&labels, v)).unwrap();
+            let g = Tensor::new(&upstream[..], &Device::Cpu).unwrap();
+            let grads = (nll * g).unwrap().sum_all().unwrap().backward().unwrap();
+            let want: Vec<f32> = to_f32(grads.get(var.as_tensor()).unwrap())
+                .iter()
+                .map(|&d| round_to(d as f64, dtype))
+                .collect();
+            // f32: exp(x − lse) of an argument good to an ulp of |x − lse| ≤ 16, on both sides;
+            // softmax − 1 at the label cancels to about ε·|g|
+            let ulps = if dtype == DType::F32 { 32.0 } else { 1.0 };
+            assert_close(&format!("nll_bwd {what}"), &got, &want, dtype, ulps, 4e-7);
+        }
+    }
+}
+
+// ---- RoPE --------------------------------------------------------------------------------------
+
+const ELEMENTWISE_THREADS: u32 = 256;
+
+/// The rope kernel over x [B, H, T, D] with tables [B, 1, T, half]; `grid` blocks (the launch
+/// gives one thread per element; fewer blocks exercise the grid-stride loop).
+fn rope_kernel(x: &Tensor, cos: &Tensor, sin: &Tensor, grid: Option<usize>) -> Vec<f32> {
+    let (_, h, t, d) = x.dims4().unwrap();
+    let half = cos.dim(D::Minus1).unwrap();
+    let n = x.elem_count();
+    let out = launch(
+        &format!("rope_{}", suffix(x.dtype())),
+        grid.unwrap_or(n.div_ceil(ELEMENTWISE_THREADS as usize)),
+        (ELEMENTWISE_THREADS, 1),
+        &[
+            bytes(x),
+            bytes(cos),
+            bytes(sin),
+            Arg::Out(n * x.dtype().size_in_bytes()),
+            Arg::U64(n as u64),
+            Arg::I32(d as i32),
+            Arg::I32(half as i32),
+            Arg::I32(h as i32),
+            Arg::I32(t as i32),
+        ],
+    );
+    values(&out[0], x.dtype())
+}
+
+/// Tables for positions that differ per batch row (left padding shifts them).
+fn rope_tables(b: usize, t: usize, half: usize, dtype: DType) -> (Tensor, Tensor) {
+    let mut cos = Vec::new();
+    let mut sin = Vec::new();
+    for bi in 0..b {
+        for ti in 0..t {
+            let pos = (ti + 3 * bi) as f64;
+            for k in 0..half {
+                let angle = pos / 10000f64.powf(2.0 * k as f64 / (2 * half) as f64);
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+    }
+    let table = |v| {
+        Tensor::from_vec(v, (b, 1, t, half), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    (table(cos), table(sin))
+}
+
+/// [B, H, T, D, half]: full rotation, and partial (2·half < D, as GPT-NeoX and Phi rotate).
+const ROPE_SHAPES: [[usize; 5]; 2] = [[1, 2, 4, 8, 4], [2, 3, 5, 10, 3]];
+
+#[test]
+fn rope_kernel_equals_the_composed_form_bit_for_bit() {
+    let mut rng = Rng::new(4);
+    for dtype in DTYPES {
+        for [b, h, t, d, half] in ROPE_SHAPES {
+            let x = uniform(&mut rng, &[b, h, t, d], -3.0, 3.0, dtype);
+            let (cos, sin) = rope_tables(b, t, half, dtype);
+            let want = to_f32(&ops::rope_composed(&x, &cos, &sin).unwrap());
+            let what = format!("rope {dtype:?} {:?}", [b, h, t, d, half]);
+            assert_close(&what, &rope_kernel(&x, &cos, &sin, None), &want, dtype, 0.0, 0.0);
+            let strided = rope_kernel(&x, &cos, &sin, Some(1));
+            assert_close(&format!("{what}, one block"), &strided, &want, dtype, 0.0, 0.0);
+        }
+    }
+}
+
+#[test]
+fn rope_kernel_with_sin_negated_is_the_backward() {
+    let mut rng = Rng::new(5);
+    for dtype in DTYPES {
+        for [b, h, t, d, half] in ROPE_SHAPES {
+            let x = uniform(&mut rng, &[b, h, t, d], -3.0, 3.0, dtype);
+            let grad = uniform(&mut rng, &[b, h, t, d], -1.0, 1.0, dtype);
+            let (cos, sin) = rope_tables(b, t, half, dtype);
+            let var = Var::from_tensor(&x).unwrap();
+            let y = ops::rope_composed(var.as_tensor(), &cos, &sin).unwrap();
+            let grads = (y * &grad).unwrap().sum_all().unwrap().backward().unwrap();
+            let want = to_f32(grads.get(var.as_tensor()).unwrap());
+            let got = rope_kernel(&grad, &cos, &sin.neg().unwrap(), None);
+            let what = format!("rope backward {dtype:?} {:?}", [b, h, t, d, half]);
+            assert_close(&what, &got, &want, dtype, 0.0, 0.0);
+        }
+    }
+}
+
+// ---- SwiGLU ------------------------------------------------------------------------------------
+
+fn swiglu_kernel(root: &str, inputs: &[&Tensor]) -> Vec<f32> {
+    let dtype = inputs[0].dtype();
+    let n = inputs[0].elem_count();
+    let mut args: Vec<Arg> = inputs.iter().map(|x| bytes(x)).collect();
+    args.extend([Arg::Out(n * dtype.size_in_bytes()), Arg::U64(n as u64)]);
+    let out = launch(
+        &format!("{root}_{}", suffix(dtype)),
+        n.div_ceil(ELEMENTWISE_THREADS as usize),
+        (ELEMENTWISE_THREADS, 1),
+        &args,
+    );
+    values(&out[0], dtype)
+}
+
+#[test]
+fn swiglu_kernels_match_the_cpu_forward_and_autograd() {
+    let mut rng = Rng::new(6);
+    let dims = [7, 300];
+    for dtype in DTYPES {
+        let gate = uniform(&mut rng, &dims, -8.0, 8.0, dtype);
+        let up = uniform(&mut rng, &dims, -2.0, 2.0, dtype);
+        let grad = uniform(&mut rng, &dims, -1.0, 1.0, dtype);
+        let what = |op: &str| format!("{op} {dtype:?}");
+        let got_fwd = swiglu_kernel("swiglu", &[&gate, &up]);
+        let got_gate = swiglu_kernel("swiglu_gate_grad", &[&gate, &up, &grad]);
+        let got_up = swiglu_kernel("swiglu_up_grad", &[&gate, &grad]);
+        if dtype == DType::F32 {
+            // candle's autograd through the CPU path (the fused op, exp within 2 ulp of libm)
+            let (g_var, u_var) = (Var::from_tensor(&gate).unwrap(), Var::from_tensor(&up).unwrap());
+            let y = ops::gated_activation(g_var.as_tensor(), u_var.as_tensor(), Activation::Silu)
+                .unwrap();
+            let grads = (&y * &grad).unwrap().sum_all().unwrap().backward().unwrap();
+            // 1 + g·(1 − σ(g)) cancels near g = −1.28: an absolute floor of ε·|∂y·up|
+            let check = |op: &str, got: &[f32], want: &Tensor| {
+                assert_close(&what(op), got, &to_f32(want), dtype, 8.0, 2e-7)
+            };
+            check("swiglu", &got_fwd, &y);
+            check("swiglu_gate_grad", &got_gate, grads.get(g_var.as_tensor()).unwrap());
+            check("swiglu_up_grad", &got_up, grads.get(u_var.as_tensor()).unwrap());
+        } else {
+            // PyTorch's eager rounding (src/cuda/swiglu.cu), in f64 from the rounded inputs
+            let (g, u, dy) = (to_f32(&gate), to_f32(&up), to_f32(&grad));
+            let (mut fwd, mut d_gate, mut d_up) = (vec![], vec![], vec![]);
+            for i in 0..g.len() {
+                let (gi, ui, dyi) = (g[i] as f64, u[i] as f64, dy[i] as f64);
+                let s = 1.0 / (1.0 + (-gi).exp());
+                let act = round_to(gi * s, dtype) as f64;
+                fwd.push(round_to(act * ui, dtype));
+                let d_act = round_to(dyi * ui, dtype) as f64;
+                d_gate.push(round_to(d_act * s * (1.0 + gi * (1.0 - s)), dtype));
+                d_up.push(round_to(dyi * act, dtype));
+            }
+            // a rounding boundary in silu(gate) moves the product by one more ulp
+            assert_close(&what("swiglu"), &got_fwd, &fwd, dtype, 2.0, 0.0);
+            assert_close(&what("swiglu_gate_grad"), &got_gate, &d_gate, dtype, 1.0, 0.0);
+            assert_close(&what("swiglu_up_grad"), &got_up, &d_up, dtype, 2.0, 0.0);
+        }
+    }
+}
