@@ -33,7 +33,13 @@ fn emulator() -> &'static Path {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu");
         let out = Command::new("g++")
-            .args(["-std=c++20", "-O2", "-ffp-contract=off", "-pthread", "-Wall"])
+            .args([
+                "-std=c++20",
+                "-O2",
+                "-ffp-contract=off",
+                "-pthread",
+                "-Wall",
+            ])
             .arg("-I")
             .arg(root.join("tests/cuda_emu"))
             .args(["-include", "cuda_emu.h"])
@@ -92,10 +98,7 @@ fn launch(kernel: &str, grid: usize, block: (u32, u32), args: &[Arg]) -> Vec<Vec
         "{kernel}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    outputs
-        .iter()
-        .map(|p| std::fs::read(p).unwrap())
-        .collect()
+    outputs.iter().map(|p| std::fs::read(p).unwrap()).collect()
 }
 
 // ---- tensors as the kernels see them -----------------------------------------------------------
@@ -207,10 +210,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], dtype: DType, ulps: f32, 
     let mut worst = (0f32, 0usize);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         if w.is_nan() || g.is_nan() {
-            assert!(
-                w.is_nan() && g.is_nan(),
-                "{what}[{i}]: got {g}, want {w}"
-            );
+            assert!(w.is_nan() && g.is_nan(), "{what}[{i}]: got {g}, want {w}");
             continue;
         }
         if g == w {
@@ -225,7 +225,11 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], dtype: DType, ulps: f32, 
     // boundary (the exps differ by an ulp of f32): a step rounded where PyTorch does not round
     // would show in far more elements
     if dtype != DType::F32 {
-        let inexact = got.iter().zip(want).filter(|(g, w)| g != w && !g.is_nan()).count();
+        let inexact = got
+            .iter()
+            .zip(want)
+            .filter(|(g, w)| g != w && !g.is_nan())
+            .count();
         assert!(
             inexact * 100 <= got.len(),
             "{what}: {inexact} of {} elements differ from the reference",
@@ -310,7 +314,10 @@ fn masked_softmax_kernel_matches_the_cpu_path() {
             assert_close(&what, &got, &want, dtype, ulps, 1e-12);
             // batch row 1's first query sees no key: uniform, as eager attention gives it
             let row = &got[(h * t) * c..(h * t + 1) * c];
-            assert!(row.iter().all(|&p| p == row[0]), "{what}: masked row {row:?}");
+            assert!(
+                row.iter().all(|&p| p == row[0]),
+                "{what}: masked row {row:?}"
+            );
         }
     }
 }
@@ -325,7 +332,12 @@ fn masked_softmax_backward_kernel_matches_autograd() {
         let mask = attention_mask(b, t, c, DType::F32);
         let var = Var::from_tensor(&scores).unwrap();
         let probs = ops::masked_softmax(var.as_tensor(), &mask).unwrap();
-        let grads = (probs * &grad).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = (probs * &grad)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let want = to_f32(grads.get(var.as_tensor()).unwrap());
         let got = attention_kernel("masked_softmax_bwd", &[&scores, &mask, &grad]);
         let what = format!("masked_softmax_bwd F32 {:?}", [b, h, t, c]);
@@ -417,7 +429,14 @@ fn nll_kernels_match_the_cpu_loss_and_its_gradient() {
             let (nll, _) = ops::token_nll(&logits_f32, &cpu_labels(&labels, v)).unwrap();
             let want = to_f32(&nll);
             assert!(got[5].is_nan(), "{what}: a NaN logit read first was lost");
-            assert_close(&format!("nll_fwd {what}"), &got, &want, DType::F32, 8.0, 1e-6);
+            assert_close(
+                &format!("nll_fwd {what}"),
+                &got,
+                &want,
+                DType::F32,
+                8.0,
+                1e-6,
+            );
 
             // backward: g·(softmax − onehot) per row, zeros where ignored or g = 0 (row 4)
             let upstream = [0.5f32, -1.0, 2.0, 0.25, 3.0, 1.0];
@@ -514,9 +533,23 @@ fn rope_kernel_equals_the_composed_form_bit_for_bit() {
             let (cos, sin) = rope_tables(b, t, half, dtype);
             let want = to_f32(&ops::rope_composed(&x, &cos, &sin).unwrap());
             let what = format!("rope {dtype:?} {:?}", [b, h, t, d, half]);
-            assert_close(&what, &rope_kernel(&x, &cos, &sin, None), &want, dtype, 0.0, 0.0);
+            assert_close(
+                &what,
+                &rope_kernel(&x, &cos, &sin, None),
+                &want,
+                dtype,
+                0.0,
+                0.0,
+            );
             let strided = rope_kernel(&x, &cos, &sin, Some(1));
-            assert_close(&format!("{what}, one block"), &strided, &want, dtype, 0.0, 0.0);
+            assert_close(
+                &format!("{what}, one block"),
+                &strided,
+                &want,
+                dtype,
+                0.0,
+                0.0,
+            );
         }
     }
 }
@@ -570,7 +603,10 @@ fn swiglu_kernels_match_the_cpu_forward_and_autograd() {
         let got_up = swiglu_kernel("swiglu_up_grad", &[&gate, &grad]);
         if dtype == DType::F32 {
             // candle's autograd through the CPU path (the fused op, exp within 2 ulp of libm)
-            let (g_var, u_var) = (Var::from_tensor(&gate).unwrap(), Var::from_tensor(&up).unwrap());
+            let (g_var, u_var) = (
+                Var::from_tensor(&gate).unwrap(),
+                Var::from_tensor(&up).unwrap(),
+            );
             let y = ops::gated_activation(g_var.as_tensor(), u_var.as_tensor(), Activation::Silu)
                 .unwrap();
             let grads = (&y * &grad).unwrap().sum_all().unwrap().backward().unwrap();
@@ -579,8 +615,16 @@ fn swiglu_kernels_match_the_cpu_forward_and_autograd() {
                 assert_close(&what(op), got, &to_f32(want), dtype, 8.0, 2e-7)
             };
             check("swiglu", &got_fwd, &y);
-            check("swiglu_gate_grad", &got_gate, grads.get(g_var.as_tensor()).unwrap());
-            check("swiglu_up_grad", &got_up, grads.get(u_var.as_tensor()).unwrap());
+            check(
+                "swiglu_gate_grad",
+                &got_gate,
+                grads.get(g_var.as_tensor()).unwrap(),
+            );
+            check(
+                "swiglu_up_grad",
+                &got_up,
+                grads.get(u_var.as_tensor()).unwrap(),
+            );
         } else {
             // PyTorch's eager rounding (src/cuda/swiglu.cu), in f64 from the rounded inputs
             let (g, u, dy) = (to_f32(&gate), to_f32(&up), to_f32(&grad));
@@ -596,7 +640,14 @@ fn swiglu_kernels_match_the_cpu_forward_and_autograd() {
             }
             // a rounding boundary in silu(gate) moves the product by one more ulp
             assert_close(&what("swiglu"), &got_fwd, &fwd, dtype, 2.0, 0.0);
-            assert_close(&what("swiglu_gate_grad"), &got_gate, &d_gate, dtype, 1.0, 0.0);
+            assert_close(
+                &what("swiglu_gate_grad"),
+                &got_gate,
+                &d_gate,
+                dtype,
+                1.0,
+                0.0,
+            );
             assert_close(&what("swiglu_up_grad"), &got_up, &d_up, dtype, 2.0, 0.0);
         }
     }

@@ -111,16 +111,21 @@ pub fn activation(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
     }
 }
 
-/// RMSNorm in f32 as transformers computes it: x · rsqrt(mean(x²) + ε) · w.
-/// `plus_one` is Gemma's variant, which scales by (1 + w).
+/// RMSNorm as transformers computes it: n = x · rsqrt(mean(x²) + ε) in f32, then
+/// LlamaRMSNorm's `w * n.to(dtype)` (rounded to the model dtype before the product, which is
+/// rounded again), or, for `plus_one` (Gemma), n · (1 + w) in f32 rounded once. In f32 the two
+/// orders are the same; in bf16 they differ in a quarter of the outputs (tests/rms_norm.rs).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, plus_one: bool) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(accum_dtype(dtype))?;
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x.broadcast_mul(&(ms + eps)?.sqrt()?.recip()?)?;
-    let w = w.to_dtype(accum_dtype(dtype))?;
-    let w = if plus_one { (w + 1.0)? } else { w };
-    normed.broadcast_mul(&w)?.to_dtype(dtype)
+    if plus_one {
+        let w = (w.to_dtype(accum_dtype(dtype))? + 1.0)?;
+        normed.broadcast_mul(&w)?.to_dtype(dtype)
+    } else {
+        normed.to_dtype(dtype)?.broadcast_mul(&w.to_dtype(dtype)?)
+    }
 }
 
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
