@@ -8,7 +8,8 @@
 #   3. the Llama-3.2-1B-shape step (bf16, batch 8×512, LoRA r 8 on all linear layers) against
 #      transformers + PEFT, with model FLOP utilisation and peak GPU memory
 #   4. every bench method's step cost at that shape
-#   5. the step with UNLEARN_CUDA_FUSED=0 (composed attention softmax, RoPE, SwiGLU and loss),
+#   5. the step with UNLEARN_CUDA_FUSED=0 (composed attention softmax, RMSNorm, RoPE, SwiGLU and
+#      loss),
 #      to measure the kernels of src/cuda/; if parity fails with them and passes without, 2–4
 #      run without them too
 # Everything printed goes to $OUT/gpu-checks.log as well; JSON results land in $OUT.
@@ -68,7 +69,7 @@ for base in llama qwen2; do
     if ! parity "$base" "$dtype" "$out/parity-$base-$dtype.json"; then
       failed+=("parity $base $dtype")
       # tell the fused kernels (src/cuda/) from the rest: the same check with the composed
-      # attention softmax, RoPE, SwiGLU and loss
+      # attention softmax, RMSNorm, RoPE, SwiGLU and loss
       if [ "$device" = cuda ] &&
         UNLEARN_CUDA_FUSED=0 parity "$base" "$dtype" "$out/parity-$base-$dtype-composed.json"; then
         echo "parity $base $dtype passes with UNLEARN_CUDA_FUSED=0: the fused kernels are wrong"
@@ -122,7 +123,7 @@ done
   | tee "$out/bench-methods.txt" || failed+=("bench methods")
 
 if [ "$device" = cuda ] && ! $fused_kernels_wrong; then
-  step "5. the same step with the composed attention softmax, RoPE, SwiGLU and loss (what src/cuda/ saves)"
+  step "5. the same step with the composed attention softmax, RMSNorm, RoPE, SwiGLU and loss (what src/cuda/ saves)"
   UNLEARN_CUDA_FUSED=0 "$bin" --device "$device" "${base_dtype[@]}" bench \
     --methods gradascent "${bench_shape[@]}" | tee "$out/bench-composed-kernels.txt" \
     || failed+=("bench composed kernels")

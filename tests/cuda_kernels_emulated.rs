@@ -4,14 +4,16 @@
 //! every GPU thread an OS thread, `__syncthreads` and warp shuffles as barriers). Each test
 //! launches a kernel with the grid, block and arguments that src/model/cuda_kernels.rs gives
 //! it, and checks the output against the CPU path: `ops::masked_softmax`, `ops::token_nll`,
-//! `ops::rope_composed` and `ops::gated_activation`, and their autograd backward. This is what
+//! `ops::rope_composed` and `ops::gated_activation`, and their autograd backward; RMSNorm
+//! against transformers' own modules (tests/fixtures/hf/rms-norm). This is what
 //! shows the kernels' indexing, reductions and rounding right on a machine without a GPU; the
 //! GPU itself is checked by scripts/gpu-checks.sh (parity of logits and LoRA gradients).
 //!
 //! The launch geometry below mirrors cuda_kernels.rs: attention one warp per row, 4 rows per
-//! block; the loss one block of 256 threads per row; RoPE and SwiGLU 256 threads per block over
-//! all elements.
+//! block; the loss and RMSNorm one block of 256 threads per row; RoPE and SwiGLU 256 threads
+//! per block over all elements.
 
+mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -64,6 +66,7 @@ enum Arg {
     I32(i32),
     I64(i64),
     U64(u64),
+    F32(f32),
 }
 
 /// Launches `kernel` on the emulator with grid (grid, 1, 1) and block (block.0, block.1, 1);
@@ -90,6 +93,7 @@ fn launch(kernel: &str, grid: usize, block: (u32, u32), args: &[Arg]) -> Vec<Vec
             Arg::I32(v) => format!("i32:{v}"),
             Arg::I64(v) => format!("i64:{v}"),
             Arg::U64(v) => format!("u64:{v}"),
+            Arg::F32(v) => format!("f32:{v}"),
         });
     }
     let out = cmd.output().unwrap();
@@ -649,6 +653,57 @@ fn swiglu_kernels_match_the_cpu_forward_and_autograd() {
                 0.0,
             );
             assert_close(&what("swiglu_up_grad"), &got_up, &d_up, dtype, 2.0, 0.0);
+        }
+    }
+}
+
+// ---- RMSNorm -----------------------------------------------------------------------------------
+
+const RMS_THREADS: u32 = 256;
+
+/// The RMSNorm kernel `root` over rows of x [.., d] (inputs: x, w, then the gradient for the
+/// backward).
+fn rms_norm_kernel(root: &str, inputs: &[&Tensor], plus_one: bool) -> Vec<f32> {
+    let x = inputs[0];
+    let d = x.dim(D::Minus1).unwrap();
+    let mut args: Vec<Arg> = inputs.iter().map(|t| bytes(t)).collect();
+    args.extend([
+        Arg::Out(x.elem_count() * x.dtype().size_in_bytes()),
+        Arg::I32(d as i32),
+        Arg::F32(1e-6),
+        Arg::I32(plus_one as i32),
+    ]);
+    let rows = x.elem_count() / d;
+    let out = launch(
+        &format!("{root}_{}", suffix(x.dtype())),
+        rows,
+        (RMS_THREADS, 1),
+        &args,
+    );
+    values(&out[0], x.dtype())
+}
+
+#[test]
+fn rms_norm_kernels_match_transformers() {
+    let r = common::reference("rms-norm");
+    for dtype in DTYPES {
+        let s = suffix(dtype);
+        let (x, g) = (&r[&format!("x_{s}")], &r[&format!("g_{s}")]);
+        for (family, weight, plus_one) in [("llama", "w", false), ("gemma2", "w_plus_one", true)] {
+            let w = &r[&format!("{weight}_{s}")];
+            let what = |op: &str| format!("{op} {family} {dtype:?}");
+            let y = rms_norm_kernel("rms_norm", &[x, w], plus_one);
+            let dx = rms_norm_kernel("rms_norm_bwd", &[x, w, g], plus_one);
+            let want_y = to_f32(&r[&format!("{family}_y_{s}")]);
+            let want_dx = to_f32(&r[&format!("{family}_dx_{s}")]);
+            // f32: torch's rsqrt and summation order; half types: the same roundings as torch
+            let (ulps, abs) = if dtype == DType::F32 {
+                (8.0, 1e-6)
+            } else {
+                (1.0, 0.0)
+            };
+            assert_close(&what("rms_norm"), &y, &want_y, dtype, ulps, abs);
+            assert_close(&what("rms_norm_bwd"), &dx, &want_dx, dtype, ulps, abs);
         }
     }
 }

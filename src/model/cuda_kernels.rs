@@ -392,6 +392,119 @@ pub(crate) mod elementwise {
     }
 }
 
+/// Launches of src/cuda/rms_norm.cu for `FusedRmsNorm` and `RmsNormGrad` (src/model/ops.rs):
+/// one block per row of x [.., d], the weight [d].
+pub(crate) mod rms_norm {
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    };
+    use candle_core::cuda_backend::{kernel_name, Map2, Map3, WrapErr};
+    use candle_core::{CudaDevice, Layout, WithDType};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
+    const MODULE: &str = "unlearn_rms_norm";
+    /// threads per block: RMS_THREADS in the kernel, which sizes its shared memory by it
+    const THREADS: u32 = 256;
+
+    /// `rms_norm` (inputs x, w) or `rms_norm_bwd` (x, w and the gradient of y).
+    pub struct Kernel {
+        pub root: &'static str,
+        pub eps: f32,
+        pub plus_one: bool,
+    }
+
+    impl Kernel {
+        fn launch<T: DeviceRepr + WithDType>(
+            &self,
+            dev: &CudaDevice,
+            inputs: &[(&CudaSlice<T>, &Layout, &str)],
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let (x_l, w_l) = (inputs[0].1, inputs[1].1);
+            let d = w_l.shape().elem_count();
+            let n = x_l.shape().elem_count();
+            let fits = w_l.dims().len() == 1
+                && x_l.dims().last() == Some(&d)
+                && d > 0
+                && n > 0
+                && d <= i32::MAX as usize
+                && n / d <= i32::MAX as usize;
+            if !fits {
+                candle_core::bail!(
+                    "{}: weight {:?} for x {:?}",
+                    self.root,
+                    w_l.shape(),
+                    x_l.shape()
+                );
+            }
+            if let Some((_, grad_l, _)) = inputs.get(2) {
+                if grad_l.shape() != x_l.shape() {
+                    candle_core::bail!(
+                        "{}: gradient {:?} for x {:?}",
+                        self.root,
+                        grad_l.shape(),
+                        x_l.shape()
+                    );
+                }
+            }
+            let views = inputs
+                .iter()
+                .map(|(src, layout, what)| super::contiguous_view(src, layout, what))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let func = dev.get_or_load_custom_func(&kernel_name::<T>(self.root), MODULE, PTX)?;
+            // SAFETY: the kernel writes every element of every row
+            let out = unsafe { dev.alloc::<T>(n)? };
+            let mut builder = func.builder();
+            for view in &views {
+                builder.arg(view);
+            }
+            builder.arg(&out);
+            let plus_one = self.plus_one as i32;
+            candle_core::builder_arg!(builder, d as i32, self.eps, plus_one);
+            let cfg = LaunchConfig {
+                grid_dim: ((n / d) as u32, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: (inputs…, output, d, eps, plus_one) is both kernels' signature
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(out)
+        }
+    }
+
+    impl Map2 for Kernel {
+        fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+            &self,
+            x: &CudaSlice<T>,
+            x_l: &Layout,
+            w: &CudaSlice<T>,
+            w_l: &Layout,
+            dev: &CudaDevice,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            self.launch(dev, &[(x, x_l, "rms-norm x"), (w, w_l, "rms-norm weight")])
+        }
+    }
+
+    impl Map3 for Kernel {
+        fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+            &self,
+            x: &CudaSlice<T>,
+            x_l: &Layout,
+            w: &CudaSlice<T>,
+            w_l: &Layout,
+            g: &CudaSlice<T>,
+            g_l: &Layout,
+            dev: &CudaDevice,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let inputs = [
+                (x, x_l, "rms-norm x"),
+                (w, w_l, "rms-norm weight"),
+                (g, g_l, "rms-norm gradient"),
+            ];
+            self.launch(dev, &inputs)
+        }
+    }
+}
+
 /// Runs a candle CUDA map (one output slice in the inputs' dtype) over custom-op storages and
 /// gives the output the first input's shape: the `cuda_fwd` of every op in src/model/ops.rs.
 pub(crate) mod map {

@@ -10,6 +10,7 @@ use crate::model::config::Activation;
 #[cfg(feature = "cuda")]
 use crate::model::cuda_kernels::{
     attention as cuda_attention, elementwise as cuda_elementwise, map as cuda_map, nll as cuda_nll,
+    rms_norm as cuda_rms_norm,
 };
 
 /// The dtype reductions run in: f32, or f64 for f64 inputs (gradient checks need it).
@@ -606,7 +607,8 @@ impl candle_core::CustomOp1 for FusedSoftmax {
     }
 }
 
-/// RMSNorm over the last dimension: y = x · rsqrt(mean x² + ε) · (w or 1 + w).
+/// RMSNorm over the last dimension: y = x · rsqrt(mean x² + ε) · (w or 1 + w), rounded on
+/// CUDA as transformers rounds in the model dtype (src/cuda/rms_norm.cu, see [`rms_norm`]).
 struct FusedRmsNorm {
     eps: f32,
     plus_one: bool,
@@ -634,14 +636,29 @@ impl CustomOp2 for FusedRmsNorm {
         let (eps, plus_one) = (self.eps, self.plus_one);
         for_each_row_mut(&mut out, d, |i, o| {
             let row = &x[i * d..(i + 1) * d];
-            let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
-            let r = 1.0 / (ms + eps).sqrt();
+            let r = inv_rms(row, eps);
             for ((oi, &xi), &wi) in o.iter_mut().zip(row).zip(w) {
                 let scale = if plus_one { 1.0 + wi } else { wi };
                 *oi = xi * r * scale;
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let kernel = cuda_rms_norm::Kernel {
+            root: "rms_norm",
+            eps: self.eps,
+            plus_one: self.plus_one,
+        };
+        cuda_map::map2(&kernel, s1, l1, s2, l2)
     }
 
     fn bwd(
@@ -651,17 +668,34 @@ impl CustomOp2 for FusedRmsNorm {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let d = x.dim(D::Minus1)? as f64;
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?
-            .sqrt()?
-            .recip()?;
-        let scale = if self.plus_one { (w + 1.0)? } else { w.clone() };
-        let u = g.broadcast_mul(&scale)?;
-        // ∂x = r·u − r³·x·Σ(u⊙x)/d
-        let ux = ((&u * x)?.sum_keepdim(D::Minus1)? / d)?;
-        let gx = (u.broadcast_mul(&r)? - x.broadcast_mul(&(r.powf(3.0)? * ux)?)?)?;
+        let (d, eps) = (x.dim(D::Minus1)? as f64, self.eps as f64);
+        let r = || (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip();
+        let scale = || {
+            if self.plus_one {
+                w + 1.0
+            } else {
+                Ok(w.clone())
+            }
+        };
+        let gx = if x.device().is_cpu() {
+            // ∂x = r·u − r³·x·Σ(u⊙x)/d, u = g ⊙ scale (composed: a fused form measured no
+            // faster on the CPU, where the norms are a small part of the step)
+            let (r, u) = (r()?, g.broadcast_mul(&scale()?)?);
+            let ux = ((&u * x)?.sum_keepdim(D::Minus1)? / d)?;
+            (u.broadcast_mul(&r)? - x.broadcast_mul(&(r.powf(3.0)? * ux)?)?)?
+        } else {
+            let grad = RmsNormGrad {
+                eps: self.eps,
+                plus_one: self.plus_one,
+            };
+            x.apply_op3_no_bwd(w, &g.contiguous()?, &grad)?
+        };
         let gw = if w.is_variable() || w.track_op() {
-            let normed = x.broadcast_mul(&r)?;
+            // `rms_norm_fused` sends a trainable weight on CUDA to the composed form
+            if !x.device().is_cpu() {
+                candle_core::bail!("fused-rms-norm: a trainable norm weight is CPU f32 only");
+            }
+            let normed = x.broadcast_mul(&r()?)?;
             let rows = normed.elem_count() / w.elem_count();
             Some((g * normed)?.reshape((rows, w.elem_count()))?.sum(0)?)
         } else {
@@ -671,11 +705,63 @@ impl CustomOp2 for FusedRmsNorm {
     }
 }
 
+/// 1 / sqrt(mean x² + ε) of a row, as the composed form computes it.
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+/// ∂x of [`FusedRmsNorm`] on CUDA from (x, w, ∂y): r·u − r³·x·Σ(u⊙x)/d with u = ∂y ⊙ (w or
+/// 1 + w), in half types rounded as transformers' backward rounds it; one pass per row where
+/// the composed form is about ten over the whole tensor.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct RmsNormGrad {
+    eps: f32,
+    plus_one: bool,
+}
+
+impl candle_core::CustomOp3 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("fused-rms-norm-grad: CUDA only (the CPU uses the composed form)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let kernel = cuda_rms_norm::Kernel {
+            root: "rms_norm_bwd",
+            eps: self.eps,
+            plus_one: self.plus_one,
+        };
+        cuda_map::map3(&kernel, s1, l1, s2, l2, s3, l3)
+    }
+}
+
 fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
-/// Whether the CUDA kernels of src/cuda/ (attention softmax, RoPE, SwiGLU, next-token loss) take
+/// Whether the CUDA kernels of src/cuda/ (attention softmax, RMSNorm, RoPE, SwiGLU, next-token
+/// loss) take
 /// `x`: a CUDA tensor in f32, bf16 or f16, unless `UNLEARN_CUDA_FUSED=0` asks for the composed
 /// forms (to compare speed, or to tell a kernel fault from anything else).
 pub(crate) fn cuda_fusable(x: &Tensor) -> bool {
@@ -701,24 +787,28 @@ pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// RMSNorm with a backward; fused on CPU f32, composed elsewhere.
+/// RMSNorm with a backward; fused on CPU f32 and on CUDA (src/cuda/rms_norm.cu, see
+/// `cuda_fusable`), composed elsewhere.
 pub fn rms_norm_fused(
     x: &Tensor,
     w: &Tensor,
     eps: f64,
     plus_one: bool,
 ) -> candle_core::Result<Tensor> {
+    let op = FusedRmsNorm {
+        eps: eps as f32,
+        plus_one,
+    };
     if fusable(x) && w.dtype() == DType::F32 {
-        x.contiguous()?.apply_op2(
-            &w.contiguous()?,
-            FusedRmsNorm {
-                eps: eps as f32,
-                plus_one,
-            },
-        )
-    } else {
-        rms_norm(x, w, eps, plus_one)
+        return x.contiguous()?.apply_op2(&w.contiguous()?, op);
     }
+    // the CUDA backward gives ∂x only: a trainable norm weight takes the composed form there
+    let frozen = !(w.is_variable() || w.track_op());
+    let fits = w.rank() == 1 && x.rank() > 0 && x.dim(D::Minus1)? == w.dim(0)?;
+    if cuda_fusable(x) && w.dtype() == x.dtype() && frozen && fits && x.elem_count() > 0 {
+        return x.contiguous()?.apply_op2(&w.contiguous()?, op);
+    }
+    rms_norm(x, w, eps, plus_one)
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //
 // An ARG is in:PATH (a device buffer holding the file's bytes), out:PATH:BYTES (a buffer of
 // BYTES, filled with 0xff so that an element the kernel never writes reads as NaN, written to
-// PATH after the launch), or i32:V, i64:V, u64:V (an int, int64_t or size_t parameter). The
+// PATH after the launch), or i32:V, i64:V, u64:V, f32:V (an int, int64_t, size_t or float
+// parameter). The
 // tags are checked against the kernel's signature, so an argument pushed in the wrong order or
 // type fails here as it would corrupt the launch on a GPU.
 #include <cstdio>
@@ -19,6 +20,7 @@
 
 #include "../../src/cuda/attention.cu"
 #include "../../src/cuda/nll.cu"
+#include "../../src/cuda/rms_norm.cu"
 #include "../../src/cuda/rope.cu"
 #include "../../src/cuda/swiglu.cu"
 
@@ -30,10 +32,11 @@ namespace {
 }
 
 struct Arg {
-  enum Kind { Buffer, I32, I64, U64 } kind;
+  enum Kind { Buffer, I32, I64, U64, F32 } kind;
   std::vector<unsigned char> bytes;  // Buffer
   std::string out_path;              // Buffer written back after the launch, if set
   int64_t value = 0;                 // I32, I64, U64
+  float real = 0.0f;                 // F32
 };
 
 template <typename P>
@@ -67,6 +70,14 @@ struct Take<size_t> {
   }
 };
 
+template <>
+struct Take<float> {
+  static float get(Arg& a, size_t i) {
+    if (a.kind != Arg::F32) die("argument " + std::to_string(i) + " must be f32");
+    return a.real;
+  }
+};
+
 using Launcher = std::function<void(dim3, dim3, std::vector<Arg>&)>;
 
 template <typename... P, size_t... I>
@@ -93,7 +104,8 @@ const std::map<std::string, Launcher>& kernels() {
   static const std::map<std::string, Launcher> table = {
       FOR_DTYPES(masked_softmax), FOR_DTYPES(masked_softmax_bwd), FOR_DTYPES(nll_fwd),
       FOR_DTYPES(nll_bwd),        FOR_DTYPES(rope),               FOR_DTYPES(swiglu),
-      FOR_DTYPES(swiglu_gate_grad), FOR_DTYPES(swiglu_up_grad),
+      FOR_DTYPES(swiglu_gate_grad), FOR_DTYPES(swiglu_up_grad), FOR_DTYPES(rms_norm),
+      FOR_DTYPES(rms_norm_bwd),
   };
   return table;
 }
@@ -117,6 +129,9 @@ Arg parse(const std::string& s) {
   } else if (tag == "i32" || tag == "i64" || tag == "u64") {
     a.kind = tag == "i32" ? Arg::I32 : tag == "i64" ? Arg::I64 : Arg::U64;
     a.value = std::stoll(rest);
+  } else if (tag == "f32") {
+    a.kind = Arg::F32;
+    a.real = std::stof(rest);
   } else {
     die("unknown argument tag '" + tag + "'");
   }
