@@ -124,7 +124,7 @@ enum Command {
     /// Prints seconds per step, tokens/s, achieved TFLOP/s (model FLOPs: forward, and backward
     /// to the inputs only since base weights are frozen; with --peak-tflops also the model FLOP
     /// utilisation) and peak memory per method, and each method's cost relative to the first
-    /// one. Run one method per process for a clean peak-memory figure.
+    /// one. Each method's peak memory is measured anew (Linux).
     /// `scripts/bench-vs-peft.sh` times the same step in transformers + PEFT beside it.
     Bench {
         /// methods to time: gradascent, graddiff, npo, eupmu, eupmu-fast, surgery
