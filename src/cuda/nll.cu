@@ -4,8 +4,6 @@
 // f32 and about six passes of log-softmax forward and as many backward, over N × V values.
 #include "common.cuh"
 
-#define NLL_THREADS 256
-
 // Running (max, Σ exp(x − max)) pairs, merged without exp(−inf + inf) = NaN; an empty pair is
 // (−inf, 0), and a NaN logit (a NaN sum) carries through to the loss as on the CPU.
 __device__ __forceinline__ void merge_stats(float* m, float* s, float m2, float s2) {
@@ -23,8 +21,9 @@ __device__ __forceinline__ void merge_stats(float* m, float* s, float m2, float 
 // log Σ exp over one row, computed by the whole block; every thread gets it.
 template <typename T>
 __device__ float row_logsumexp(const T* x, int v) {
-  __shared__ float shared_m[NLL_THREADS / 32];
-  __shared__ float shared_s[NLL_THREADS / 32];
+  // one (max, sum) pair per warp, for any block of up to 1024 threads
+  __shared__ float shared_m[32];
+  __shared__ float shared_s[32];
   float m = -INFINITY, s = 0.0f;
   for (int c = threadIdx.x; c < v; c += blockDim.x) {
     float z = load_f(x[c]);

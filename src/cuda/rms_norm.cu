@@ -6,12 +6,11 @@
 // forward, and about as many passes backward, three times per layer.
 #include "common.cuh"
 
-#define RMS_THREADS 256
-
 // Σ v over the block, every thread getting it. Called twice by the backward: the trailing
-// barrier keeps the second call's writes from racing the first call's reads.
+// barrier keeps the second call's writes from racing the first call's reads. One partial sum
+// per warp, for any block of up to 1024 threads.
 __device__ float block_sum(float v) {
-  __shared__ float partial[RMS_THREADS / 32];
+  __shared__ float partial[32];
   v = warp_sum(v);
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) partial[warp] = v;

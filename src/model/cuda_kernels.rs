@@ -4,6 +4,11 @@
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
 use candle_core::Layout;
 
+/// The longest row a kernel's `int` column loop (`c += step`) walks without overflowing.
+const fn max_row(step: u32) -> usize {
+    (i32::MAX as u32 - step) as usize
+}
+
 /// The kernel's view of a contiguous input (its offset applied); `what` names the op and input
 /// in the error.
 fn contiguous_view<'a, T>(
@@ -38,7 +43,7 @@ pub(crate) mod attention {
             && sd.len() == 4
             && md == [sd[0], 1, sd[2], sd[3]]
             && sd.iter().all(|&d| d > 0)
-            && sd[3] <= i32::MAX as usize
+            && sd[3] <= super::max_row(32)
             && sd[1] * sd[2] <= i32::MAX as usize
             && sd[0] * sd[1] * sd[2] <= i32::MAX as usize
     }
@@ -222,7 +227,8 @@ pub(crate) mod nll {
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nll.ptx"));
     const MODULE: &str = "unlearn_nll";
-    /// threads per block, one block per row (NLL_THREADS in nll.cu)
+    /// threads per block, one block per row: a multiple of 32, at most 1024 (nll.cu keeps one
+    /// partial result per warp)
     const THREADS: u32 = 256;
 
     fn launch_config(rows: usize) -> LaunchConfig {
@@ -243,7 +249,7 @@ pub(crate) mod nll {
     )> {
         let (n, v) = layout.shape().dims2()?;
         // one block per row: the grid's x dimension takes at most 2³¹ − 1 blocks
-        if n == 0 || v == 0 || v > i32::MAX as usize || n > i32::MAX as usize {
+        if n == 0 || v == 0 || v > super::max_row(THREADS) || n > i32::MAX as usize {
             candle_core::bail!("fused-nll: {n} rows of {v} logits do not fit the kernel");
         }
         Ok((
@@ -403,7 +409,8 @@ pub(crate) mod rms_norm {
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
     const MODULE: &str = "unlearn_rms_norm";
-    /// threads per block: RMS_THREADS in the kernel, which sizes its shared memory by it
+    /// threads per block, one block per row: a multiple of 32, at most 1024 (rms_norm.cu keeps
+    /// one partial sum per warp)
     const THREADS: u32 = 256;
 
     /// `rms_norm` (inputs x, w) or `rms_norm_bwd` (x, w and the gradient of y).
@@ -426,7 +433,7 @@ pub(crate) mod rms_norm {
                 && x_l.dims().last() == Some(&d)
                 && d > 0
                 && n > 0
-                && d <= i32::MAX as usize
+                && d <= super::max_row(THREADS)
                 && n / d <= i32::MAX as usize;
             if !fits {
                 candle_core::bail!(

@@ -693,7 +693,10 @@ impl CustomOp2 for FusedRmsNorm {
         let gw = if w.is_variable() || w.track_op() {
             // `rms_norm_fused` sends a trainable weight on CUDA to the composed form
             if !x.device().is_cpu() {
-                candle_core::bail!("fused-rms-norm: a trainable norm weight is CPU f32 only");
+                candle_core::bail!(
+                    "internal: fused-rms-norm reached with a trainable weight on CUDA \
+                     (rms_norm_fused composes it)"
+                );
             }
             let normed = x.broadcast_mul(&r()?)?;
             let rows = normed.elem_count() / w.elem_count();
@@ -799,12 +802,14 @@ pub fn rms_norm_fused(
         eps: eps as f32,
         plus_one,
     };
-    if fusable(x) && w.dtype() == DType::F32 {
+    // the fused ops read w as one row of x's last dimension; anything else broadcasts (or
+    // fails) in the composed form
+    let fits = w.rank() == 1 && x.rank() > 0 && x.dim(D::Minus1)? == w.dim(0)?;
+    if fusable(x) && w.dtype() == DType::F32 && fits {
         return x.contiguous()?.apply_op2(&w.contiguous()?, op);
     }
     // the CUDA backward gives ∂x only: a trainable norm weight takes the composed form there
     let frozen = !(w.is_variable() || w.track_op());
-    let fits = w.rank() == 1 && x.rank() > 0 && x.dim(D::Minus1)? == w.dim(0)?;
     if cuda_fusable(x) && w.dtype() == x.dtype() && frozen && fits && x.elem_count() > 0 {
         return x.contiguous()?.apply_op2(&w.contiguous()?, op);
     }

@@ -9,9 +9,12 @@
 // an ulp or two) and FMA contraction (g++ runs with -ffp-contract=off). The tests allow for
 // those in their tolerances.
 #pragma once
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -34,8 +37,10 @@ constexpr unsigned WARP = 32;
 
 struct Warp {
   std::barrier<> barrier;
-  float lanes[WARP];
-  explicit Warp(std::ptrdiff_t threads) : barrier(threads) {}
+  float lanes[WARP] = {};
+  unsigned launched;               // lanes the block gave this warp
+  std::atomic<unsigned> exited{0};  // lanes that have returned
+  explicit Warp(unsigned threads) : barrier(threads), launched(threads) {}
 };
 
 struct Block {
@@ -73,6 +78,7 @@ void launch(dim3 grid, dim3 block_dim, Kernel kernel) {
             threadIdx = dim3{t % block_dim.x, (t / block_dim.x) % block_dim.y,
                              t / (block_dim.x * block_dim.y)};
             kernel();
+            my_warp().exited.fetch_add(1);
             my_warp().barrier.arrive_and_drop();
             b.barrier.arrive_and_drop();
           });
@@ -85,9 +91,16 @@ void launch(dim3 grid, dim3 block_dim, Kernel kernel) {
 
 inline void __syncthreads() { cuda_emu::block->barrier.arrive_and_wait(); }
 
-// The full-mask butterfly exchange the kernels use: every lane of the warp takes part.
+// The full-mask butterfly exchange the kernels use: every lane of the warp takes part. A warp
+// short of 32 lanes, or one whose lanes have returned, is undefined on the GPU: it aborts here
+// rather than read a stale lane.
 inline float __shfl_xor_sync(unsigned /*mask*/, float v, int offset) {
   cuda_emu::Warp& warp = cuda_emu::my_warp();
+  if (warp.launched != cuda_emu::WARP || warp.exited.load() != 0) {
+    std::fprintf(stderr, "cuda-emu: __shfl_xor_sync in a warp of %u lanes, %u returned\n",
+                 warp.launched, warp.exited.load());
+    std::abort();
+  }
   unsigned lane = cuda_emu::linear_thread % cuda_emu::WARP;
   warp.lanes[lane] = v;
   warp.barrier.arrive_and_wait();

@@ -2,9 +2,10 @@
 //
 //   cuda-emu KERNEL GRID_X BLOCK_X BLOCK_Y ARG...
 //
-// An ARG is in:PATH (a device buffer holding the file's bytes), out:PATH:BYTES (a buffer of
-// BYTES, filled with 0xff so that an element the kernel never writes reads as NaN, written to
-// PATH after the launch), or i32:V, i64:V, u64:V, f32:V (an int, int64_t, size_t or float
+// An ARG is in:PATH (a device buffer holding the file's bytes, followed by NaN bytes so that a
+// read past the end shows in the output), out:PATH:BYTES (a buffer of BYTES, filled with 0xff
+// so that an element the kernel never writes reads as NaN, written to PATH after the launch;
+// canary bytes after it catch a write past the end), or i32:V, i64:V, u64:V, f32:V (an int, int64_t, size_t or float
 // parameter). The
 // tags are checked against the kernel's signature, so an argument pushed in the wrong order or
 // type fails here as it would corrupt the launch on a GPU.
@@ -31,9 +32,13 @@ namespace {
   std::exit(2);
 }
 
+// bytes after each buffer: NaN (0xff) after inputs, a canary after outputs
+constexpr size_t GUARD = 64;
+constexpr unsigned char CANARY = 0xa5;
+
 struct Arg {
   enum Kind { Buffer, I32, I64, U64, F32 } kind;
-  std::vector<unsigned char> bytes;  // Buffer
+  std::vector<unsigned char> bytes;  // Buffer, GUARD bytes longer than its contents
   std::string out_path;              // Buffer written back after the launch, if set
   int64_t value = 0;                 // I32, I64, U64
   float real = 0.0f;                 // F32
@@ -120,12 +125,14 @@ Arg parse(const std::string& s) {
     std::ifstream f(rest, std::ios::binary);
     if (!f) die("cannot read " + rest);
     a.bytes.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+    a.bytes.insert(a.bytes.end(), GUARD, 0xff);
   } else if (tag == "out") {
     auto sep = rest.rfind(':');
     if (sep == std::string::npos) die("out: needs PATH:BYTES, got '" + rest + "'");
     a.kind = Arg::Buffer;
     a.out_path = rest.substr(0, sep);
     a.bytes.assign(std::stoull(rest.substr(sep + 1)), 0xff);
+    a.bytes.insert(a.bytes.end(), GUARD, CANARY);
   } else if (tag == "i32" || tag == "i64" || tag == "u64") {
     a.kind = tag == "i32" ? Arg::I32 : tag == "i64" ? Arg::I64 : Arg::U64;
     a.value = std::stoll(rest);
@@ -151,8 +158,12 @@ int main(int argc, char** argv) {
   it->second(grid, block, args);
   for (const Arg& a : args) {
     if (a.out_path.empty()) continue;
+    size_t size = a.bytes.size() - GUARD;
+    for (size_t i = size; i < a.bytes.size(); ++i) {
+      if (a.bytes[i] != CANARY) die("the kernel wrote past the end of " + a.out_path);
+    }
     std::ofstream f(a.out_path, std::ios::binary);
-    f.write(reinterpret_cast<const char*>(a.bytes.data()), (std::streamsize)a.bytes.size());
+    f.write(reinterpret_cast<const char*>(a.bytes.data()), (std::streamsize)size);
     if (!f) die("cannot write " + a.out_path);
   }
   return 0;
