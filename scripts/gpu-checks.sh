@@ -111,7 +111,7 @@ step "3. one LoRA unlearning step against transformers + PEFT (${shape[*]})"
 scripts/bench-vs-peft.sh --device "$device" "${shape[@]}" | tee "$out/bench-vs-peft.txt" \
   || failed+=("bench-vs-peft")
 
-step "4. every method's step at that shape (one process: its peak RSS column is cumulative)"
+step "4. every method's step at that shape"
 # --dtype is bench-vs-peft.sh's (both stacks); `unlearn bench` takes the global --base-dtype
 bench_shape=() base_dtype=()
 for ((i = 0; i < ${#shape[@]}; i++)); do
