@@ -657,6 +657,56 @@ fn swiglu_kernels_match_the_cpu_forward_and_autograd() {
     }
 }
 
+/// Phi-3's packed [gate | up] rows: the packed kernels equal the separate ones on the halves
+/// to the last bit (the same device functions), for rows of an odd width.
+#[test]
+fn packed_swiglu_kernels_equal_the_separate_kernels() {
+    let mut rng = Rng::new(7);
+    let (rows, inter) = (5, 301);
+    for dtype in DTYPES {
+        let y = uniform(&mut rng, &[rows, 2 * inter], -8.0, 8.0, dtype);
+        let grad = uniform(&mut rng, &[rows, inter], -1.0, 1.0, dtype);
+        let gate = y.narrow(1, 0, inter).unwrap().contiguous().unwrap();
+        let up = y.narrow(1, inter, inter).unwrap().contiguous().unwrap();
+        let n = rows * inter;
+        let packed = |root: &str, inputs: &[&Tensor], out_len: usize| {
+            let mut args: Vec<Arg> = inputs.iter().map(|t| bytes(t)).collect();
+            args.extend([
+                Arg::Out(out_len * dtype.size_in_bytes()),
+                Arg::U64(n as u64),
+                Arg::U64(inter as u64),
+            ]);
+            let grid = n.div_ceil(ELEMENTWISE_THREADS as usize);
+            let out = launch(
+                &format!("{root}_{}", suffix(dtype)),
+                grid,
+                (ELEMENTWISE_THREADS, 1),
+                &args,
+            );
+            values(&out[0], dtype)
+        };
+        let what = |op: &str| format!("{op} {dtype:?}");
+        let fwd = packed("swiglu_packed", &[&y], n);
+        let want = swiglu_kernel("swiglu", &[&gate, &up]);
+        assert_close(&what("swiglu_packed"), &fwd, &want, dtype, 0.0, 0.0);
+
+        let dy = packed("swiglu_packed_bwd", &[&y, &grad], 2 * n);
+        let d_gate = swiglu_kernel("swiglu_gate_grad", &[&gate, &up, &grad]);
+        let d_up = swiglu_kernel("swiglu_up_grad", &[&gate, &grad]);
+        let want: Vec<f32> = (0..rows)
+            .flat_map(|r| {
+                let row = r * inter..(r + 1) * inter;
+                d_gate[row.clone()]
+                    .iter()
+                    .chain(&d_up[row])
+                    .copied()
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_close(&what("swiglu_packed_bwd"), &dy, &want, dtype, 0.0, 0.0);
+    }
+}
+
 // ---- RMSNorm -----------------------------------------------------------------------------------
 
 const RMS_THREADS: u32 = 256;

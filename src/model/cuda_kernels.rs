@@ -398,6 +398,115 @@ pub(crate) mod elementwise {
     }
 }
 
+/// The packed SwiGLU kernels of src/cuda/swiglu.cu for `FusedSwigluPacked` and its gradient
+/// (src/model/ops.rs): y [.., 2·inter] holds [gate | up] in each row.
+pub(crate) mod swiglu_packed {
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    };
+    use candle_core::cuda_backend::{kernel_name, Map1, Map2, WrapErr};
+    use candle_core::{CudaDevice, Layout, WithDType};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
+    const MODULE: &str = "unlearn_swiglu";
+    const THREADS: u32 = 256;
+
+    /// `swiglu_packed` (input y) or `swiglu_packed_bwd` (y and the gradient of the output).
+    pub struct Kernel {
+        pub root: &'static str,
+        pub inter: usize,
+    }
+
+    impl Kernel {
+        /// Launches over n = rows · inter (inputs…, output of `out_len`, n, inter).
+        fn launch<T: DeviceRepr + WithDType>(
+            &self,
+            dev: &CudaDevice,
+            inputs: &[(&CudaSlice<T>, &Layout, &str)],
+            out_len: usize,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let y_l = inputs[0].1;
+            let n = y_l.shape().elem_count() / 2;
+            if self.inter == 0 || y_l.dims().last() != Some(&(2 * self.inter)) || n == 0 {
+                candle_core::bail!(
+                    "{}: y {:?} is not [.., 2 × {}]",
+                    self.root,
+                    y_l.shape(),
+                    self.inter
+                );
+            }
+            if let Some((_, grad_l, _)) = inputs.get(1) {
+                let want = &y_l.dims()[..y_l.dims().len() - 1];
+                let dims = grad_l.dims();
+                if dims.split_last() != Some((&self.inter, want)) {
+                    candle_core::bail!(
+                        "{}: gradient {:?} for y {:?}",
+                        self.root,
+                        grad_l.shape(),
+                        y_l.shape()
+                    );
+                }
+            }
+            let views = inputs
+                .iter()
+                .map(|(src, layout, what)| super::contiguous_view(src, layout, what))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let func = dev.get_or_load_custom_func(&kernel_name::<T>(self.root), MODULE, PTX)?;
+            // SAFETY: the kernel writes all out_len elements (a grid-stride loop over n rows ×
+            // inter, one or two writes each)
+            let out = unsafe { dev.alloc::<T>(out_len)? };
+            let mut builder = func.builder();
+            for view in &views {
+                builder.arg(view);
+            }
+            builder.arg(&out);
+            builder.arg(&n);
+            builder.arg(&self.inter);
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    n.div_ceil(THREADS as usize).min(i32::MAX as usize) as u32,
+                    1,
+                    1,
+                ),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: (inputs…, output, n as size_t, inter as size_t) is both kernels' signature
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(out)
+        }
+    }
+
+    impl Map1 for Kernel {
+        fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+            &self,
+            y: &CudaSlice<T>,
+            dev: &CudaDevice,
+            y_l: &Layout,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let out_len = y_l.shape().elem_count() / 2;
+            self.launch(dev, &[(y, y_l, "packed swiglu y")], out_len)
+        }
+    }
+
+    impl Map2 for Kernel {
+        fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+            &self,
+            y: &CudaSlice<T>,
+            y_l: &Layout,
+            grad: &CudaSlice<T>,
+            grad_l: &Layout,
+            dev: &CudaDevice,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let inputs = [
+                (y, y_l, "packed swiglu y"),
+                (grad, grad_l, "packed swiglu gradient"),
+            ];
+            self.launch(dev, &inputs, y_l.shape().elem_count())
+        }
+    }
+}
+
 /// Launches of src/cuda/rms_norm.cu for `FusedRmsNorm` and `RmsNormGrad` (src/model/ops.rs):
 /// one block per row of x [.., d], the weight [d].
 pub(crate) mod rms_norm {

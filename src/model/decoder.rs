@@ -867,12 +867,7 @@ impl Decoder {
             }
             Mlp::FusedGated { gate_up, down } => {
                 let y = gate_up.forward(x, opts)?;
-                let i = self.cfg.intermediate_size;
-                let h = ops::gated_activation(
-                    &y.narrow(D::Minus1, 0, i)?,
-                    &y.narrow(D::Minus1, i, i)?,
-                    act,
-                )?;
+                let h = ops::packed_gated_activation(&y, self.cfg.intermediate_size, act)?;
                 down.forward(&h, opts)
             }
             Mlp::Plain { fc, proj } => {

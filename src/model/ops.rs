@@ -10,7 +10,7 @@ use crate::model::config::Activation;
 #[cfg(feature = "cuda")]
 use crate::model::cuda_kernels::{
     attention as cuda_attention, elementwise as cuda_elementwise, map as cuda_map, nll as cuda_nll,
-    rms_norm as cuda_rms_norm,
+    rms_norm as cuda_rms_norm, swiglu_packed as cuda_swiglu_packed,
 };
 
 /// The dtype reductions run in: f32, or f64 for f64 inputs (gradient checks need it).
@@ -924,6 +924,37 @@ mod fused_tests {
         let expect = (gate.as_tensor().gelu_erf().unwrap() * up.as_tensor()).unwrap();
         assert_eq!(maxdiff(&gelu, &expect), 0.0);
     }
+
+    #[test]
+    fn packed_swiglu_equals_the_narrowed_halves_bit_for_bit() {
+        let dev = Device::Cpu;
+        let inter = 1000;
+        let y =
+            Var::from_tensor(&Tensor::randn(0f32, 4.0, (3, 5, 2 * inter), &dev).unwrap()).unwrap();
+        let t = Tensor::randn(0f32, 1.0, (3, 5, inter), &dev).unwrap();
+        let run = |packed: bool| {
+            let y = y.as_tensor();
+            let h = if packed {
+                packed_gated_activation(y, inter, Activation::Silu).unwrap()
+            } else {
+                let gate = y.narrow(D::Minus1, 0, inter).unwrap();
+                let up = y.narrow(D::Minus1, inter, inter).unwrap();
+                gated_activation(&gate, &up, Activation::Silu).unwrap()
+            };
+            let grads = (&h * &t).unwrap().sum_all().unwrap().backward().unwrap();
+            (h, grads.get(y).unwrap().clone())
+        };
+        let (h1, dy1) = run(true);
+        let (h2, dy2) = run(false);
+        assert_eq!(h1.dims(), [3, 5, inter]);
+        assert_eq!(dy1.dims(), [3, 5, 2 * inter]);
+        // the same per-element formulas: equal to the last bit, the gradient's halves included
+        assert_eq!(maxdiff(&h1, &h2), 0.0);
+        assert_eq!(maxdiff(&dy1, &dy2), 0.0);
+        // a projection of the wrong width is an error naming both sizes
+        let err = packed_gated_activation(y.as_tensor(), inter + 1, Activation::Silu).unwrap_err();
+        assert!(err.to_string().contains("2000, not 2 × 1001"), "{err}");
+    }
 }
 
 /// RoPE as one pass over a contiguous f32 [B, H, T, D] input. RoPE is a rotation, so the
@@ -1110,6 +1141,12 @@ fn silu_f32(x: f32) -> f32 {
     x / (1.0 + fast_exp(-x))
 }
 
+/// ∂/∂gate of silu(gate) ⊙ up for the output gradient g: g ⊙ up ⊙ σ(gate)·(1 + gate·(1 − σ)).
+fn silu_gate_grad_f32(gate: f32, up: f32, g: f32) -> f32 {
+    let sigmoid = 1.0 / (1.0 + fast_exp(-gate));
+    g * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))
+}
+
 /// Applies `f` element-wise to equally long contiguous f32 inputs, in parallel chunks (callers
 /// check the lengths: see [`same_shape_f32`]).
 fn zip_map<const N: usize>(inputs: [&[f32]; N], f: impl Fn([f32; N]) -> f32 + Sync) -> Vec<f32> {
@@ -1205,10 +1242,7 @@ impl candle_core::CustomOp3 for SwigluGateGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let inputs = same_shape_f32([(s1, l1), (s2, l2), (s3, l3)], self.name())?;
-        let out = zip_map(inputs, |[gate, up, g]| {
-            let sigmoid = 1.0 / (1.0 + fast_exp(-gate));
-            g * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))
-        });
+        let out = zip_map(inputs, |[gate, up, g]| silu_gate_grad_f32(gate, up, g));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -1279,6 +1313,153 @@ pub fn gated_activation(
         gate.contiguous()?.apply_op2(&up.contiguous()?, FusedSwiglu)
     } else {
         activation(gate, act)? * up
+    }
+}
+
+/// `act(gate) ⊙ up` for a packed projection y [.., 2·inter] whose rows hold [gate | up] (Phi-3's
+/// `gate_up_proj`). Fused for SiLU on CPU f32 and on CUDA, reading both halves in place; the
+/// backward writes ∂y whole. Composed, the two halves are narrowed and copied, and each
+/// narrow's backward pads a full-size zero tensor before the two are added.
+pub fn packed_gated_activation(
+    y: &Tensor,
+    inter: usize,
+    act: Activation,
+) -> candle_core::Result<Tensor> {
+    let last = y.dim(D::Minus1)?;
+    if last != 2 * inter {
+        candle_core::bail!("packed gate/up projection: last dimension {last}, not 2 × {inter}");
+    }
+    let fused = act == Activation::Silu
+        && inter > 0
+        && y.elem_count() > 0
+        && (fusable(y) || cuda_fusable(y));
+    if fused {
+        return y.contiguous()?.apply_op1(FusedSwigluPacked { inter });
+    }
+    gated_activation(
+        &y.narrow(D::Minus1, 0, inter)?,
+        &y.narrow(D::Minus1, inter, inter)?,
+        act,
+    )
+}
+
+/// silu(gate) ⊙ up over y [.., 2·inter] = [gate | up] (see [`packed_gated_activation`]).
+struct FusedSwigluPacked {
+    inter: usize,
+}
+
+impl FusedSwigluPacked {
+    /// y's shape with the last dimension halved.
+    fn out_shape(&self, y: &Layout) -> Shape {
+        let mut dims = y.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = self.inter;
+        }
+        Shape::from(dims)
+    }
+}
+
+impl candle_core::CustomOp1 for FusedSwigluPacked {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-packed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = f32_input(s, l, self.name())?;
+        let inter = self.inter;
+        if inter == 0 || l.dims().last() != Some(&(2 * inter)) {
+            candle_core::bail!(
+                "{}: y {:?} is not [.., 2 × {inter}]",
+                self.name(),
+                l.shape()
+            );
+        }
+        let mut out = vec![0f32; y.len() / 2];
+        for_each_row_mut(&mut out, inter, |r, o| {
+            let (gate, up) = y[2 * r * inter..2 * (r + 1) * inter].split_at(inter);
+            for ((oi, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                *oi = silu_f32(g) * u;
+            }
+        });
+        Ok((CpuStorage::F32(out), self.out_shape(l)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::Map1;
+        let kernel = cuda_swiglu_packed::Kernel {
+            root: "swiglu_packed",
+            inter: self.inter,
+        };
+        let slice = kernel.map(&s.slice, s.device(), l)?;
+        Ok((cuda_map::wrap(slice, s.device()), self.out_shape(l)))
+    }
+
+    fn bwd(&self, y: &Tensor, _out: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = SwigluPackedGrad { inter: self.inter };
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &grad)?))
+    }
+}
+
+/// ∂y of [`FusedSwigluPacked`] from (y, ∂out): [∂gate | ∂up] in each row, as [`SwigluGateGrad`]
+/// and [`SwigluUpGrad`] compute them.
+struct SwigluPackedGrad {
+    inter: usize,
+}
+
+impl CustomOp2 for SwigluPackedGrad {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-packed-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = f32_input(s1, l1, self.name())?;
+        let g = f32_input(s2, l2, self.name())?;
+        let inter = self.inter;
+        if inter == 0 || l1.dims().last() != Some(&(2 * inter)) || 2 * g.len() != y.len() {
+            candle_core::bail!(
+                "{}: gradient {:?} for y {:?}",
+                self.name(),
+                l2.shape(),
+                l1.shape()
+            );
+        }
+        let mut out = vec![0f32; y.len()];
+        for_each_row_mut(&mut out, 2 * inter, |r, o| {
+            let (gate, up) = y[2 * r * inter..2 * (r + 1) * inter].split_at(inter);
+            let grad = &g[r * inter..(r + 1) * inter];
+            let (d_gate, d_up) = o.split_at_mut(inter);
+            for j in 0..inter {
+                d_gate[j] = silu_gate_grad_f32(gate[j], up[j], grad[j]);
+                d_up[j] = silu_f32(gate[j]) * grad[j];
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let kernel = cuda_swiglu_packed::Kernel {
+            root: "swiglu_packed_bwd",
+            inter: self.inter,
+        };
+        cuda_map::map2(&kernel, s1, l1, s2, l2)
     }
 }
 

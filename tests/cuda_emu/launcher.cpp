@@ -110,7 +110,7 @@ const std::map<std::string, Launcher>& kernels() {
       FOR_DTYPES(masked_softmax), FOR_DTYPES(masked_softmax_bwd), FOR_DTYPES(nll_fwd),
       FOR_DTYPES(nll_bwd),        FOR_DTYPES(rope),               FOR_DTYPES(swiglu),
       FOR_DTYPES(swiglu_gate_grad), FOR_DTYPES(swiglu_up_grad), FOR_DTYPES(rms_norm),
-      FOR_DTYPES(rms_norm_bwd),
+      FOR_DTYPES(rms_norm_bwd), FOR_DTYPES(swiglu_packed), FOR_DTYPES(swiglu_packed_bwd),
   };
   return table;
 }
