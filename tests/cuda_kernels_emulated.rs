@@ -276,8 +276,9 @@ fn attention_mask(b: usize, t: usize, c: usize, dtype: DType) -> Tensor {
         .unwrap()
 }
 
-/// The attention kernel `root` over scores [B, H, T, C] (inputs: scores, mask, then any more).
-fn attention_kernel(root: &str, inputs: &[&Tensor]) -> Vec<f32> {
+/// The attention kernel `root` over scores [B, H, T, C] (inputs: scores, mask, then any more),
+/// the scores multiplied by `scale` first.
+fn attention_kernel(root: &str, inputs: &[&Tensor], scale: f32) -> Vec<f32> {
     let (b, h, t, c) = inputs[0].dims4().unwrap();
     let dtype = inputs[0].dtype();
     let rows = b * h * t;
@@ -288,6 +289,7 @@ fn attention_kernel(root: &str, inputs: &[&Tensor]) -> Vec<f32> {
         Arg::I32(c as i32),
         Arg::I32(h as i32),
         Arg::I32(t as i32),
+        Arg::F32(scale),
     ]);
     let grid = rows.div_ceil(ROWS_PER_BLOCK as usize);
     let out = launch(
@@ -303,16 +305,19 @@ fn attention_kernel(root: &str, inputs: &[&Tensor]) -> Vec<f32> {
 /// (C > T), and B·H·T rows that do not fill the last block.
 const ATTENTION_SHAPES: [[usize; 4]; 3] = [[2, 3, 5, 37], [3, 2, 7, 7], [2, 1, 3, 70]];
 
+/// 1/√d scales: a power of two (d = 64), and one that rounds (d = 37).
+const SCALES: [f64; 2] = [0.125, 0.164_398_987_305_357_2];
+
 #[test]
 fn masked_softmax_kernel_matches_the_cpu_path() {
     let mut rng = Rng::new(1);
     for dtype in DTYPES {
-        for [b, h, t, c] in ATTENTION_SHAPES {
-            let scores = uniform(&mut rng, &[b, h, t, c], -6.0, 6.0, dtype);
+        for ([b, h, t, c], &scale) in ATTENTION_SHAPES.into_iter().zip(SCALES.iter().cycle()) {
+            let scores = uniform(&mut rng, &[b, h, t, c], -40.0, 40.0, dtype);
             let mask = attention_mask(b, t, c, dtype);
-            let got = attention_kernel("masked_softmax", &[&scores, &mask]);
-            let want = to_f32(&ops::masked_softmax(&scores, &mask).unwrap());
-            let what = format!("masked_softmax {dtype:?} {:?}", [b, h, t, c]);
+            let got = attention_kernel("masked_softmax", &[&scores, &mask], scale as f32);
+            let want = to_f32(&ops::masked_softmax(&scores, scale, &mask).unwrap());
+            let what = format!("masked_softmax {dtype:?} {:?} × {scale}", [b, h, t, c]);
             // f32: summation order and expf; half types: a rounding boundary at most
             let ulps = if dtype == DType::F32 { 8.0 } else { 1.0 };
             assert_close(&what, &got, &want, dtype, ulps, 1e-12);
@@ -329,31 +334,37 @@ fn masked_softmax_kernel_matches_the_cpu_path() {
 #[test]
 fn masked_softmax_backward_kernel_matches_autograd() {
     let mut rng = Rng::new(2);
-    for [b, h, t, c] in ATTENTION_SHAPES {
+    for ([b, h, t, c], &scale) in ATTENTION_SHAPES.into_iter().zip(SCALES.iter().cycle()) {
         // f32 against candle's autograd through the CPU path
-        let scores = uniform(&mut rng, &[b, h, t, c], -6.0, 6.0, DType::F32);
+        let scores = uniform(&mut rng, &[b, h, t, c], -40.0, 40.0, DType::F32);
         let grad = uniform(&mut rng, &[b, h, t, c], -1.0, 1.0, DType::F32);
         let mask = attention_mask(b, t, c, DType::F32);
         let var = Var::from_tensor(&scores).unwrap();
-        let probs = ops::masked_softmax(var.as_tensor(), &mask).unwrap();
-        let grads = (probs * &grad)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let probs = ops::masked_softmax(var.as_tensor(), scale, &mask).unwrap();
+        let loss = (probs * &grad).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
         let want = to_f32(grads.get(var.as_tensor()).unwrap());
-        let got = attention_kernel("masked_softmax_bwd", &[&scores, &mask, &grad]);
-        let what = format!("masked_softmax_bwd F32 {:?}", [b, h, t, c]);
+        let inputs = [&scores, &mask, &grad];
+        let got = attention_kernel("masked_softmax_bwd", &inputs, scale as f32);
+        let what = format!("masked_softmax_bwd F32 {:?} × {scale}", [b, h, t, c]);
         // g − Σ g⊙p cancels: either side's f32 error is about ε·|g| absolute
         assert_close(&what, &got, &want, DType::F32, 16.0, 2e-7);
 
-        // half types against p ⊙ (g − Σ g⊙p) in f64 from the rounded inputs, rounded once
+        // half types against round(round(p ⊙ (g − Σ g⊙p)) · scale) in f64 from the rounded
+        // inputs, with x = round(round(scores · scale) + mask) as PyTorch rounds each op
         for dtype in [DType::BF16, DType::F16] {
             let scores = scores.to_dtype(dtype).unwrap();
             let grad = grad.to_dtype(dtype).unwrap();
             let mask = attention_mask(b, t, c, dtype);
-            let x = to_f32(&scores.broadcast_add(&mask).unwrap());
+            let scaled: Vec<f32> = to_f32(&scores)
+                .iter()
+                .map(|&s| round_to((s * scale as f32) as f64, dtype))
+                .collect();
+            let scaled = Tensor::from_vec(scaled, (b, h, t, c), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let x = to_f32(&scaled.broadcast_add(&mask).unwrap());
             let g = to_f32(&grad);
             let mut want = vec![0f32; x.len()];
             for (r, (xr, gr)) in x.chunks(c).zip(g.chunks(c)).enumerate() {
@@ -362,12 +373,14 @@ fn masked_softmax_backward_kernel_matches_autograd() {
                 let sum: f64 = e.iter().sum();
                 let dot: f64 = e.iter().zip(gr).map(|(e, &g)| e / sum * g as f64).sum();
                 for j in 0..c {
-                    want[r * c + j] = round_to(e[j] / sum * (gr[j] as f64 - dot), dtype);
+                    let d_scaled = round_to(e[j] / sum * (gr[j] as f64 - dot), dtype);
+                    want[r * c + j] = round_to((d_scaled * scale as f32) as f64, dtype);
                 }
             }
-            let got = attention_kernel("masked_softmax_bwd", &[&scores, &mask, &grad]);
-            let what = format!("masked_softmax_bwd {dtype:?} {:?}", [b, h, t, c]);
-            // g − dot cancels: the kernel's f32 dot is good to ~1e-7 absolute
+            let inputs = [&scores, &mask, &grad];
+            let got = attention_kernel("masked_softmax_bwd", &inputs, scale as f32);
+            let what = format!("masked_softmax_bwd {dtype:?} {:?} × {scale}", [b, h, t, c]);
+            // g − dot cancels: the kernel's f32 dot is good to ~1e-7 absolute, times the scale
             assert_close(&what, &got, &want, dtype, 1.0, 1e-6);
         }
     }

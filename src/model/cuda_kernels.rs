@@ -63,13 +63,15 @@ pub(crate) mod attention {
     }
 
     /// Runs the attention.cu kernel `root` (its `_f32`, `_bf16` or `_f16` form, for T) over the
-    /// rows of the scores. Every kernel there takes (inputs…, output, rows, cols, heads, t_q).
+    /// rows of the scores. Every kernel there takes (inputs…, output, rows, cols, heads, t_q,
+    /// scale).
     fn launch<T: DeviceRepr + WithDType>(
         dev: &CudaDevice,
         root: &str,
         inputs: &[(&CudaSlice<T>, &Layout, &str)],
         scores: &Layout,
         mask: &Layout,
+        scale: f32,
     ) -> candle_core::Result<CudaSlice<T>> {
         let (rows, cols, heads, t_q) = geometry(scores, mask)?;
         let views = inputs
@@ -84,7 +86,7 @@ pub(crate) mod attention {
             builder.arg(view);
         }
         builder.arg(&out);
-        candle_core::builder_arg!(builder, rows, cols, heads, t_q);
+        candle_core::builder_arg!(builder, rows, cols, heads, t_q, scale);
         let cfg = LaunchConfig {
             grid_dim: ((rows as u64).div_ceil(ROWS_PER_BLOCK as u64) as u32, 1, 1),
             block_dim: (32, ROWS_PER_BLOCK, 1),
@@ -95,10 +97,12 @@ pub(crate) mod attention {
         Ok(out)
     }
 
-    /// softmax(scores + mask); the backward is [`MaskedSoftmaxGrad`].
-    pub struct MaskedSoftmax;
+    /// softmax(scores · scale + mask); the backward is [`MaskedSoftmaxGrad`].
+    pub struct MaskedSoftmax {
+        pub scale: f32,
+    }
 
-    struct Forward;
+    struct Forward(f32);
     impl Map2 for Forward {
         fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
             &self,
@@ -112,7 +116,7 @@ pub(crate) mod attention {
                 (scores, scores_l, "masked-softmax scores"),
                 (mask, mask_l, "masked-softmax mask"),
             ];
-            launch(dev, "masked_softmax", &inputs, scores_l, mask_l)
+            launch(dev, "masked_softmax", &inputs, scores_l, mask_l, self.0)
         }
     }
 
@@ -138,7 +142,7 @@ pub(crate) mod attention {
             s2: &CudaStorage,
             l2: &Layout,
         ) -> candle_core::Result<(CudaStorage, Shape)> {
-            super::map::map2(&Forward, s1, l1, s2, l2)
+            super::map::map2(&Forward(self.scale), s1, l1, s2, l2)
         }
 
         fn bwd(
@@ -148,17 +152,20 @@ pub(crate) mod attention {
             _probs: &Tensor,
             grad: &Tensor,
         ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-            let d_scores =
-                scores.apply_op3_no_bwd(mask, &grad.contiguous()?, &MaskedSoftmaxGrad)?;
+            let op = MaskedSoftmaxGrad { scale: self.scale };
+            let d_scores = scores.apply_op3_no_bwd(mask, &grad.contiguous()?, &op)?;
             // the mask is a constant of the batch, never trained
             Ok((Some(d_scores), None))
         }
     }
 
-    /// ∂scores of [`MaskedSoftmax`]: p ⊙ (g − Σ g⊙p), p recomputed in f32 from the scores.
-    struct MaskedSoftmaxGrad;
+    /// ∂scores of [`MaskedSoftmax`]: scale · p ⊙ (g − Σ g⊙p), p recomputed in f32 from the
+    /// scores.
+    struct MaskedSoftmaxGrad {
+        scale: f32,
+    }
 
-    struct Backward;
+    struct Backward(f32);
     impl Map3 for Backward {
         fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
             &self,
@@ -182,7 +189,7 @@ pub(crate) mod attention {
                 (mask, mask_l, "masked-softmax mask"),
                 (grad, grad_l, "masked-softmax gradient"),
             ];
-            launch(dev, "masked_softmax_bwd", &inputs, scores_l, mask_l)
+            launch(dev, "masked_softmax_bwd", &inputs, scores_l, mask_l, self.0)
         }
     }
 
@@ -212,7 +219,7 @@ pub(crate) mod attention {
             s3: &CudaStorage,
             l3: &Layout,
         ) -> candle_core::Result<(CudaStorage, Shape)> {
-            super::map::map3(&Backward, s1, l1, s2, l2, s3, l3)
+            super::map::map3(&Backward(self.scale), s1, l1, s2, l2, s3, l3)
         }
     }
 }

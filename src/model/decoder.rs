@@ -578,7 +578,7 @@ impl Decoder {
         let normed = self.final_norm.forward(hidden)?;
         let mut logits = self.lm_head.forward(&normed, opts)?;
         if let Some(cap) = self.cfg.final_softcap {
-            logits = ((logits / cap)?.tanh()? * cap)?;
+            logits = ops::mul_scalar(&ops::div_scalar(&logits, cap)?.tanh()?, cap)?;
         }
         Ok(logits)
     }
@@ -845,11 +845,18 @@ impl Decoder {
         // kᵀ as a view of contiguous k: the matmul takes transposed strides, so only a k that is
         // itself a view (no RoPE: still [B, T, H, D] underneath) is copied
         let kt = k.contiguous()?.transpose(2, 3)?;
-        let mut scores = (q.matmul(&kt)? * cfg.attn_scale)?;
-        if let Some(cap) = cfg.attn_softcap {
-            scores = ((scores / cap)?.tanh()? * cap)?;
-        }
-        let mut probs = ops::masked_softmax(&scores, &mask.additive)?;
+        let scores = q.matmul(&kt)?;
+        // the scale goes into the softmax op (one pass less each way over the scores on CUDA)
+        // unless Gemma 2's soft cap comes between them
+        let (scores, scale) = match cfg.attn_softcap {
+            Some(cap) => {
+                let scaled = ops::mul_scalar(&scores, cfg.attn_scale)?;
+                let capped = ops::div_scalar(&scaled, cap)?.tanh()?;
+                (ops::mul_scalar(&capped, cap)?, 1.0)
+            }
+            None => (scores, cfg.attn_scale),
+        };
+        let mut probs = ops::masked_softmax(&scores, scale, &mask.additive)?;
         if let Some(keep) = &mask.empty_rows {
             probs = probs.broadcast_mul(keep)?;
         }
@@ -1169,7 +1176,7 @@ mod mask_tests {
                 .unwrap()
                 .narrow(0, 0, 1)
                 .unwrap();
-            let probs = crate::model::ops::masked_softmax(&scores, &first_row).unwrap();
+            let probs = crate::model::ops::masked_softmax(&scores, 1.0, &first_row).unwrap();
             let probs = probs
                 .to_dtype(DType::F32)
                 .unwrap()

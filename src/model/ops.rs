@@ -1465,22 +1465,52 @@ impl CustomOp2 for SwigluPackedGrad {
 
 // ---- attention softmax: softmax(scores + mask) ----------------------------------------------
 
-/// The attention probabilities `softmax(scores + mask)` over the last dimension, computed in f32
-/// (f64 for f64 models) and returned in the scores' dtype, as transformers' eager attention
-/// does. `scores` is [B, H, T, C], `mask` the additive [B, 1, T, C].
+/// `x · s` as PyTorch computes a tensor times a Python float: in f32 for half-precision `x`,
+/// rounded once to its dtype. candle's scalar product rounds `s` itself to the dtype first,
+/// which in bf16 moves a scale of 1/√128 by 2e-4 and 1/√37 by 2e-3.
+pub fn mul_scalar(x: &Tensor, s: f64) -> candle_core::Result<Tensor> {
+    match x.dtype() {
+        DType::BF16 | DType::F16 => (x.to_dtype(DType::F32)? * s)?.to_dtype(x.dtype()),
+        _ => x * s,
+    }
+}
+
+/// `x / s` as PyTorch computes it: a division (candle's `x / s` multiplies by 1/s), in f32 for
+/// half-precision `x`, rounded once to its dtype.
+pub fn div_scalar(x: &Tensor, s: f64) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let wide = match dtype {
+        DType::BF16 | DType::F16 => x.to_dtype(DType::F32)?,
+        _ => x.clone(),
+    };
+    let divisor = Tensor::new(s, x.device())?.to_dtype(wide.dtype())?;
+    wide.broadcast_div(&divisor)?.to_dtype(dtype)
+}
+
+/// The attention probabilities `softmax(scores · scale + mask)` over the last dimension,
+/// computed in f32 (f64 for f64 models) and returned in the scores' dtype, as transformers'
+/// eager attention does: `matmul(q, kᵀ) * scaling`, then `+ mask`, each rounded in the model
+/// dtype, then `softmax(dtype=float32)`. `scores` is the unscaled q·kᵀ [B, H, T, C], `mask` the
+/// additive [B, 1, T, C].
 ///
 /// On CUDA this is one kernel forward and one backward (src/cuda/attention.cu) instead of the
-/// composed add, casts and softmax, each a full pass over the [B, H, T, C] scores (see
+/// composed product, add, casts and softmax, each a full pass over the [B, H, T, C] scores (see
 /// `cuda_fusable`).
-pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+pub fn masked_softmax(scores: &Tensor, scale: f64, mask: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     if cuda_attention::applies(scores, mask) {
-        return scores
-            .contiguous()?
-            .apply_op2(&mask.contiguous()?, cuda_attention::MaskedSoftmax);
+        let op = cuda_attention::MaskedSoftmax {
+            scale: scale as f32,
+        };
+        return scores.contiguous()?.apply_op2(&mask.contiguous()?, op);
     }
     let dtype = scores.dtype();
-    softmax(&scores.broadcast_add(mask)?.to_dtype(accum_dtype(dtype))?)?.to_dtype(dtype)
+    let scaled = if scale == 1.0 {
+        scores.clone()
+    } else {
+        mul_scalar(scores, scale)?
+    };
+    softmax(&scaled.broadcast_add(mask)?.to_dtype(accum_dtype(dtype))?)?.to_dtype(dtype)
 }
 
 #[cfg(test)]
