@@ -10,6 +10,9 @@ harness. Needs torch, transformers and peft.
     python3 benches/peft_step.py --device cpu            # CPU shape of the performance issue
     python3 benches/peft_step.py --device cuda --dtype bf16 \
         --config benches/llama-3.2-1b/config.json --seq 512   # GPU shape: Llama-3.2-1B
+
+--attn eager times transformers' eager attention, which materialises the [B, H, T, T] scores as
+unlearn does, instead of its default (SDPA: flash attention on a GPU when no mask is passed).
 """
 import argparse
 import json
@@ -38,6 +41,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     ap.add_argument("--config", help="a config.json instead of the Llama shape flags")
+    ap.add_argument("--attn", choices=["eager", "sdpa"], help="transformers' attn_implementation")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -59,11 +63,12 @@ def main():
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     # built on the device in its dtype: a 1B model initialised on the CPU in f32 first takes
     # minutes and twice the memory
+    attn = {"attn_implementation": args.attn} if args.attn else {}
     with torch.device(args.device):
         try:
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, **attn)
         except TypeError:  # transformers before 4.56 call it torch_dtype
-            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
+            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype, **attn)
     # PEFT's "all-linear": every linear layer but the output head, as `unlearn bench` targets
     lora = LoraConfig(
         r=args.rank,
@@ -104,7 +109,7 @@ def main():
     tokens = args.batch * args.seq
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res = {
-        "method": "torch+peft gradascent",
+        "method": "torch+peft gradascent" + (f" ({args.attn} attention)" if args.attn else ""),
         "seconds_per_step": med,
         "tokens_per_second": tokens / med,
         "tokens_per_step": tokens,

@@ -6,7 +6,8 @@
 #      and in bf16; `unlearn parity` exits non-zero past the tolerance
 #   2. the quickstart recipe, whole (train, evaluate, merge), on CUDA
 #   3. the Llama-3.2-1B-shape step (bf16, batch 8×512, LoRA r 8 on all linear layers) against
-#      transformers + PEFT, with model FLOP utilisation and peak GPU memory
+#      transformers + PEFT, with model FLOP utilisation and peak GPU memory; and PyTorch's step
+#      with eager attention (materialised scores, as unlearn's), to tell attention's share
 #   4. every bench method's step cost at that shape
 #   5. the step with UNLEARN_CUDA_FUSED=0 (composed attention softmax, RMSNorm, RoPE, SwiGLU and
 #      loss),
@@ -49,9 +50,11 @@ PY
 )
   export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  shape=(--config benches/llama-3.2-1b/config.json --batch 8 --seq 512 --dtype bf16 --peak-tflops "${PEAK_TFLOPS:-989}")
+  py_shape=(--config benches/llama-3.2-1b/config.json --batch 8 --seq 512 --dtype bf16)
+  shape=("${py_shape[@]}" --peak-tflops "${PEAK_TFLOPS:-989}")
 else
-  shape=(--layers 2 --batch 2 --seq 64 --steps 2)
+  py_shape=(--layers 2 --batch 2 --seq 64 --steps 2)
+  shape=("${py_shape[@]}")
 fi
 "$bin" --version
 failed=()
@@ -110,6 +113,11 @@ fi
 step "3. one LoRA unlearning step against transformers + PEFT (${shape[*]})"
 scripts/bench-vs-peft.sh --device "$device" "${shape[@]}" | tee "$out/bench-vs-peft.txt" \
   || failed+=("bench-vs-peft")
+# PyTorch's default attention is SDPA (flash attention on a GPU); unlearn materialises the
+# scores as transformers' eager attention does. Timing that too tells how much of the ratio is
+# attention.
+"$PYTHON" benches/peft_step.py --device "$device" --attn eager "${py_shape[@]}" \
+  | tee "$out/peft-eager-attention.json" || failed+=("peft eager attention")
 
 step "4. every method's step at that shape"
 # --dtype is bench-vs-peft.sh's (both stacks); `unlearn bench` takes the global --base-dtype
