@@ -28,20 +28,31 @@ const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
 // ---- the emulator ------------------------------------------------------------------------------
 
-/// The emulator binary, compiled once per test run from tests/cuda_emu/launcher.cpp.
-fn emulator() -> &'static Path {
-    static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| {
+/// How the emulator is built: for the value checks, or with ThreadSanitizer, which reports a
+/// race between the threads of a block (a missing `__syncthreads` around shared memory, two
+/// threads writing one element) that the value checks would pass by luck.
+#[derive(Clone, Copy, PartialEq)]
+enum Build {
+    Plain,
+    Tsan,
+}
+use Build::{Plain, Tsan};
+
+/// The emulator binary of that build, compiled once per test run from
+/// tests/cuda_emu/launcher.cpp.
+fn emulator(build: Build) -> &'static Path {
+    static PLAIN: OnceLock<PathBuf> = OnceLock::new();
+    static TSAN: OnceLock<PathBuf> = OnceLock::new();
+    let (cell, name, flags): (_, _, &[&str]) = match build {
+        Plain => (&PLAIN, "cuda-emu", &["-O2"]),
+        Tsan => (&TSAN, "cuda-emu-tsan", &["-O1", "-g", "-fsanitize=thread"]),
+    };
+    cell.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu");
+        let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
         let out = Command::new("g++")
-            .args([
-                "-std=c++20",
-                "-O2",
-                "-ffp-contract=off",
-                "-pthread",
-                "-Wall",
-            ])
+            .args(["-std=c++20", "-ffp-contract=off", "-pthread", "-Wall"])
+            .args(flags)
             .arg("-I")
             .arg(root.join("tests/cuda_emu"))
             .args(["-include", "cuda_emu.h"])
@@ -52,7 +63,7 @@ fn emulator() -> &'static Path {
             .expect("these tests compile the CUDA kernels for the CPU with g++; install g++");
         assert!(
             out.status.success(),
-            "g++ failed on the CUDA kernels:\n{}",
+            "g++ {flags:?} failed on the CUDA kernels (ThreadSanitizer needs libtsan):\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
         exe
@@ -71,9 +82,15 @@ enum Arg {
 
 /// Launches `kernel` on the emulator with grid (grid, 1, 1) and block (block.0, block.1, 1);
 /// returns the output buffers in argument order.
-fn launch(kernel: &str, grid: usize, block: (u32, u32), args: &[Arg]) -> Vec<Vec<u8>> {
+fn launch(
+    build: Build,
+    kernel: &str,
+    grid: usize,
+    block: (u32, u32),
+    args: &[Arg],
+) -> Vec<Vec<u8>> {
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(emulator());
+    let mut cmd = Command::new(emulator(build));
     cmd.arg(kernel)
         .arg(grid.to_string())
         .arg(block.0.to_string())
@@ -278,7 +295,7 @@ fn attention_mask(b: usize, t: usize, c: usize, dtype: DType) -> Tensor {
 
 /// The attention kernel `root` over scores [B, H, T, C] (inputs: scores, mask, then any more),
 /// the scores multiplied by `scale` first.
-fn attention_kernel(root: &str, inputs: &[&Tensor], scale: f32) -> Vec<f32> {
+fn attention_kernel(build: Build, root: &str, inputs: &[&Tensor], scale: f32) -> Vec<f32> {
     let (b, h, t, c) = inputs[0].dims4().unwrap();
     let dtype = inputs[0].dtype();
     let rows = b * h * t;
@@ -293,6 +310,7 @@ fn attention_kernel(root: &str, inputs: &[&Tensor], scale: f32) -> Vec<f32> {
     ]);
     let grid = rows.div_ceil(ROWS_PER_BLOCK as usize);
     let out = launch(
+        build,
         &format!("{root}_{}", suffix(dtype)),
         grid,
         (32, ROWS_PER_BLOCK),
@@ -315,7 +333,7 @@ fn masked_softmax_kernel_matches_the_cpu_path() {
         for ([b, h, t, c], &scale) in ATTENTION_SHAPES.into_iter().zip(SCALES.iter().cycle()) {
             let scores = uniform(&mut rng, &[b, h, t, c], -40.0, 40.0, dtype);
             let mask = attention_mask(b, t, c, dtype);
-            let got = attention_kernel("masked_softmax", &[&scores, &mask], scale as f32);
+            let got = attention_kernel(Plain, "masked_softmax", &[&scores, &mask], scale as f32);
             let want = to_f32(&ops::masked_softmax(&scores, scale, &mask).unwrap());
             let what = format!("masked_softmax {dtype:?} {:?} × {scale}", [b, h, t, c]);
             // f32: summation order and expf; half types: a rounding boundary at most
@@ -345,7 +363,7 @@ fn masked_softmax_backward_kernel_matches_autograd() {
         let grads = loss.backward().unwrap();
         let want = to_f32(grads.get(var.as_tensor()).unwrap());
         let inputs = [&scores, &mask, &grad];
-        let got = attention_kernel("masked_softmax_bwd", &inputs, scale as f32);
+        let got = attention_kernel(Plain, "masked_softmax_bwd", &inputs, scale as f32);
         let what = format!("masked_softmax_bwd F32 {:?} × {scale}", [b, h, t, c]);
         // g − Σ g⊙p cancels: either side's f32 error is about ε·|g| absolute
         assert_close(&what, &got, &want, DType::F32, 16.0, 2e-7);
@@ -378,7 +396,7 @@ fn masked_softmax_backward_kernel_matches_autograd() {
                 }
             }
             let inputs = [&scores, &mask, &grad];
-            let got = attention_kernel("masked_softmax_bwd", &inputs, scale as f32);
+            let got = attention_kernel(Plain, "masked_softmax_bwd", &inputs, scale as f32);
             let what = format!("masked_softmax_bwd {dtype:?} {:?} × {scale}", [b, h, t, c]);
             // g − dot cancels: the kernel's f32 dot is good to ~1e-7 absolute, times the scale
             assert_close(&what, &got, &want, dtype, 1.0, 1e-6);
@@ -431,6 +449,7 @@ fn nll_kernels_match_the_cpu_loss_and_its_gradient() {
 
             // forward: f32 NLL per row, 0 where ignored
             let out = launch(
+                Plain,
                 &name("nll_fwd"),
                 n,
                 (NLL_THREADS, 1),
@@ -458,6 +477,7 @@ fn nll_kernels_match_the_cpu_loss_and_its_gradient() {
             // backward: g·(softmax − onehot) per row, zeros where ignored or g = 0 (row 4)
             let upstream = [0.5f32, -1.0, 2.0, 0.25, 3.0, 1.0];
             let out = launch(
+                Plain,
                 &name("nll_bwd"),
                 n,
                 (NLL_THREADS, 1),
@@ -492,11 +512,18 @@ const ELEMENTWISE_THREADS: u32 = 256;
 
 /// The rope kernel over x [B, H, T, D] with tables [B, 1, T, half]; `grid` blocks (the launch
 /// gives one thread per element; fewer blocks exercise the grid-stride loop).
-fn rope_kernel(x: &Tensor, cos: &Tensor, sin: &Tensor, grid: Option<usize>) -> Vec<f32> {
+fn rope_kernel(
+    build: Build,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    grid: Option<usize>,
+) -> Vec<f32> {
     let (_, h, t, d) = x.dims4().unwrap();
     let half = cos.dim(D::Minus1).unwrap();
     let n = x.elem_count();
     let out = launch(
+        build,
         &format!("rope_{}", suffix(x.dtype())),
         grid.unwrap_or(n.div_ceil(ELEMENTWISE_THREADS as usize)),
         (ELEMENTWISE_THREADS, 1),
@@ -552,13 +579,13 @@ fn rope_kernel_equals_the_composed_form_bit_for_bit() {
             let what = format!("rope {dtype:?} {:?}", [b, h, t, d, half]);
             assert_close(
                 &what,
-                &rope_kernel(&x, &cos, &sin, None),
+                &rope_kernel(Plain, &x, &cos, &sin, None),
                 &want,
                 dtype,
                 0.0,
                 0.0,
             );
-            let strided = rope_kernel(&x, &cos, &sin, Some(1));
+            let strided = rope_kernel(Plain, &x, &cos, &sin, Some(1));
             assert_close(
                 &format!("{what}, one block"),
                 &strided,
@@ -583,7 +610,7 @@ fn rope_kernel_with_sin_negated_is_the_backward() {
             let y = ops::rope_composed(var.as_tensor(), &cos, &sin).unwrap();
             let grads = (y * &grad).unwrap().sum_all().unwrap().backward().unwrap();
             let want = to_f32(grads.get(var.as_tensor()).unwrap());
-            let got = rope_kernel(&grad, &cos, &sin.neg().unwrap(), None);
+            let got = rope_kernel(Plain, &grad, &cos, &sin.neg().unwrap(), None);
             let what = format!("rope backward {dtype:?} {:?}", [b, h, t, d, half]);
             assert_close(&what, &got, &want, dtype, 0.0, 0.0);
         }
@@ -592,12 +619,13 @@ fn rope_kernel_with_sin_negated_is_the_backward() {
 
 // ---- SwiGLU ------------------------------------------------------------------------------------
 
-fn swiglu_kernel(root: &str, inputs: &[&Tensor]) -> Vec<f32> {
+fn swiglu_kernel(build: Build, root: &str, inputs: &[&Tensor]) -> Vec<f32> {
     let dtype = inputs[0].dtype();
     let n = inputs[0].elem_count();
     let mut args: Vec<Arg> = inputs.iter().map(|x| bytes(x)).collect();
     args.extend([Arg::Out(n * dtype.size_in_bytes()), Arg::U64(n as u64)]);
     let out = launch(
+        build,
         &format!("{root}_{}", suffix(dtype)),
         n.div_ceil(ELEMENTWISE_THREADS as usize),
         (ELEMENTWISE_THREADS, 1),
@@ -615,9 +643,9 @@ fn swiglu_kernels_match_the_cpu_forward_and_autograd() {
         let up = uniform(&mut rng, &dims, -2.0, 2.0, dtype);
         let grad = uniform(&mut rng, &dims, -1.0, 1.0, dtype);
         let what = |op: &str| format!("{op} {dtype:?}");
-        let got_fwd = swiglu_kernel("swiglu", &[&gate, &up]);
-        let got_gate = swiglu_kernel("swiglu_gate_grad", &[&gate, &up, &grad]);
-        let got_up = swiglu_kernel("swiglu_up_grad", &[&gate, &grad]);
+        let got_fwd = swiglu_kernel(Plain, "swiglu", &[&gate, &up]);
+        let got_gate = swiglu_kernel(Plain, "swiglu_gate_grad", &[&gate, &up, &grad]);
+        let got_up = swiglu_kernel(Plain, "swiglu_up_grad", &[&gate, &grad]);
         if dtype == DType::F32 {
             // candle's autograd through the CPU path (the fused op, exp within 2 ulp of libm)
             let (g_var, u_var) = (
@@ -691,6 +719,7 @@ fn packed_swiglu_kernels_equal_the_separate_kernels() {
             ]);
             let grid = n.div_ceil(ELEMENTWISE_THREADS as usize);
             let out = launch(
+                Plain,
                 &format!("{root}_{}", suffix(dtype)),
                 grid,
                 (ELEMENTWISE_THREADS, 1),
@@ -700,12 +729,12 @@ fn packed_swiglu_kernels_equal_the_separate_kernels() {
         };
         let what = |op: &str| format!("{op} {dtype:?}");
         let fwd = packed("swiglu_packed", &[&y], n);
-        let want = swiglu_kernel("swiglu", &[&gate, &up]);
+        let want = swiglu_kernel(Plain, "swiglu", &[&gate, &up]);
         assert_close(&what("swiglu_packed"), &fwd, &want, dtype, 0.0, 0.0);
 
         let dy = packed("swiglu_packed_bwd", &[&y, &grad], 2 * n);
-        let d_gate = swiglu_kernel("swiglu_gate_grad", &[&gate, &up, &grad]);
-        let d_up = swiglu_kernel("swiglu_up_grad", &[&gate, &grad]);
+        let d_gate = swiglu_kernel(Plain, "swiglu_gate_grad", &[&gate, &up, &grad]);
+        let d_up = swiglu_kernel(Plain, "swiglu_up_grad", &[&gate, &grad]);
         let want: Vec<f32> = (0..rows)
             .flat_map(|r| {
                 let row = r * inter..(r + 1) * inter;
@@ -726,7 +755,7 @@ const RMS_THREADS: u32 = 256;
 
 /// The RMSNorm kernel `root` over rows of x [.., d] (inputs: x, w, then the gradient for the
 /// backward).
-fn rms_norm_kernel(root: &str, inputs: &[&Tensor], plus_one: bool) -> Vec<f32> {
+fn rms_norm_kernel(build: Build, root: &str, inputs: &[&Tensor], plus_one: bool) -> Vec<f32> {
     let x = inputs[0];
     let d = x.dim(D::Minus1).unwrap();
     let mut args: Vec<Arg> = inputs.iter().map(|t| bytes(t)).collect();
@@ -738,6 +767,7 @@ fn rms_norm_kernel(root: &str, inputs: &[&Tensor], plus_one: bool) -> Vec<f32> {
     ]);
     let rows = x.elem_count() / d;
     let out = launch(
+        build,
         &format!("{root}_{}", suffix(x.dtype())),
         rows,
         (RMS_THREADS, 1),
@@ -760,8 +790,8 @@ fn rms_norm_kernels_match_transformers() {
             {
                 let w = &r[&format!("{weight}_{key}")];
                 let what = |op: &str| format!("{op} {family} {key}");
-                let y = rms_norm_kernel("rms_norm", &[x, w], plus_one);
-                let dx = rms_norm_kernel("rms_norm_bwd", &[x, w, g], plus_one);
+                let y = rms_norm_kernel(Plain, "rms_norm", &[x, w], plus_one);
+                let dx = rms_norm_kernel(Plain, "rms_norm_bwd", &[x, w, g], plus_one);
                 let want_y = to_f32(&r[&format!("{family}_y_{key}")]);
                 let want_dx = to_f32(&r[&format!("{family}_dx_{key}")]);
                 // f32: torch's rsqrt and summation order, and in the 1e-3 row the backward's
@@ -775,4 +805,77 @@ fn rms_norm_kernels_match_transformers() {
             }
         }
     }
+}
+
+// ---- races -------------------------------------------------------------------------------------
+
+/// Every kernel once under ThreadSanitizer, at shapes that take several warps and several
+/// passes of the block (the value tests above run the same launches uninstrumented). A race
+/// fails the launch with TSAN's report: it catches the backward RMSNorm's second block sum
+/// racing the first's read when the barrier between them is removed, which the value checks
+/// pass.
+#[test]
+fn kernels_have_no_data_races() {
+    let mut rng = Rng::new(8);
+    let f32_ = DType::F32;
+
+    let scores = uniform(&mut rng, &[1, 2, 3, 40], -6.0, 6.0, f32_);
+    let mask = attention_mask(1, 3, 40, f32_);
+    let grad = uniform(&mut rng, &[1, 2, 3, 40], -1.0, 1.0, f32_);
+    attention_kernel(Tsan, "masked_softmax", &[&scores, &mask], 0.125);
+    attention_kernel(Tsan, "masked_softmax_bwd", &[&scores, &mask, &grad], 0.125);
+
+    let (logits, labels) = nll_case(&mut rng, 600, f32_);
+    let n = labels.len();
+    let labels = || bytes(&Tensor::new(labels.clone(), &Device::Cpu).unwrap());
+    let nll_args = [bytes(&logits), labels(), Arg::Out(4 * n), Arg::I32(600)];
+    launch(Tsan, "nll_fwd_f32", n, (NLL_THREADS, 1), &nll_args);
+    let upstream =
+        bytes(&Tensor::new(&[1f32, -1.0, 2.0, 0.5, 3.0, 0.0][..], &Device::Cpu).unwrap());
+    let bwd_args = [
+        bytes(&logits),
+        labels(),
+        upstream,
+        Arg::Out(4 * n * 600),
+        Arg::I32(600),
+    ];
+    launch(Tsan, "nll_bwd_f32", n, (NLL_THREADS, 1), &bwd_args);
+
+    let x = uniform(&mut rng, &[2, 600], -2.0, 2.0, f32_);
+    let w = uniform(&mut rng, &[600], 0.5, 1.5, f32_);
+    let g = uniform(&mut rng, &[2, 600], -1.0, 1.0, f32_);
+    rms_norm_kernel(Tsan, "rms_norm", &[&x, &w], false);
+    rms_norm_kernel(Tsan, "rms_norm_bwd", &[&x, &w, &g], false);
+
+    let x = uniform(&mut rng, &[1, 2, 3, 10], -3.0, 3.0, f32_);
+    let (cos, sin) = rope_tables(1, 3, 3, f32_);
+    rope_kernel(Tsan, &x, &cos, &sin, Some(1));
+
+    let gate = uniform(&mut rng, &[3, 100], -8.0, 8.0, f32_);
+    let up = uniform(&mut rng, &[3, 100], -2.0, 2.0, f32_);
+    let dy = uniform(&mut rng, &[3, 100], -1.0, 1.0, f32_);
+    swiglu_kernel(Tsan, "swiglu", &[&gate, &up]);
+    swiglu_kernel(Tsan, "swiglu_gate_grad", &[&gate, &up, &dy]);
+    swiglu_kernel(Tsan, "swiglu_up_grad", &[&gate, &dy]);
+    let packed = Tensor::cat(&[&gate, &up], 1).unwrap();
+    let packed_args = |inputs: Vec<Arg>, out: usize| {
+        let mut args = inputs;
+        args.extend([Arg::Out(4 * out), Arg::U64(300), Arg::U64(100)]);
+        args
+    };
+    launch(
+        Tsan,
+        "swiglu_packed_f32",
+        2,
+        (ELEMENTWISE_THREADS, 1),
+        &packed_args(vec![bytes(&packed)], 300),
+    );
+    let bwd = packed_args(vec![bytes(&packed), bytes(&dy)], 600);
+    launch(
+        Tsan,
+        "swiglu_packed_bwd_f32",
+        2,
+        (ELEMENTWISE_THREADS, 1),
+        &bwd,
+    );
 }
