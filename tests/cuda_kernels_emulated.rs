@@ -184,14 +184,7 @@ fn values(raw: &[u8], dtype: DType) -> Vec<f32> {
     }
 }
 
-fn to_f32(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
+use common::to_f32_vec as to_f32;
 
 /// `v` rounded to `dtype` (nearest even), as f32.
 fn round_to(v: f64, dtype: DType) -> f32 {

@@ -3,26 +3,17 @@
 //! before multiplying by the weight; Gemma2RMSNorm multiplies by 1 + w in f32 and rounds once.
 //! Checked forward and through autograd, in f32, bf16 and f16, with weights that are not ones.
 mod common;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use common::*;
 use unlearn::model::ops;
 
 const EPS: f64 = 1e-6;
 
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 /// (elements not bit-equal, largest |difference| relative to the largest |reference|)
 fn compare(got: &Tensor, want: &Tensor) -> (usize, f32) {
     assert_eq!(got.dims(), want.dims());
     assert_eq!(got.dtype(), want.dtype());
-    let (g, w) = (values(got), values(want));
+    let (g, w) = (to_f32_vec(got), to_f32_vec(want));
     let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
     let differ = g.iter().zip(&w).filter(|(a, b)| a != b).count();
     let worst = g

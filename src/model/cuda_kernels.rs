@@ -1,8 +1,82 @@
 //! Launches of our own CUDA kernels (src/cuda/*.cu, compiled to PTX by build.rs) for the custom
 //! ops of [`crate::model::ops`]. Built with the `cuda` feature only; never reached on the CPU.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
-use candle_core::Layout;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{kernel_name, WrapErr};
+use candle_core::{CudaDevice, Layout, WithDType};
+
+/// A kernel's scalar parameter, in the C type it is declared with.
+enum Scalar {
+    /// `int`
+    I32(i32),
+    /// `int64_t`
+    I64(i64),
+    /// `size_t`
+    Usize(usize),
+    /// `float`
+    F32(f32),
+}
+
+/// A kernel source: the PTX build.rs compiled, and the module name it is loaded under.
+type Module = (&'static str, &'static str);
+
+/// Launches `root` (its `_f32`, `_bf16` or `_f16` form, for T) of `module` with the arguments
+/// every kernel here but the loss's takes: the contiguous inputs, a fresh output of `out_len`
+/// elements, then `scalars`. Each caller states why its kernel writes all `out_len` elements
+/// and that `scalars` follow the kernel's signature.
+fn launch<T: DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    module: Module,
+    root: &str,
+    inputs: &[(&CudaSlice<T>, &Layout, &str)],
+    out_len: usize,
+    scalars: &[Scalar],
+    cfg: LaunchConfig,
+) -> candle_core::Result<CudaSlice<T>> {
+    let views = inputs
+        .iter()
+        .map(|(src, layout, what)| contiguous_view(src, layout, what))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let (ptx, name) = module;
+    let func = dev.get_or_load_custom_func(&kernel_name::<T>(root), name, ptx)?;
+    // SAFETY: the caller's kernel writes all out_len elements
+    let out = unsafe { dev.alloc::<T>(out_len)? };
+    let mut builder = func.builder();
+    for view in &views {
+        builder.arg(view);
+    }
+    builder.arg(&out);
+    for scalar in scalars {
+        match scalar {
+            Scalar::I32(v) => builder.arg(v),
+            Scalar::I64(v) => builder.arg(v),
+            Scalar::Usize(v) => builder.arg(v),
+            Scalar::F32(v) => builder.arg(v),
+        };
+    }
+    // SAFETY: buffers in the kernel's order, then its scalars in their C types (the caller's)
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(out)
+}
+
+/// threads per block of the grid-stride kernels (RoPE, SwiGLU)
+const ELEMENTWISE_THREADS: u32 = 256;
+
+/// A grid-stride kernel over `n` elements: a thread each, the grid capped at 2³¹ − 1 blocks.
+fn elementwise_config(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            n.div_ceil(ELEMENTWISE_THREADS as usize)
+                .min(i32::MAX as usize) as u32,
+            1,
+            1,
+        ),
+        block_dim: (ELEMENTWISE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
 
 /// The longest row a kernel's `int` column loop (`c += step`) walks without overflowing.
 const fn max_row(step: u32) -> usize {
@@ -24,9 +98,9 @@ fn contiguous_view<'a, T>(
 
 pub(crate) mod attention {
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+        CudaSlice, DeviceRepr, LaunchConfig, ValidAsZeroBits,
     };
-    use candle_core::cuda_backend::{kernel_name, CudaStorage, Map2, Map3, WrapErr};
+    use candle_core::cuda_backend::{CudaStorage, Map2, Map3};
     use candle_core::{CpuStorage, CudaDevice, Layout, Shape, Tensor, WithDType};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
@@ -73,28 +147,17 @@ pub(crate) mod attention {
         mask: &Layout,
         scale: f32,
     ) -> candle_core::Result<CudaSlice<T>> {
+        use super::Scalar::{F32, I32, I64};
         let (rows, cols, heads, t_q) = geometry(scores, mask)?;
-        let views = inputs
-            .iter()
-            .map(|(src, layout, what)| super::contiguous_view(src, layout, what))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let func = dev.get_or_load_custom_func(&kernel_name::<T>(root), MODULE, PTX)?;
-        // SAFETY: the kernels write every element of every row
-        let out = unsafe { dev.alloc::<T>(scores.shape().elem_count())? };
-        let mut builder = func.builder();
-        for view in &views {
-            builder.arg(view);
-        }
-        builder.arg(&out);
-        candle_core::builder_arg!(builder, rows, cols, heads, t_q, scale);
         let cfg = LaunchConfig {
             grid_dim: ((rows as u64).div_ceil(ROWS_PER_BLOCK as u64) as u32, 1, 1),
             block_dim: (32, ROWS_PER_BLOCK, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the arguments are pushed in the kernels' order and types (see above)
-        unsafe { builder.launch(cfg) }.w()?;
-        Ok(out)
+        let scalars = [I64(rows), I32(cols), I32(heads), I32(t_q), F32(scale)];
+        // the kernels write every element of every row
+        let out_len = scores.shape().elem_count();
+        super::launch(dev, (PTX, MODULE), root, inputs, out_len, &scalars, cfg)
     }
 
     /// softmax(scores · scale + mask); the backward is [`MaskedSoftmaxGrad`].
@@ -323,15 +386,12 @@ pub(crate) mod nll {
 /// Element-wise kernels of src/cuda/swiglu.cu: inputs of one shape and dtype, one output like
 /// them; each kernel takes (inputs…, output, n).
 pub(crate) mod elementwise {
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
-    };
-    use candle_core::cuda_backend::{kernel_name, Map2, Map3, WrapErr};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+    use candle_core::cuda_backend::{Map2, Map3};
     use candle_core::{CudaDevice, Layout, WithDType};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
     const MODULE: &str = "unlearn_swiglu";
-    const THREADS: u32 = 256;
 
     fn launch<T: DeviceRepr + WithDType>(
         dev: &CudaDevice,
@@ -340,37 +400,23 @@ pub(crate) mod elementwise {
     ) -> candle_core::Result<CudaSlice<T>> {
         let shape = inputs[0].1.shape();
         let n = shape.elem_count();
-        let mut views = Vec::with_capacity(inputs.len());
-        for (src, layout) in inputs {
+        for (_, layout) in inputs {
             if layout.shape() != shape {
                 candle_core::bail!(
                     "{root}: inputs of shapes {shape:?} and {:?}",
                     layout.shape()
                 );
             }
-            views.push(super::contiguous_view(src, layout, root)?);
         }
         if n == 0 {
             candle_core::bail!("{root}: empty input");
         }
-        let func = dev.get_or_load_custom_func(&kernel_name::<T>(root), MODULE, PTX)?;
-        // SAFETY: the kernel writes all n elements (a grid-stride loop)
-        let out = unsafe { dev.alloc::<T>(n)? };
-        let mut builder = func.builder();
-        for view in &views {
-            builder.arg(view);
-        }
-        builder.arg(&out);
-        builder.arg(&n);
-        let blocks = n.div_ceil(THREADS as usize).min(i32::MAX as usize) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: (inputs…, output, n as size_t) is every swiglu.cu kernel's signature
-        unsafe { builder.launch(cfg) }.w()?;
-        Ok(out)
+        let inputs: Vec<_> = inputs.iter().map(|&(s, l)| (s, l, root)).collect();
+        // (inputs…, output, n as size_t) is every swiglu.cu kernel's signature, and each writes
+        // all n elements (a grid-stride loop)
+        let scalars = [super::Scalar::Usize(n)];
+        let cfg = super::elementwise_config(n);
+        super::launch(dev, (PTX, MODULE), root, &inputs, n, &scalars, cfg)
     }
 
     /// The kernel of that name (`_f32`, `_bf16` or `_f16` for the inputs' dtype).
@@ -408,15 +454,12 @@ pub(crate) mod elementwise {
 /// The packed SwiGLU kernels of src/cuda/swiglu.cu for `FusedSwigluPacked` and its gradient
 /// (src/model/ops.rs): y [.., 2·inter] holds [gate | up] in each row.
 pub(crate) mod swiglu_packed {
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
-    };
-    use candle_core::cuda_backend::{kernel_name, Map1, Map2, WrapErr};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+    use candle_core::cuda_backend::{Map1, Map2};
     use candle_core::{CudaDevice, Layout, WithDType};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
     const MODULE: &str = "unlearn_swiglu";
-    const THREADS: u32 = 256;
 
     /// `swiglu_packed` (input y) or `swiglu_packed_bwd` (y and the gradient of the output).
     pub struct Kernel {
@@ -432,6 +475,7 @@ pub(crate) mod swiglu_packed {
             inputs: &[(&CudaSlice<T>, &Layout, &str)],
             out_len: usize,
         ) -> candle_core::Result<CudaSlice<T>> {
+            use super::Scalar::Usize;
             let y_l = inputs[0].1;
             let n = y_l.shape().elem_count() / 2;
             if self.inter == 0 || y_l.dims().last() != Some(&(2 * self.inter)) || n == 0 {
@@ -454,33 +498,20 @@ pub(crate) mod swiglu_packed {
                     );
                 }
             }
-            let views = inputs
-                .iter()
-                .map(|(src, layout, what)| super::contiguous_view(src, layout, what))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let func = dev.get_or_load_custom_func(&kernel_name::<T>(self.root), MODULE, PTX)?;
-            // SAFETY: the kernel writes all out_len elements (a grid-stride loop over n rows ×
-            // inter, one or two writes each)
-            let out = unsafe { dev.alloc::<T>(out_len)? };
-            let mut builder = func.builder();
-            for view in &views {
-                builder.arg(view);
-            }
-            builder.arg(&out);
-            builder.arg(&n);
-            builder.arg(&self.inter);
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    n.div_ceil(THREADS as usize).min(i32::MAX as usize) as u32,
-                    1,
-                    1,
-                ),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: (inputs…, output, n as size_t, inter as size_t) is both kernels' signature
-            unsafe { builder.launch(cfg) }.w()?;
-            Ok(out)
+            // (inputs…, output, n as size_t, inter as size_t) is both kernels' signature; they
+            // write all out_len elements (a grid-stride loop over n = rows × inter, one write
+            // each forward, two backward)
+            let scalars = [Usize(n), Usize(self.inter)];
+            let cfg = super::elementwise_config(n);
+            super::launch(
+                dev,
+                (PTX, MODULE),
+                self.root,
+                inputs,
+                out_len,
+                &scalars,
+                cfg,
+            )
         }
     }
 
@@ -518,9 +549,9 @@ pub(crate) mod swiglu_packed {
 /// one block per row of x [.., d], the weight [d].
 pub(crate) mod rms_norm {
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+        CudaSlice, DeviceRepr, LaunchConfig, ValidAsZeroBits,
     };
-    use candle_core::cuda_backend::{kernel_name, Map2, Map3, WrapErr};
+    use candle_core::cuda_backend::{Map2, Map3};
     use candle_core::{CudaDevice, Layout, WithDType};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
@@ -569,28 +600,16 @@ pub(crate) mod rms_norm {
                     );
                 }
             }
-            let views = inputs
-                .iter()
-                .map(|(src, layout, what)| super::contiguous_view(src, layout, what))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let func = dev.get_or_load_custom_func(&kernel_name::<T>(self.root), MODULE, PTX)?;
-            // SAFETY: the kernel writes every element of every row
-            let out = unsafe { dev.alloc::<T>(n)? };
-            let mut builder = func.builder();
-            for view in &views {
-                builder.arg(view);
-            }
-            builder.arg(&out);
-            let plus_one = self.plus_one as i32;
-            candle_core::builder_arg!(builder, d as i32, self.eps, plus_one);
+            use super::Scalar::{F32, I32};
             let cfg = LaunchConfig {
                 grid_dim: ((n / d) as u32, 1, 1),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: (inputs…, output, d, eps, plus_one) is both kernels' signature
-            unsafe { builder.launch(cfg) }.w()?;
-            Ok(out)
+            // (inputs…, output, d, eps, plus_one) is both kernels' signature; they write every
+            // element of every row
+            let scalars = [I32(d as i32), F32(self.eps), I32(self.plus_one as i32)];
+            super::launch(dev, (PTX, MODULE), self.root, inputs, n, &scalars, cfg)
         }
     }
 
@@ -680,15 +699,12 @@ pub(crate) mod map {
 /// Launch of src/cuda/rope.cu for `FusedRope` (src/model/ops.rs).
 pub(crate) mod rope {
     use candle_core::backend::{BackendDevice, BackendStorage};
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
-    };
-    use candle_core::cuda_backend::{kernel_name, CudaStorage, Map3, WrapErr};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+    use candle_core::cuda_backend::{CudaStorage, Map3};
     use candle_core::{CudaDevice, Layout, Shape, Storage, Tensor, WithDType};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
     const MODULE: &str = "unlearn_rope";
-    const THREADS: u32 = 256;
 
     /// x [B, H, T, D] rotated by the tables cos, sin [B, 1, T, half].
     struct Rope;
@@ -718,34 +734,23 @@ pub(crate) mod rope {
             if n == 0 || d > i32::MAX as usize || h * t > i32::MAX as usize {
                 candle_core::bail!("fused-rope: x {:?} does not fit the kernel", x_l.shape());
             }
-            let view = super::contiguous_view;
-            let (x, cos, sin) = (
-                view(x, x_l, "fused-rope x")?,
-                view(cos, cos_l, "fused-rope cos")?,
-                view(sin, sin_l, "fused-rope sin")?,
-            );
-            let func = dev.get_or_load_custom_func(&kernel_name::<T>("rope"), MODULE, PTX)?;
-            // SAFETY: the kernel writes all n elements (a grid-stride loop)
-            let out = unsafe { dev.alloc::<T>(n)? };
-            let mut builder = func.builder();
-            builder.arg(&x);
-            builder.arg(&cos);
-            builder.arg(&sin);
-            builder.arg(&out);
-            builder.arg(&n);
-            candle_core::builder_arg!(builder, d as i32, half as i32, h as i32, t as i32);
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    n.div_ceil(THREADS as usize).min(i32::MAX as usize) as u32,
-                    1,
-                    1,
-                ),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: (x, cos, sin, out, n as size_t, d, half, heads, t) is the kernel's signature
-            unsafe { builder.launch(cfg) }.w()?;
-            Ok(out)
+            use super::Scalar::{Usize, I32};
+            let inputs = [
+                (x, x_l, "fused-rope x"),
+                (cos, cos_l, "fused-rope cos"),
+                (sin, sin_l, "fused-rope sin"),
+            ];
+            // (x, cos, sin, out, n as size_t, d, half, heads, t) is the kernel's signature; it
+            // writes all n elements (a grid-stride loop)
+            let scalars = [
+                Usize(n),
+                I32(d as i32),
+                I32(half as i32),
+                I32(h as i32),
+                I32(t as i32),
+            ];
+            let cfg = super::elementwise_config(n);
+            super::launch(dev, (PTX, MODULE), "rope", &inputs, n, &scalars, cfg)
         }
     }
 

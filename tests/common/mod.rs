@@ -25,6 +25,16 @@ pub fn reference(name: &str) -> HashMap<String, Tensor> {
         .collect()
 }
 
+/// Every element of `t` as f32, in row-major order.
+pub fn to_f32_vec(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
