@@ -764,9 +764,8 @@ fn fusable(x: &Tensor) -> bool {
 }
 
 /// Whether the CUDA kernels of src/cuda/ (attention softmax, RMSNorm, RoPE, SwiGLU, next-token
-/// loss) take
-/// `x`: a CUDA tensor in f32, bf16 or f16, unless `UNLEARN_CUDA_FUSED=0` asks for the composed
-/// forms (to compare speed, or to tell a kernel fault from anything else).
+/// loss) take `x`: a CUDA tensor in f32, bf16 or f16, unless `UNLEARN_CUDA_FUSED=0` asks for the
+/// composed forms (to compare speed, or to tell a kernel fault from anything else).
 pub(crate) fn cuda_fusable(x: &Tensor) -> bool {
     cfg!(feature = "cuda")
         && x.device().is_cuda()
@@ -1463,7 +1462,7 @@ impl CustomOp2 for SwigluPackedGrad {
     }
 }
 
-// ---- attention softmax: softmax(scores + mask) ----------------------------------------------
+// ---- a tensor and a scalar, rounded as PyTorch rounds them ------------------------------------
 
 /// `x · s` as PyTorch computes a tensor times a Python float: in f32 for half-precision `x`,
 /// rounded once to its dtype. candle's scalar product rounds `s` itself to the dtype first,
@@ -1486,6 +1485,8 @@ pub fn div_scalar(x: &Tensor, s: f64) -> candle_core::Result<Tensor> {
     let divisor = Tensor::new(s, x.device())?.to_dtype(wide.dtype())?;
     wide.broadcast_div(&divisor)?.to_dtype(dtype)
 }
+
+// ---- attention softmax: softmax(scores · scale + mask) --------------------------------------
 
 /// The attention probabilities `softmax(scores · scale + mask)` over the last dimension,
 /// computed in f32 (f64 for f64 models) and returned in the scores' dtype, as transformers'
