@@ -35,6 +35,9 @@ fn launch<T: DeviceRepr + WithDType>(
     scalars: &[Scalar],
     cfg: LaunchConfig,
 ) -> candle_core::Result<CudaSlice<T>> {
+    if out_len == 0 {
+        candle_core::bail!("{root}: empty output (the callers reject empty inputs)");
+    }
     let views = inputs
         .iter()
         .map(|(src, layout, what)| contiguous_view(src, layout, what))
