@@ -18,9 +18,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use half::{bf16, f16};
 use unlearn::model::config::Activation;
+use unlearn::model::launch::{self as plans, Launch, Scalar};
 use unlearn::model::ops;
 use unlearn::rng::Rng;
 
@@ -120,6 +121,29 @@ fn launch(
         String::from_utf8_lossy(&out.stderr)
     );
     outputs.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+/// Runs `kernel` on the emulator as `plan` lays it out (unlearn::model::launch, the plans
+/// cuda_kernels.rs launches with, so their grids, blocks and scalars are the ones tested here):
+/// `inputs`, an output of `plan.out_len` elements of `out_dtype`, then the plan's scalars,
+/// whose C types the emulator checks against the kernel's signature. Returns the output.
+fn run_plan(
+    build: Build,
+    kernel: &str,
+    plan: &Launch,
+    inputs: Vec<Arg>,
+    out_dtype: DType,
+) -> Vec<f32> {
+    let mut args = inputs;
+    args.push(Arg::Out(plan.out_len * out_dtype.size_in_bytes()));
+    args.extend(plan.scalars.iter().map(|s| match *s {
+        Scalar::I32(v) => Arg::I32(v),
+        Scalar::I64(v) => Arg::I64(v),
+        Scalar::Usize(v) => Arg::U64(v as u64),
+        Scalar::F32(v) => Arg::F32(v),
+    }));
+    let out = launch(build, kernel, plan.grid as usize, plan.block, &args);
+    values(&out[0], out_dtype)
 }
 
 // ---- tensors as the kernels see them -----------------------------------------------------------
@@ -262,8 +286,6 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], dtype: DType, ulps: f32, 
 
 // ---- attention softmax -------------------------------------------------------------------------
 
-const ROWS_PER_BLOCK: u32 = 4;
-
 /// An additive mask [B, 1, T, C] as the decoder builds it: causal over C = past + T keys, batch
 /// row b left-padded by b·(past + 1) keys, so that its first b queries see no key (fully masked
 /// rows, uniform after the softmax).
@@ -289,27 +311,16 @@ fn attention_mask(b: usize, t: usize, c: usize, dtype: DType) -> Tensor {
 /// The attention kernel `root` over scores [B, H, T, C] (inputs: scores, mask, then any more),
 /// the scores multiplied by `scale` first.
 fn attention_kernel(build: Build, root: &str, inputs: &[&Tensor], scale: f32) -> Vec<f32> {
-    let (b, h, t, c) = inputs[0].dims4().unwrap();
     let dtype = inputs[0].dtype();
-    let rows = b * h * t;
-    let mut args: Vec<Arg> = inputs.iter().map(|x| bytes(x)).collect();
-    args.extend([
-        Arg::Out(rows * c * dtype.size_in_bytes()),
-        Arg::I64(rows as i64),
-        Arg::I32(c as i32),
-        Arg::I32(h as i32),
-        Arg::I32(t as i32),
-        Arg::F32(scale),
-    ]);
-    let grid = rows.div_ceil(ROWS_PER_BLOCK as usize);
-    let out = launch(
+    let plan = plans::attention(inputs[0].dims(), inputs[1].dims(), scale).unwrap();
+    let args = inputs.iter().map(|x| bytes(x)).collect();
+    run_plan(
         build,
         &format!("{root}_{}", suffix(dtype)),
-        grid,
-        (32, ROWS_PER_BLOCK),
-        &args,
-    );
-    values(&out[0], dtype)
+        &plan,
+        args,
+        dtype,
+    )
 }
 
 /// [B, H, T, C] shapes: C under a warp, over a warp and not a multiple of it, keys from a cache
@@ -399,8 +410,6 @@ fn masked_softmax_backward_kernel_matches_autograd() {
 
 // ---- next-token loss ---------------------------------------------------------------------------
 
-const NLL_THREADS: u32 = 256;
-
 /// Logits [6, V] and labels that cover: ordinary rows, an ignored row (−100), a label ≥ V (the
 /// kernel ignores it), a row with −inf logits (a masked vocabulary), and a row whose first
 /// logit is NaN (the first value a thread reads; the loss must be NaN).
@@ -441,19 +450,9 @@ fn nll_kernels_match_the_cpu_loss_and_its_gradient() {
             let what = format!("{dtype:?} V={v}");
 
             // forward: f32 NLL per row, 0 where ignored
-            let out = launch(
-                Plain,
-                &name("nll_fwd"),
-                n,
-                (NLL_THREADS, 1),
-                &[
-                    bytes(&logits),
-                    label_buffer(),
-                    Arg::Out(4 * n),
-                    Arg::I32(v as i32),
-                ],
-            );
-            let got = values(&out[0], DType::F32);
+            let plan = plans::nll(n, v, false).unwrap();
+            let args = vec![bytes(&logits), label_buffer()];
+            let got = run_plan(Plain, &name("nll_fwd"), &plan, args, DType::F32);
             let logits_f32 = logits.to_dtype(DType::F32).unwrap();
             let (nll, _) = ops::token_nll(&logits_f32, &cpu_labels(&labels, v)).unwrap();
             let want = to_f32(&nll);
@@ -469,20 +468,10 @@ fn nll_kernels_match_the_cpu_loss_and_its_gradient() {
 
             // backward: g·(softmax − onehot) per row, zeros where ignored or g = 0 (row 4)
             let upstream = [0.5f32, -1.0, 2.0, 0.25, 3.0, 1.0];
-            let out = launch(
-                Plain,
-                &name("nll_bwd"),
-                n,
-                (NLL_THREADS, 1),
-                &[
-                    bytes(&logits),
-                    label_buffer(),
-                    bytes(&Tensor::new(&upstream[..], &Device::Cpu).unwrap()),
-                    Arg::Out(n * v * dtype.size_in_bytes()),
-                    Arg::I32(v as i32),
-                ],
-            );
-            let got = values(&out[0], dtype);
+            let plan = plans::nll(n, v, true).unwrap();
+            let upstream_buffer = bytes(&Tensor::new(&upstream[..], &Device::Cpu).unwrap());
+            let args = vec![bytes(&logits), label_buffer(), upstream_buffer];
+            let got = run_plan(Plain, &name("nll_bwd"), &plan, args, dtype);
             let var = Var::from_tensor(&logits_f32).unwrap();
             let (nll, _) = ops::token_nll(var.as_tensor(), &cpu_labels(&labels, v)).unwrap();
             let g = Tensor::new(&upstream[..], &Device::Cpu).unwrap();
@@ -501,8 +490,6 @@ fn nll_kernels_match_the_cpu_loss_and_its_gradient() {
 
 // ---- RoPE --------------------------------------------------------------------------------------
 
-const ELEMENTWISE_THREADS: u32 = 256;
-
 /// The rope kernel over x [B, H, T, D] with tables [B, 1, T, half]; `grid` blocks (the launch
 /// gives one thread per element; fewer blocks exercise the grid-stride loop).
 fn rope_kernel(
@@ -512,27 +499,18 @@ fn rope_kernel(
     sin: &Tensor,
     grid: Option<usize>,
 ) -> Vec<f32> {
-    let (_, h, t, d) = x.dims4().unwrap();
-    let half = cos.dim(D::Minus1).unwrap();
-    let n = x.elem_count();
-    let out = launch(
+    let mut plan = plans::rope(x.dims(), cos.dims(), sin.dims()).unwrap();
+    if let Some(grid) = grid {
+        plan.grid = grid as u32;
+    }
+    let args = vec![bytes(x), bytes(cos), bytes(sin)];
+    run_plan(
         build,
         &format!("rope_{}", suffix(x.dtype())),
-        grid.unwrap_or(n.div_ceil(ELEMENTWISE_THREADS as usize)),
-        (ELEMENTWISE_THREADS, 1),
-        &[
-            bytes(x),
-            bytes(cos),
-            bytes(sin),
-            Arg::Out(n * x.dtype().size_in_bytes()),
-            Arg::U64(n as u64),
-            Arg::I32(d as i32),
-            Arg::I32(half as i32),
-            Arg::I32(h as i32),
-            Arg::I32(t as i32),
-        ],
-    );
-    values(&out[0], x.dtype())
+        &plan,
+        args,
+        x.dtype(),
+    )
 }
 
 /// Tables for positions that differ per batch row (left padding shifts them).
@@ -614,17 +592,15 @@ fn rope_kernel_with_sin_negated_is_the_backward() {
 
 fn swiglu_kernel(build: Build, root: &str, inputs: &[&Tensor]) -> Vec<f32> {
     let dtype = inputs[0].dtype();
-    let n = inputs[0].elem_count();
-    let mut args: Vec<Arg> = inputs.iter().map(|x| bytes(x)).collect();
-    args.extend([Arg::Out(n * dtype.size_in_bytes()), Arg::U64(n as u64)]);
-    let out = launch(
+    let plan = plans::elementwise(root, inputs[0].elem_count()).unwrap();
+    let args = inputs.iter().map(|x| bytes(x)).collect();
+    run_plan(
         build,
         &format!("{root}_{}", suffix(dtype)),
-        n.div_ceil(ELEMENTWISE_THREADS as usize),
-        (ELEMENTWISE_THREADS, 1),
-        &args,
-    );
-    values(&out[0], dtype)
+        &plan,
+        args,
+        dtype,
+    )
 }
 
 #[test]
@@ -702,30 +678,24 @@ fn packed_swiglu_kernels_equal_the_separate_kernels() {
         let grad = uniform(&mut rng, &[rows, inter], -1.0, 1.0, dtype);
         let gate = y.narrow(1, 0, inter).unwrap().contiguous().unwrap();
         let up = y.narrow(1, inter, inter).unwrap().contiguous().unwrap();
-        let n = rows * inter;
-        let packed = |root: &str, inputs: &[&Tensor], out_len: usize| {
-            let mut args: Vec<Arg> = inputs.iter().map(|t| bytes(t)).collect();
-            args.extend([
-                Arg::Out(out_len * dtype.size_in_bytes()),
-                Arg::U64(n as u64),
-                Arg::U64(inter as u64),
-            ]);
-            let grid = n.div_ceil(ELEMENTWISE_THREADS as usize);
-            let out = launch(
+        let packed = |root: &str, inputs: &[&Tensor]| {
+            let grad = inputs.get(1).map(|g| g.dims());
+            let plan = plans::swiglu_packed(inputs[0].dims(), grad, inter).unwrap();
+            let args = inputs.iter().map(|t| bytes(t)).collect();
+            run_plan(
                 Plain,
                 &format!("{root}_{}", suffix(dtype)),
-                grid,
-                (ELEMENTWISE_THREADS, 1),
-                &args,
-            );
-            values(&out[0], dtype)
+                &plan,
+                args,
+                dtype,
+            )
         };
         let what = |op: &str| format!("{op} {dtype:?}");
-        let fwd = packed("swiglu_packed", &[&y], n);
+        let fwd = packed("swiglu_packed", &[&y]);
         let want = swiglu_kernel(Plain, "swiglu", &[&gate, &up]);
         assert_close(&what("swiglu_packed"), &fwd, &want, dtype, 0.0, 0.0);
 
-        let dy = packed("swiglu_packed_bwd", &[&y, &grad], 2 * n);
+        let dy = packed("swiglu_packed_bwd", &[&y, &grad]);
         let d_gate = swiglu_kernel(Plain, "swiglu_gate_grad", &[&gate, &up, &grad]);
         let d_up = swiglu_kernel(Plain, "swiglu_up_grad", &[&gate, &grad]);
         let want: Vec<f32> = (0..rows)
@@ -744,29 +714,20 @@ fn packed_swiglu_kernels_equal_the_separate_kernels() {
 
 // ---- RMSNorm -----------------------------------------------------------------------------------
 
-const RMS_THREADS: u32 = 256;
-
 /// The RMSNorm kernel `root` over rows of x [.., d] (inputs: x, w, then the gradient for the
 /// backward).
 fn rms_norm_kernel(build: Build, root: &str, inputs: &[&Tensor], plus_one: bool) -> Vec<f32> {
-    let x = inputs[0];
-    let d = x.dim(D::Minus1).unwrap();
-    let mut args: Vec<Arg> = inputs.iter().map(|t| bytes(t)).collect();
-    args.extend([
-        Arg::Out(x.elem_count() * x.dtype().size_in_bytes()),
-        Arg::I32(d as i32),
-        Arg::F32(1e-6),
-        Arg::I32(plus_one as i32),
-    ]);
-    let rows = x.elem_count() / d;
-    let out = launch(
+    let (x, w) = (inputs[0], inputs[1]);
+    let grad = inputs.get(2).map(|g| g.dims());
+    let plan = plans::rms_norm(x.dims(), w.dims(), grad, 1e-6, plus_one).unwrap();
+    let args = inputs.iter().map(|t| bytes(t)).collect();
+    run_plan(
         build,
         &format!("{root}_{}", suffix(x.dtype())),
-        rows,
-        (RMS_THREADS, 1),
-        &args,
-    );
-    values(&out[0], x.dtype())
+        &plan,
+        args,
+        x.dtype(),
+    )
 }
 
 #[test]
@@ -821,18 +782,19 @@ fn kernels_have_no_data_races() {
     let (logits, labels) = nll_case(&mut rng, 600, f32_);
     let n = labels.len();
     let labels = || bytes(&Tensor::new(labels.clone(), &Device::Cpu).unwrap());
-    let nll_args = [bytes(&logits), labels(), Arg::Out(4 * n), Arg::I32(600)];
-    launch(Tsan, "nll_fwd_f32", n, (NLL_THREADS, 1), &nll_args);
+    let plan = plans::nll(n, 600, false).unwrap();
+    run_plan(
+        Tsan,
+        "nll_fwd_f32",
+        &plan,
+        vec![bytes(&logits), labels()],
+        f32_,
+    );
     let upstream =
         bytes(&Tensor::new(&[1f32, -1.0, 2.0, 0.5, 3.0, 0.0][..], &Device::Cpu).unwrap());
-    let bwd_args = [
-        bytes(&logits),
-        labels(),
-        upstream,
-        Arg::Out(4 * n * 600),
-        Arg::I32(600),
-    ];
-    launch(Tsan, "nll_bwd_f32", n, (NLL_THREADS, 1), &bwd_args);
+    let plan = plans::nll(n, 600, true).unwrap();
+    let args = vec![bytes(&logits), labels(), upstream];
+    run_plan(Tsan, "nll_bwd_f32", &plan, args, f32_);
 
     let x = uniform(&mut rng, &[2, 600], -2.0, 2.0, f32_);
     let w = uniform(&mut rng, &[600], 0.5, 1.5, f32_);
@@ -851,24 +813,9 @@ fn kernels_have_no_data_races() {
     swiglu_kernel(Tsan, "swiglu_gate_grad", &[&gate, &up, &dy]);
     swiglu_kernel(Tsan, "swiglu_up_grad", &[&gate, &dy]);
     let packed = Tensor::cat(&[&gate, &up], 1).unwrap();
-    let packed_args = |inputs: Vec<Arg>, out: usize| {
-        let mut args = inputs;
-        args.extend([Arg::Out(4 * out), Arg::U64(300), Arg::U64(100)]);
-        args
-    };
-    launch(
-        Tsan,
-        "swiglu_packed_f32",
-        2,
-        (ELEMENTWISE_THREADS, 1),
-        &packed_args(vec![bytes(&packed)], 300),
-    );
-    let bwd = packed_args(vec![bytes(&packed), bytes(&dy)], 600);
-    launch(
-        Tsan,
-        "swiglu_packed_bwd_f32",
-        2,
-        (ELEMENTWISE_THREADS, 1),
-        &bwd,
-    );
+    let plan = plans::swiglu_packed(packed.dims(), None, 100).unwrap();
+    run_plan(Tsan, "swiglu_packed_f32", &plan, vec![bytes(&packed)], f32_);
+    let plan = plans::swiglu_packed(packed.dims(), Some(dy.dims()), 100).unwrap();
+    let args = vec![bytes(&packed), bytes(&dy)];
+    run_plan(Tsan, "swiglu_packed_bwd_f32", &plan, args, f32_);
 }

@@ -2,55 +2,27 @@
 //! ops of [`crate::model::ops`]. Built with the `cuda` feature only; never reached on the CPU.
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{kernel_name, WrapErr};
 use candle_core::{CudaDevice, Layout, WithDType};
 
-/// A kernel's scalar parameter, in the C type it is declared with.
-enum Scalar {
-    /// `int`
-    I32(i32),
-    /// `int64_t`
-    I64(i64),
-    /// `size_t`
-    Usize(usize),
-    /// `float`
-    F32(f32),
-}
+use crate::model::launch::{Launch, Scalar};
 
 /// A kernel source: the PTX build.rs compiled, and the module name it is loaded under.
 type Module = (&'static str, &'static str);
 
-/// Launches `root` (its `_f32`, `_bf16` or `_f16` form, for T) of `module` with the arguments
-/// every kernel here but the loss's takes: the contiguous inputs, a fresh output of `out_len`
-/// elements, then `scalars`. Each caller states why its kernel writes all `out_len` elements
-/// and that `scalars` follow the kernel's signature.
-fn launch<T: DeviceRepr + WithDType>(
-    dev: &CudaDevice,
-    module: Module,
-    root: &str,
-    inputs: &[(&CudaSlice<T>, &Layout, &str)],
-    out_len: usize,
-    scalars: &[Scalar],
-    cfg: LaunchConfig,
-) -> candle_core::Result<CudaSlice<T>> {
-    if out_len == 0 {
-        candle_core::bail!("{root}: empty output (the callers reject empty inputs)");
+/// The launch geometry of a plan from [`crate::model::launch`].
+fn config(plan: &Launch) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (plan.grid, 1, 1),
+        block_dim: (plan.block.0, plan.block.1, 1),
+        shared_mem_bytes: 0,
     }
-    let views = inputs
-        .iter()
-        .map(|(src, layout, what)| contiguous_view(src, layout, what))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let (ptx, name) = module;
-    let func = dev.get_or_load_custom_func(&kernel_name::<T>(root), name, ptx)?;
-    // SAFETY: the caller's kernel writes all out_len elements
-    let out = unsafe { dev.alloc::<T>(out_len)? };
-    let mut builder = func.builder();
-    for view in &views {
-        builder.arg(view);
-    }
-    builder.arg(&out);
+}
+
+/// Pushes a plan's scalars after the buffers, each in its C type.
+fn push_scalars<'a>(builder: &mut LaunchArgs<'a>, scalars: &'a [Scalar]) {
     for scalar in scalars {
         match scalar {
             Scalar::I32(v) => builder.arg(v),
@@ -59,31 +31,39 @@ fn launch<T: DeviceRepr + WithDType>(
             Scalar::F32(v) => builder.arg(v),
         };
     }
-    // SAFETY: buffers in the kernel's order, then its scalars in their C types (the caller's)
-    unsafe { builder.launch(cfg) }.w()?;
-    Ok(out)
 }
 
-/// threads per block of the grid-stride kernels (RoPE, SwiGLU)
-const ELEMENTWISE_THREADS: u32 = 256;
-
-/// A grid-stride kernel over `n` elements: a thread each, the grid capped at 2³¹ − 1 blocks.
-fn elementwise_config(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (
-            n.div_ceil(ELEMENTWISE_THREADS as usize)
-                .min(i32::MAX as usize) as u32,
-            1,
-            1,
-        ),
-        block_dim: (ELEMENTWISE_THREADS, 1, 1),
-        shared_mem_bytes: 0,
+/// Launches `root` (its `_f32`, `_bf16` or `_f16` form, for T) of `module` as `plan` says (see
+/// [`crate::model::launch`], where the emulated tests check each plan against the kernel): the
+/// contiguous inputs in the kernel's order, a fresh output of `plan.out_len` elements, which
+/// the kernel writes whole, then the plan's scalars.
+fn launch<T: DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    module: Module,
+    root: &str,
+    inputs: &[(&CudaSlice<T>, &Layout, &str)],
+    plan: &Launch,
+) -> candle_core::Result<CudaSlice<T>> {
+    if plan.out_len == 0 {
+        candle_core::bail!("{root}: empty output (the plans reject empty inputs)");
     }
-}
-
-/// The longest row a kernel's `int` column loop (`c += step`) walks without overflowing.
-const fn max_row(step: u32) -> usize {
-    (i32::MAX as u32 - step) as usize
+    let views = inputs
+        .iter()
+        .map(|(src, layout, what)| contiguous_view(src, layout, what))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let (ptx, name) = module;
+    let func = dev.get_or_load_custom_func(&kernel_name::<T>(root), name, ptx)?;
+    // SAFETY: the kernel writes all out_len elements (the plan's contract, tested emulated)
+    let out = unsafe { dev.alloc::<T>(plan.out_len)? };
+    let mut builder = func.builder();
+    for view in &views {
+        builder.arg(view);
+    }
+    builder.arg(&out);
+    push_scalars(&mut builder, &plan.scalars);
+    // SAFETY: buffers in the kernel's order, then the plan's scalars in their C types
+    unsafe { builder.launch(config(plan)) }.w()?;
+    Ok(out)
 }
 
 /// The kernel's view of a contiguous input (its offset applied); `what` names the op and input
@@ -100,48 +80,24 @@ fn contiguous_view<'a, T>(
 }
 
 pub(crate) mod attention {
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, DeviceRepr, LaunchConfig, ValidAsZeroBits,
-    };
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
     use candle_core::cuda_backend::{CudaStorage, Map2, Map3};
     use candle_core::{CpuStorage, CudaDevice, Layout, Shape, Tensor, WithDType};
 
+    use crate::model::launch as plan;
+
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
     const MODULE: &str = "unlearn_attention";
-    /// rows (one warp each) per block of the kernels
-    const ROWS_PER_BLOCK: u32 = 4;
-
     /// Whether the fused kernels take this call: `cuda_fusable` scores [B, H, T, C] with a mask
-    /// of the same dtype and shape [B, 1, T, C].
+    /// of the same dtype and shape [B, 1, T, C] that the kernels' plan accepts.
     pub fn applies(scores: &Tensor, mask: &Tensor) -> bool {
-        let (sd, md) = (scores.dims(), mask.dims());
         crate::model::ops::cuda_fusable(scores)
             && mask.dtype() == scores.dtype()
-            && sd.len() == 4
-            && md == [sd[0], 1, sd[2], sd[3]]
-            && sd.iter().all(|&d| d > 0)
-            && sd[3] <= super::max_row(32)
-            && sd[1] * sd[2] <= i32::MAX as usize
-            && sd[0] * sd[1] * sd[2] <= i32::MAX as usize
-    }
-
-    /// (rows, cols, heads, t_q) of scores [B, H, T, C], checked against the mask [B, 1, T, C]:
-    /// the kernels read B·T·C mask values.
-    fn geometry(scores: &Layout, mask: &Layout) -> candle_core::Result<(i64, i32, i32, i32)> {
-        let (b, h, t, c) = scores.shape().dims4()?;
-        if mask.dims() != [b, 1, t, c] {
-            candle_core::bail!(
-                "masked-softmax: mask {:?} for scores {:?}",
-                mask.shape(),
-                scores.shape()
-            );
-        }
-        Ok(((b * h * t) as i64, c as i32, h as i32, t as i32))
+            && plan::attention(scores.dims(), mask.dims(), 1.0).is_ok()
     }
 
     /// Runs the attention.cu kernel `root` (its `_f32`, `_bf16` or `_f16` form, for T) over the
-    /// rows of the scores. Every kernel there takes (inputs…, output, rows, cols, heads, t_q,
-    /// scale).
+    /// rows of the scores, as [`plan::attention`] lays it out.
     fn launch<T: DeviceRepr + WithDType>(
         dev: &CudaDevice,
         root: &str,
@@ -150,17 +106,8 @@ pub(crate) mod attention {
         mask: &Layout,
         scale: f32,
     ) -> candle_core::Result<CudaSlice<T>> {
-        use super::Scalar::{F32, I32, I64};
-        let (rows, cols, heads, t_q) = geometry(scores, mask)?;
-        let cfg = LaunchConfig {
-            grid_dim: ((rows as u64).div_ceil(ROWS_PER_BLOCK as u64) as u32, 1, 1),
-            block_dim: (32, ROWS_PER_BLOCK, 1),
-            shared_mem_bytes: 0,
-        };
-        let scalars = [I64(rows), I32(cols), I32(heads), I32(t_q), F32(scale)];
-        // the kernels write every element of every row
-        let out_len = scores.shape().elem_count();
-        super::launch(dev, (PTX, MODULE), root, inputs, out_len, &scalars, cfg)
+        let plan = plan::attention(scores.dims(), mask.dims(), scale)?;
+        super::launch(dev, (PTX, MODULE), root, inputs, &plan)
     }
 
     /// softmax(scores · scale + mask); the backward is [`MaskedSoftmaxGrad`].
@@ -293,43 +240,25 @@ pub(crate) mod attention {
 /// Launches of src/cuda/nll.cu for `FusedNll` and `FusedNllGrad` (src/model/ops.rs).
 pub(crate) mod nll {
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+        CudaSlice, CudaView, DeviceRepr, PushKernelArg, ValidAsZeroBits,
     };
     use candle_core::cuda_backend::{kernel_name, Map1, WrapErr};
     use candle_core::{CudaDevice, Layout, WithDType};
 
+    use crate::model::launch::{self as plan, Launch};
+
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nll.ptx"));
     const MODULE: &str = "unlearn_nll";
-    /// threads per block, one block per row: a multiple of 32, at most 1024 (nll.cu keeps one
-    /// partial result per warp)
-    const THREADS: u32 = 256;
 
-    fn launch_config(rows: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
-
+    /// The logits [N, V] as the kernel reads them, and [`plan::nll`]'s launch for them.
     fn logits_view<'a, T>(
         x: &'a CudaSlice<T>,
         layout: &Layout,
-    ) -> candle_core::Result<(
-        candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>,
-        usize,
-        i32,
-    )> {
+        backward: bool,
+    ) -> candle_core::Result<(CudaView<'a, T>, Launch)> {
         let (n, v) = layout.shape().dims2()?;
-        // one block per row: the grid's x dimension takes at most 2³¹ − 1 blocks
-        if n == 0 || v == 0 || v > super::max_row(THREADS) || n > i32::MAX as usize {
-            candle_core::bail!("fused-nll: {n} rows of {v} logits do not fit the kernel");
-        }
-        Ok((
-            super::contiguous_view(x, layout, "fused-nll logits")?,
-            n,
-            v as i32,
-        ))
+        let plan = plan::nll(n, v, backward)?;
+        Ok((super::contiguous_view(x, layout, "fused-nll logits")?, plan))
     }
 
     /// f32 NLL per row of the logits [N, V].
@@ -339,18 +268,18 @@ pub(crate) mod nll {
         labels: &[i64],
         dev: &CudaDevice,
     ) -> candle_core::Result<CudaSlice<f32>> {
-        let (x, n, v) = logits_view(x, layout)?;
+        let (x, plan) = logits_view(x, layout, false)?;
         let labels = dev.clone_htod(labels)?;
         let func = dev.get_or_load_custom_func(&kernel_name::<T>("nll_fwd"), MODULE, PTX)?;
         // SAFETY: the kernel writes every row's loss, ignored rows included
-        let nll = unsafe { dev.alloc::<f32>(n)? };
+        let nll = unsafe { dev.alloc::<f32>(plan.out_len)? };
         let mut builder = func.builder();
         builder.arg(&x);
         builder.arg(&labels);
         builder.arg(&nll);
-        candle_core::builder_arg!(builder, v);
+        super::push_scalars(&mut builder, &plan.scalars);
         // SAFETY: (logits, labels, nll, v) is the kernel's signature
-        unsafe { builder.launch(launch_config(n)) }.w()?;
+        unsafe { builder.launch(super::config(&plan)) }.w()?;
         Ok(nll)
     }
 
@@ -367,20 +296,20 @@ pub(crate) mod nll {
             dev: &CudaDevice,
             layout: &Layout,
         ) -> candle_core::Result<CudaSlice<T>> {
-            let (x, n, v) = logits_view(x, layout)?;
+            let (x, plan) = logits_view(x, layout, true)?;
             let labels = dev.clone_htod(self.labels)?;
             let upstream = dev.clone_htod(self.upstream)?;
             let func = dev.get_or_load_custom_func(&kernel_name::<T>("nll_bwd"), MODULE, PTX)?;
             // SAFETY: the kernel writes every element, zeros for ignored rows
-            let grad = unsafe { dev.alloc::<T>(layout.shape().elem_count())? };
+            let grad = unsafe { dev.alloc::<T>(plan.out_len)? };
             let mut builder = func.builder();
             builder.arg(&x);
             builder.arg(&labels);
             builder.arg(&upstream);
             builder.arg(&grad);
-            candle_core::builder_arg!(builder, v);
+            super::push_scalars(&mut builder, &plan.scalars);
             // SAFETY: (logits, labels, upstream, grad, v) is the kernel's signature
-            unsafe { builder.launch(launch_config(n)) }.w()?;
+            unsafe { builder.launch(super::config(&plan)) }.w()?;
             Ok(grad)
         }
     }
@@ -411,15 +340,9 @@ pub(crate) mod elementwise {
                 );
             }
         }
-        if n == 0 {
-            candle_core::bail!("{root}: empty input");
-        }
+        let plan = crate::model::launch::elementwise(root, n)?;
         let inputs: Vec<_> = inputs.iter().map(|&(s, l)| (s, l, root)).collect();
-        // (inputs…, output, n as size_t) is every swiglu.cu kernel's signature, and each writes
-        // all n elements (a grid-stride loop)
-        let scalars = [super::Scalar::Usize(n)];
-        let cfg = super::elementwise_config(n);
-        super::launch(dev, (PTX, MODULE), root, &inputs, n, &scalars, cfg)
+        super::launch(dev, (PTX, MODULE), root, &inputs, &plan)
     }
 
     /// The kernel of that name (`_f32`, `_bf16` or `_f16` for the inputs' dtype).
@@ -471,50 +394,16 @@ pub(crate) mod swiglu_packed {
     }
 
     impl Kernel {
-        /// Launches over n = rows · inter (inputs…, output of `out_len`, n, inter).
+        /// Launches as [`crate::model::launch::swiglu_packed`] lays it out for y (and the
+        /// gradient, backward).
         fn launch<T: DeviceRepr + WithDType>(
             &self,
             dev: &CudaDevice,
             inputs: &[(&CudaSlice<T>, &Layout, &str)],
-            out_len: usize,
         ) -> candle_core::Result<CudaSlice<T>> {
-            use super::Scalar::Usize;
-            let y_l = inputs[0].1;
-            let n = y_l.shape().elem_count() / 2;
-            if self.inter == 0 || y_l.dims().last() != Some(&(2 * self.inter)) || n == 0 {
-                candle_core::bail!(
-                    "{}: y {:?} is not [.., 2 × {}]",
-                    self.root,
-                    y_l.shape(),
-                    self.inter
-                );
-            }
-            if let Some((_, grad_l, _)) = inputs.get(1) {
-                let want = &y_l.dims()[..y_l.dims().len() - 1];
-                let dims = grad_l.dims();
-                if dims.split_last() != Some((&self.inter, want)) {
-                    candle_core::bail!(
-                        "{}: gradient {:?} for y {:?}",
-                        self.root,
-                        grad_l.shape(),
-                        y_l.shape()
-                    );
-                }
-            }
-            // (inputs…, output, n as size_t, inter as size_t) is both kernels' signature; they
-            // write all out_len elements (a grid-stride loop over n = rows × inter, one write
-            // each forward, two backward)
-            let scalars = [Usize(n), Usize(self.inter)];
-            let cfg = super::elementwise_config(n);
-            super::launch(
-                dev,
-                (PTX, MODULE),
-                self.root,
-                inputs,
-                out_len,
-                &scalars,
-                cfg,
-            )
+            let grad = inputs.get(1).map(|(_, l, _)| l.dims());
+            let plan = crate::model::launch::swiglu_packed(inputs[0].1.dims(), grad, self.inter)?;
+            super::launch(dev, (PTX, MODULE), self.root, inputs, &plan)
         }
     }
 
@@ -525,8 +414,7 @@ pub(crate) mod swiglu_packed {
             dev: &CudaDevice,
             y_l: &Layout,
         ) -> candle_core::Result<CudaSlice<T>> {
-            let out_len = y_l.shape().elem_count() / 2;
-            self.launch(dev, &[(y, y_l, "packed swiglu y")], out_len)
+            self.launch(dev, &[(y, y_l, "packed swiglu y")])
         }
     }
 
@@ -543,7 +431,7 @@ pub(crate) mod swiglu_packed {
                 (y, y_l, "packed swiglu y"),
                 (grad, grad_l, "packed swiglu gradient"),
             ];
-            self.launch(dev, &inputs, y_l.shape().elem_count())
+            self.launch(dev, &inputs)
         }
     }
 }
@@ -551,17 +439,12 @@ pub(crate) mod swiglu_packed {
 /// Launches of src/cuda/rms_norm.cu for `FusedRmsNorm` and `RmsNormGrad` (src/model/ops.rs):
 /// one block per row of x [.., d], the weight [d].
 pub(crate) mod rms_norm {
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, DeviceRepr, LaunchConfig, ValidAsZeroBits,
-    };
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
     use candle_core::cuda_backend::{Map2, Map3};
     use candle_core::{CudaDevice, Layout, WithDType};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
     const MODULE: &str = "unlearn_rms_norm";
-    /// threads per block, one block per row: a multiple of 32, at most 1024 (rms_norm.cu keeps
-    /// one partial sum per warp)
-    const THREADS: u32 = 256;
 
     /// `rms_norm` (inputs x, w) or `rms_norm_bwd` (x, w and the gradient of y).
     pub struct Kernel {
@@ -571,48 +454,16 @@ pub(crate) mod rms_norm {
     }
 
     impl Kernel {
+        /// Launches as [`crate::model::launch::rms_norm`] lays it out.
         fn launch<T: DeviceRepr + WithDType>(
             &self,
             dev: &CudaDevice,
             inputs: &[(&CudaSlice<T>, &Layout, &str)],
         ) -> candle_core::Result<CudaSlice<T>> {
-            let (x_l, w_l) = (inputs[0].1, inputs[1].1);
-            let d = w_l.shape().elem_count();
-            let n = x_l.shape().elem_count();
-            let fits = w_l.dims().len() == 1
-                && x_l.dims().last() == Some(&d)
-                && d > 0
-                && n > 0
-                && d <= super::max_row(THREADS)
-                && n / d <= i32::MAX as usize;
-            if !fits {
-                candle_core::bail!(
-                    "{}: weight {:?} for x {:?}",
-                    self.root,
-                    w_l.shape(),
-                    x_l.shape()
-                );
-            }
-            if let Some((_, grad_l, _)) = inputs.get(2) {
-                if grad_l.shape() != x_l.shape() {
-                    candle_core::bail!(
-                        "{}: gradient {:?} for x {:?}",
-                        self.root,
-                        grad_l.shape(),
-                        x_l.shape()
-                    );
-                }
-            }
-            use super::Scalar::{F32, I32};
-            let cfg = LaunchConfig {
-                grid_dim: ((n / d) as u32, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // (inputs…, output, d, eps, plus_one) is both kernels' signature; they write every
-            // element of every row
-            let scalars = [I32(d as i32), F32(self.eps), I32(self.plus_one as i32)];
-            super::launch(dev, (PTX, MODULE), self.root, inputs, n, &scalars, cfg)
+            let (x, w) = (inputs[0].1.dims(), inputs[1].1.dims());
+            let grad = inputs.get(2).map(|(_, l, _)| l.dims());
+            let plan = crate::model::launch::rms_norm(x, w, grad, self.eps, self.plus_one)?;
+            super::launch(dev, (PTX, MODULE), self.root, inputs, &plan)
         }
     }
 
@@ -723,37 +574,13 @@ pub(crate) mod rope {
             sin_l: &Layout,
             dev: &CudaDevice,
         ) -> candle_core::Result<CudaSlice<T>> {
-            let (b, h, t, d) = x_l.shape().dims4()?;
-            let half = cos_l.dims().last().copied().unwrap_or(0);
-            if cos_l.dims() != [b, 1, t, half] || sin_l.dims() != cos_l.dims() || 2 * half > d {
-                candle_core::bail!(
-                    "fused-rope: tables {:?} / {:?} for x {:?}",
-                    cos_l.shape(),
-                    sin_l.shape(),
-                    x_l.shape()
-                );
-            }
-            let n = x_l.shape().elem_count();
-            if n == 0 || d > i32::MAX as usize || h * t > i32::MAX as usize {
-                candle_core::bail!("fused-rope: x {:?} does not fit the kernel", x_l.shape());
-            }
-            use super::Scalar::{Usize, I32};
+            let plan = crate::model::launch::rope(x_l.dims(), cos_l.dims(), sin_l.dims())?;
             let inputs = [
                 (x, x_l, "fused-rope x"),
                 (cos, cos_l, "fused-rope cos"),
                 (sin, sin_l, "fused-rope sin"),
             ];
-            // (x, cos, sin, out, n as size_t, d, half, heads, t) is the kernel's signature; it
-            // writes all n elements (a grid-stride loop)
-            let scalars = [
-                Usize(n),
-                I32(d as i32),
-                I32(half as i32),
-                I32(h as i32),
-                I32(t as i32),
-            ];
-            let cfg = super::elementwise_config(n);
-            super::launch(dev, (PTX, MODULE), "rope", &inputs, n, &scalars, cfg)
+            super::launch(dev, (PTX, MODULE), "rope", &inputs, &plan)
         }
     }
 

@@ -3,6 +3,7 @@ pub mod config;
 #[cfg(feature = "cuda")]
 mod cuda_kernels;
 pub mod decoder;
+pub mod launch;
 pub mod linear;
 pub mod ops;
 pub mod weights;
