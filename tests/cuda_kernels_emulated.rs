@@ -157,36 +157,12 @@ fn suffix(dtype: DType) -> &'static str {
     }
 }
 
-/// The tensor's elements in row-major order, as the device buffer would hold them.
+/// The tensor's elements in row-major order, as the device buffer would hold them
+/// (little-endian, as candle writes them).
 fn bytes(t: &Tensor) -> Arg {
-    let flat = t.flatten_all().unwrap();
-    Arg::In(match t.dtype() {
-        DType::F32 => flat
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::BF16 => flat
-            .to_vec1::<bf16>()
-            .unwrap()
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::F16 => flat
-            .to_vec1::<f16>()
-            .unwrap()
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::I64 => flat
-            .to_vec1::<i64>()
-            .unwrap()
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        other => panic!("no buffer for {other:?}"),
-    })
+    let mut buffer = Vec::with_capacity(t.elem_count() * t.dtype().size_in_bytes());
+    t.write_bytes(&mut buffer).unwrap();
+    Arg::In(buffer)
 }
 
 /// A kernel's output buffer as f32 values.
