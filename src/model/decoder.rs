@@ -578,7 +578,7 @@ impl Decoder {
         let normed = self.final_norm.forward(hidden)?;
         let mut logits = self.lm_head.forward(&normed, opts)?;
         if let Some(cap) = self.cfg.final_softcap {
-            logits = ops::mul_scalar(&ops::div_scalar(&logits, cap)?.tanh()?, cap)?;
+            logits = ops::softcap(&logits, cap)?;
         }
         Ok(logits)
     }
@@ -851,8 +851,7 @@ impl Decoder {
         let (scores, scale) = match cfg.attn_softcap {
             Some(cap) => {
                 let scaled = ops::mul_scalar(&scores, cfg.attn_scale)?;
-                let capped = ops::div_scalar(&scaled, cap)?.tanh()?;
-                (ops::mul_scalar(&capped, cap)?, 1.0)
+                (ops::softcap(&scaled, cap)?, 1.0)
             }
             None => (scores, cfg.attn_scale),
         };

@@ -1486,6 +1486,11 @@ pub fn div_scalar(x: &Tensor, s: f64) -> candle_core::Result<Tensor> {
     wide.broadcast_div(&divisor)?.to_dtype(dtype)
 }
 
+/// Gemma 2's soft cap, `cap · tanh(x / cap)`, each step rounded as transformers rounds it.
+pub fn softcap(x: &Tensor, cap: f64) -> candle_core::Result<Tensor> {
+    mul_scalar(&div_scalar(x, cap)?.tanh()?, cap)
+}
+
 // ---- attention softmax: softmax(scores · scale + mask) --------------------------------------
 
 /// The attention probabilities `softmax(scores · scale + mask)` over the last dimension,
