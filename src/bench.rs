@@ -8,7 +8,7 @@ use crate::model::{ArchConfig, Decoder, ForwardOptions};
 use crate::rng::Rng;
 use crate::tokenizer::EncodedExample;
 use crate::train::batch::{Dataset, ItemBatch, PairedBatch};
-use crate::train::optim::{clip_global_norm, AdamW, AdamWConfig};
+use crate::train::optim::{clip_scale, AdamW, AdamWConfig};
 use candle_core::{Device, Var};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -260,9 +260,9 @@ pub fn bench_method(c: &BenchConfig, label: &str, device: &Device) -> Result<Ben
             step,
             micro: 0,
         };
-        let (mut grads, _) = method.gradients(&ctx, &batch)?;
-        clip_global_norm(&mut grads, 1.0)?;
-        opt.step(&vars, &grads, 1e-4)?;
+        let (grads, _) = method.gradients(&ctx, &batch)?;
+        let (_, grad_scale) = clip_scale(&grads, 1.0)?;
+        opt.step_scaled(&vars, &grads, grad_scale, 1e-4)?;
         let eval = ForwardOptions::eval();
         let ctx = Ctx {
             model: &model,

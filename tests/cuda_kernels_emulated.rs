@@ -5,7 +5,8 @@
 //! launches a kernel with the grid, block and arguments that src/model/cuda_kernels.rs gives
 //! it, and checks the output against the CPU path: `ops::masked_softmax`, `ops::token_nll`,
 //! `ops::rope_composed` and `ops::gated_activation`, and their autograd backward; RMSNorm
-//! against transformers' own modules (tests/fixtures/hf/rms-norm). This is what
+//! against transformers' own modules (tests/fixtures/hf/rms-norm); AdamW against the CPU
+//! optimizer, bit for bit. This is what
 //! shows the kernels' indexing, reductions and rounding right on a machine without a GPU; the
 //! GPU itself is checked by scripts/gpu-checks.sh (parity of logits and LoRA gradients).
 //!
@@ -24,6 +25,7 @@ use unlearn::model::config::Activation;
 use unlearn::model::launch::{self as plans, Launch, Scalar};
 use unlearn::model::ops;
 use unlearn::rng::Rng;
+use unlearn::train::optim::{kernel_plans, AdamW, AdamWConfig};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
@@ -75,6 +77,8 @@ enum Arg {
     In(Vec<u8>),
     /// an output buffer of this many bytes
     Out(usize),
+    /// a buffer the kernel updates in place, returned with the outputs
+    InOut(Vec<u8>),
     I32(i32),
     I64(i64),
     U64(u64),
@@ -82,7 +86,7 @@ enum Arg {
 }
 
 /// Launches `kernel` on the emulator with grid (grid, 1, 1) and block (block.0, block.1, 1);
-/// returns the output buffers in argument order.
+/// returns the output and in-place buffers in argument order.
 fn launch(
     build: Build,
     kernel: &str,
@@ -107,6 +111,11 @@ fn launch(
             Arg::Out(n) => {
                 outputs.push(path.clone());
                 format!("out:{}:{n}", path.display())
+            }
+            Arg::InOut(bytes) => {
+                std::fs::write(&path, bytes).unwrap();
+                outputs.push(path.clone());
+                format!("inout:{}", path.display())
             }
             Arg::I32(v) => format!("i32:{v}"),
             Arg::I64(v) => format!("i64:{v}"),
@@ -737,6 +746,117 @@ fn rms_norm_kernels_match_transformers() {
     }
 }
 
+// ---- AdamW -------------------------------------------------------------------------------------
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// One optimizer step on the emulator, adamw.cu's two kernels in place as
+/// `unlearn::train::optim::kernel_plans` launches them: the moments [2, n] with the gradient,
+/// then the parameter with the moments.
+#[allow(clippy::too_many_arguments)]
+fn adamw_kernels(
+    build: Build,
+    cfg: &AdamWConfig,
+    step: usize,
+    lr: f64,
+    grad_scale: f64,
+    param: &mut Vec<f32>,
+    moments: &mut Vec<f32>,
+    grad: &[f32],
+) {
+    let (moments_plan, param_plan) = kernel_plans(cfg, step, lr, grad_scale, param.len()).unwrap();
+    let scalars = |plan: &Launch| -> Vec<Arg> {
+        let arg = |s: &Scalar| match *s {
+            Scalar::Usize(v) => Arg::U64(v as u64),
+            Scalar::F32(v) => Arg::F32(v),
+            other => panic!("adamw takes no {other:?}"),
+        };
+        plan.scalars.iter().map(arg).collect()
+    };
+    let mut args = vec![Arg::InOut(f32_bytes(moments)), Arg::In(f32_bytes(grad))];
+    args.extend(scalars(&moments_plan));
+    let grid = moments_plan.grid as usize;
+    let out = launch(build, "adamw_moments_f32", grid, moments_plan.block, &args);
+    *moments = values(&out[0], DType::F32);
+    let mut args = vec![Arg::InOut(f32_bytes(param)), Arg::In(f32_bytes(moments))];
+    args.extend(scalars(&param_plan));
+    let grid = param_plan.grid as usize;
+    let out = launch(build, "adamw_param_f32", grid, param_plan.block, &args);
+    *param = values(&out[0], DType::F32);
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// adamw.cu against the CPU optimizer (src/train/optim.rs, itself checked against torch): four
+/// steps on torch's fixture (tests/fixtures/hf/adamw), with weight decay and without, through
+/// both branches of torch's lerp, one step with a clipped gradient. Moments and parameter equal
+/// the CPU's bit for bit after every step, so a run takes the same steps on either device.
+#[test]
+fn adamw_kernels_equal_the_cpu_step_bit_for_bit() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/adamw/reference.safetensors");
+    let r = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let lrs = [1e-3, 5e-4, 2e-3, 1e-4];
+    let grad_scales = [1.0, 0.37, 1.0, 1.0];
+    for (key, beta1, beta2, eps, weight_decay) in [
+        ("a", 0.9, 0.999, 1e-8, 0.01),
+        ("b", 0.9, 0.999, 1e-8, 0.0),
+        ("c", 0.3, 0.95, 1e-6, 0.1),
+    ] {
+        let cfg = AdamWConfig {
+            lr: lrs[0],
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        };
+        let p0 = r[&format!("{key}.p0")].copy().unwrap();
+        let var = Var::from_tensor(&p0).unwrap();
+        let mut cpu = AdamW::new(cfg, std::slice::from_ref(&var)).unwrap();
+        let mut param = to_f32(&p0);
+        let mut moments = vec![0f32; 2 * param.len()];
+        for (step, (lr, grad_scale)) in (1..).zip(lrs.into_iter().zip(grad_scales)) {
+            let g = &r[&format!("{key}.g{step}")];
+            cpu.step_scaled(
+                std::slice::from_ref(&var),
+                std::slice::from_ref(g),
+                grad_scale,
+                lr,
+            )
+            .unwrap();
+            adamw_kernels(
+                Plain,
+                &cfg,
+                step,
+                lr,
+                grad_scale,
+                &mut param,
+                &mut moments,
+                &to_f32(g),
+            );
+            let n = param.len();
+            let cpu_m = to_f32(&cpu.exp_avg(0).unwrap());
+            let cpu_v = to_f32(&cpu.exp_avg_sq(0).unwrap());
+            assert!(
+                same_bits(&moments[..n], &cpu_m),
+                "{key} step {step}: exp_avg"
+            );
+            assert!(
+                same_bits(&moments[n..], &cpu_v),
+                "{key} step {step}: exp_avg_sq"
+            );
+            assert!(
+                same_bits(&param, &to_f32(var.as_tensor())),
+                "{key} step {step}: param"
+            );
+        }
+    }
+}
+
 // ---- races -------------------------------------------------------------------------------------
 
 /// Every kernel once under ThreadSanitizer, at shapes that take several warps and several
@@ -794,4 +914,16 @@ fn kernels_have_no_data_races() {
     let plan = plans::swiglu_packed(packed.dims(), Some(dy.dims()), 100).unwrap();
     let args = vec![bytes(&packed), bytes(&dy)];
     run_plan(Tsan, "swiglu_packed_bwd_f32", &plan, args, f32_);
+
+    let cfg = AdamWConfig {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
+    let mut param = to_f32(&uniform(&mut rng, &[700], -0.1, 0.1, f32_));
+    let grad = to_f32(&uniform(&mut rng, &[700], -1.0, 1.0, f32_));
+    let mut moments = vec![0f32; 1400];
+    adamw_kernels(Tsan, &cfg, 1, 1e-3, 1.0, &mut param, &mut moments, &grad);
 }

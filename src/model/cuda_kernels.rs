@@ -603,3 +603,44 @@ pub(crate) mod rope {
         }
     }
 }
+
+/// Launches of src/cuda/adamw.cu for the optimizer's in-place step (src/train/optim.rs).
+pub(crate) mod adamw {
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::cuda_backend::{CudaStorage, WrapErr};
+    use candle_core::Layout;
+
+    use crate::model::launch::Launch;
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
+    const MODULE: &str = "unlearn_adamw";
+
+    /// Runs `kernel` of adamw.cu (`adamw_moments_f32` or `adamw_param_f32`) as `plan` says, in
+    /// place on the contiguous f32 `dst` with the contiguous f32 `src`: dst, src, then the
+    /// plan's scalars. The caller checked that both hold the plan's elements.
+    pub fn in_place(
+        kernel: &str,
+        dst: &mut CudaStorage,
+        dst_l: &Layout,
+        src: &CudaStorage,
+        src_l: &Layout,
+        plan: &Launch,
+    ) -> candle_core::Result<()> {
+        let dev = dst.device.clone();
+        let src = super::contiguous_view(src.as_cuda_slice::<f32>()?, src_l, kernel)?;
+        let Some((start, end)) = dst_l.contiguous_offsets() else {
+            candle_core::bail!("{kernel}: contiguous destination expected")
+        };
+        let mut dst = dst.as_cuda_slice_mut::<f32>()?.slice_mut(start..end);
+        let func = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
+        let mut builder = func.builder();
+        builder.arg(&mut dst);
+        builder.arg(&src);
+        super::push_scalars(&mut builder, &plan.scalars);
+        // SAFETY: the two buffers in the kernel's order, then the plan's scalars in their C
+        // types (tests/cuda_kernels_emulated.rs runs the same plans); the kernel touches the
+        // plan's n elements of each, which the caller checked both hold
+        unsafe { builder.launch(super::config(plan)) }.w()?;
+        Ok(())
+    }
+}

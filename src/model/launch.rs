@@ -18,8 +18,8 @@ pub enum Scalar {
     F32(f32),
 }
 
-/// One launch: `grid` blocks of `block` threads (x, y), an output of `out_len` elements, and
-/// the scalars that follow the buffers.
+/// One launch: `grid` blocks of `block` threads (x, y), an output of `out_len` elements (0 for
+/// the in-place AdamW kernels), and the scalars that follow the buffers.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Launch {
     pub grid: u32,
@@ -179,6 +179,46 @@ pub fn swiglu_packed(
     Ok(grid_stride(n, out_len, vec![Usize(n), Usize(inter)]))
 }
 
+/// adamw.cu's moment kernel, in place over the moments [2, n] of an f32 variable of n elements
+/// with its gradient [n]: (n, grad_scale, lerp_weight, beta2, sq_weight). No output.
+pub fn adamw_moments(
+    n: usize,
+    grad_scale: f32,
+    lerp_weight: f32,
+    beta2: f32,
+    sq_weight: f32,
+) -> candle_core::Result<Launch> {
+    if n == 0 {
+        candle_core::bail!("adamw: empty variable");
+    }
+    use Scalar::{Usize, F32};
+    let scalars = vec![
+        Usize(n),
+        F32(grad_scale),
+        F32(lerp_weight),
+        F32(beta2),
+        F32(sq_weight),
+    ];
+    Ok(grid_stride(n, 0, scalars))
+}
+
+/// adamw.cu's parameter kernel, in place over an f32 variable of n elements with its updated
+/// moments [2, n]: (n, decay, bc2_sqrt, eps, neg_step). No output.
+pub fn adamw_param(
+    n: usize,
+    decay: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+    neg_step: f32,
+) -> candle_core::Result<Launch> {
+    if n == 0 {
+        candle_core::bail!("adamw: empty variable");
+    }
+    use Scalar::{Usize, F32};
+    let scalars = vec![Usize(n), F32(decay), F32(bc2_sqrt), F32(eps), F32(neg_step)];
+    Ok(grid_stride(n, 0, scalars))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +235,8 @@ mod tests {
         assert!(swiglu_packed(&[3, 10], Some(&[3, 4]), 5).is_err());
         assert!(nll(0, 10, false).is_err());
         assert!(elementwise("swiglu", 0).is_err());
+        assert!(adamw_moments(0, 1.0, 0.1, 0.999, 0.001).is_err());
+        assert!(adamw_param(0, 1.0, 1.0, 1e-8, -1e-3).is_err());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The decoder stack: configuration, weights, differentiable ops and the generic decoder.
 pub mod config;
 #[cfg(feature = "cuda")]
-mod cuda_kernels;
+pub(crate) mod cuda_kernels;
 pub mod decoder;
 pub mod launch;
 pub mod linear;

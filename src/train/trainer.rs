@@ -16,7 +16,7 @@ use crate::recipe::{Recipe, TrainSection};
 use crate::rng::Rng;
 use crate::tokenizer::ChatTokenizer;
 use crate::train::batch::{draw, Dataset, ItemBatch, PairedBatch};
-use crate::train::optim::{clip_global_norm, lr_at, AdamW, AdamWConfig};
+use crate::train::optim::{clip_scale, lr_at, AdamW, AdamWConfig};
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -365,12 +365,13 @@ pub(crate) fn drive(s: &mut Session, opts: &RunOptions) -> Result<LoopEnd> {
             ckpt.join("optimizer.safetensors"),
         )?;
         for (i, name) in var_names.iter().enumerate() {
-            optimizer.m[i] = moments
-                .tensor_raw(&format!("m.{name}"))?
-                .to_device(&opts.device)?;
-            optimizer.v[i] = moments
-                .tensor_raw(&format!("v.{name}"))?
-                .to_device(&opts.device)?;
+            let exp_avg = moments.tensor_raw(&format!("m.{name}"))?;
+            let exp_avg_sq = moments.tensor_raw(&format!("v.{name}"))?;
+            optimizer
+                .set_moments(i, &exp_avg, &exp_avg_sq)
+                .map_err(|e| {
+                    Error::config(ckpt.join("optimizer.safetensors"), format!("{name}: {e}"))
+                })?;
         }
         optimizer.step = state.adam_step;
         s.method.load_state(&state.method_state)?;
@@ -477,15 +478,15 @@ pub(crate) fn drive(s: &mut Session, opts: &RunOptions) -> Result<LoopEnd> {
             });
             batches.push(batch);
         }
-        let mut grads = summed.ok_or_else(|| Error::InvalidArgument("no micro-batches".into()))?;
-        let grad_norm = clip_global_norm(&mut grads, t.max_grad_norm)?;
+        let grads = summed.ok_or_else(|| Error::InvalidArgument("no micro-batches".into()))?;
+        let (grad_norm, grad_scale) = clip_scale(&grads, t.max_grad_norm)?;
         if !grad_norm.is_finite() {
             return Err(Error::InvalidArgument(format!(
                 "step {}: the gradient norm is {grad_norm}; stopping",
                 step + 1
             )));
         }
-        optimizer.step(&vars, &grads, lr)?;
+        optimizer.step_scaled(&vars, &grads, grad_scale, lr)?;
         let fwd = ForwardOptions::eval();
         let ctx = Ctx {
             model: &s.model,
@@ -650,11 +651,11 @@ fn save_checkpoint(
     for (i, name) in var_names.iter().enumerate() {
         moments.push((
             format!("m.{name}"),
-            OwnedView::from_tensor(&optimizer.m[i])?,
+            OwnedView::from_tensor(&optimizer.exp_avg(i)?)?,
         ));
         moments.push((
             format!("v.{name}"),
-            OwnedView::from_tensor(&optimizer.v[i])?,
+            OwnedView::from_tensor(&optimizer.exp_avg_sq(i)?)?,
         ));
     }
     write_safetensors(&staging.join("optimizer.safetensors"), &moments)?;

@@ -111,3 +111,9 @@ inline float __shfl_xor_sync(unsigned /*mask*/, float v, int offset) {
 
 // Without FMA contraction (g++ runs with -ffp-contract=off), a plain product is __fmul_rn.
 inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+// IEEE square root and fused multiply-add, correctly rounded as CUDA's _rn intrinsics
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }

@@ -5,8 +5,9 @@
 // An ARG is in:PATH (a device buffer holding the file's bytes, followed by NaN bytes so that a
 // read past the end shows in the output), out:PATH:BYTES (a buffer of BYTES, filled with 0xff
 // so that an element the kernel never writes reads as NaN, written to PATH after the launch;
-// canary bytes after it catch a write past the end), or i32:V, i64:V, u64:V, f32:V (an int, int64_t, size_t or float
-// parameter). The
+// canary bytes after it catch a write past the end), inout:PATH (a buffer holding the file's
+// bytes, updated in place and written back to PATH, with canary bytes after it), or i32:V,
+// i64:V, u64:V, f32:V (an int, int64_t, size_t or float parameter). The
 // tags are checked against the kernel's signature, so an argument pushed in the wrong order or
 // type fails here as it would corrupt the launch on a GPU.
 #include <cstdio>
@@ -19,6 +20,7 @@
 #include <tuple>
 #include <utility>
 
+#include "../../src/cuda/adamw.cu"
 #include "../../src/cuda/attention.cu"
 #include "../../src/cuda/nll.cu"
 #include "../../src/cuda/rms_norm.cu"
@@ -111,6 +113,7 @@ const std::map<std::string, Launcher>& kernels() {
       FOR_DTYPES(nll_bwd),        FOR_DTYPES(rope),               FOR_DTYPES(swiglu),
       FOR_DTYPES(swiglu_gate_grad), FOR_DTYPES(swiglu_up_grad), FOR_DTYPES(rms_norm),
       FOR_DTYPES(rms_norm_bwd), FOR_DTYPES(swiglu_packed), FOR_DTYPES(swiglu_packed_bwd),
+      {"adamw_moments_f32", wrap(adamw_moments_f32)}, {"adamw_param_f32", wrap(adamw_param_f32)},
   };
   return table;
 }
@@ -126,6 +129,13 @@ Arg parse(const std::string& s) {
     if (!f) die("cannot read " + rest);
     a.bytes.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
     a.bytes.insert(a.bytes.end(), GUARD, 0xff);
+  } else if (tag == "inout") {
+    a.kind = Arg::Buffer;
+    a.out_path = rest;
+    std::ifstream f(rest, std::ios::binary);
+    if (!f) die("cannot read " + rest);
+    a.bytes.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+    a.bytes.insert(a.bytes.end(), GUARD, CANARY);
   } else if (tag == "out") {
     auto sep = rest.rfind(':');
     if (sep == std::string::npos) die("out: needs PATH:BYTES, got '" + rest + "'");
