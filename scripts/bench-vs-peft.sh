@@ -63,6 +63,9 @@ peaks = [os.path.join(sys.argv[3], n) for n in ("ours", "theirs")]
 if all(os.path.exists(p) for p in peaks):
     ga, gb = (float(open(p).read()) for p in peaks)
     print(f"peak GPU memory (nvidia-smi): unlearn {ga:.0f} MiB, torch+peft {gb:.0f} MiB, ratio {ga / gb:.2f}")
+if "peak_gpu_mb" in a and "peak_gpu_mb" in b:
+    ga, gb = a["peak_gpu_mb"], b["peak_gpu_mb"]
+    print(f"peak GPU memory held by tensors: unlearn {ga:.0f} MiB, torch+peft {gb:.0f} MiB, ratio {ga / gb:.2f}")
 print(f"tokens/s ratio (unlearn / torch+peft): {a['tokens_per_second'] / b['tokens_per_second']:.2f}")
 print(f"peak RSS ratio (unlearn / torch+peft): {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}")
 # the same step, so the same model FLOPs: each side's rate is that count over its own time

@@ -1,6 +1,7 @@
 //! `unlearn bench`: time LoRA unlearning steps (forward, backward, clipping, AdamW, the method's
 //! own extra work) on a Llama-shaped model with seeded random weights and a synthetic batch.
-//! Reports seconds per step, tokens/s and the process's peak resident memory.
+//! Reports seconds per step, tokens/s, the process's peak resident memory and, on a GPU, the
+//! peak of GPU memory held by tensors.
 use crate::error::{Error, Result};
 use crate::lora::{attach_lora, lora_vars, LoraConfig, TargetModules};
 use crate::methods::{self, Ctx};
@@ -67,6 +68,10 @@ pub struct BenchResult {
     pub tokens_per_second: f64,
     pub tokens_per_step: usize,
     pub peak_rss_mb: f64,
+    /// on a GPU, the peak of memory held by tensors (the driver pool's high-water mark), as
+    /// `torch.cuda.max_memory_allocated`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_gpu_mb: Option<f64>,
     /// model FLOPs of one step by [`lora_step_flops_per_token`] (extra passes a method makes,
     /// such as a reference model's forward, are not counted: they are its overhead)
     pub model_tflop_per_step: f64,
@@ -204,6 +209,7 @@ pub fn peak_rss_mb() -> f64 {
 
 pub fn bench_method(c: &BenchConfig, label: &str, device: &Device) -> Result<BenchResult> {
     reset_peak_rss();
+    crate::device::reset_peak_gpu_memory(device)?;
     let (name, params) = method_spec(label)?;
     let cfg = arch_config(c)?;
     let vocab = cfg.vocab_size;
@@ -288,6 +294,7 @@ pub fn bench_method(c: &BenchConfig, label: &str, device: &Device) -> Result<Ben
         tokens_per_second: tokens as f64 / median,
         tokens_per_step: tokens,
         peak_rss_mb: peak_rss_mb(),
+        peak_gpu_mb: crate::device::peak_gpu_memory_mb(device)?,
         model_tflop_per_step: tflop,
         achieved_tflops: achieved,
         peak_tflops: c.peak_tflops,

@@ -28,14 +28,115 @@ pub fn parse_device(name: &str) -> Result<Device> {
             "device '{name}': this binary was built without CUDA support (build it with scripts/build-cuda.sh)"
         )));
     }
-    Device::new_cuda(ordinal).map_err(|e| {
+    let device = Device::new_cuda(ordinal).map_err(|e| {
         // candle's driver errors carry a backtrace in their message: keep the first line
         let first = e.to_string();
         let reason = first.lines().next().unwrap_or_default().trim().to_string();
         Error::InvalidArgument(format!(
             "device '{name}': cannot open CUDA device {ordinal} ({reason}); check that an NVIDIA driver is installed and the GPU is visible (nvidia-smi, CUDA_VISIBLE_DEVICES)"
         ))
-    })
+    })?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = &device {
+        gpu_pool::keep_freed_memory(cuda).map_err(|e| {
+            Error::InvalidArgument(format!("device '{name}': its memory pool: {e}"))
+        })?;
+    }
+    Ok(device)
+}
+
+/// The peak of the memory this process's tensors held on `device` since the last
+/// [`reset_peak_gpu_memory`] (or the start), in MiB, like `torch.cuda.max_memory_allocated`;
+/// `None` on the CPU.
+pub fn peak_gpu_memory_mb(device: &Device) -> Result<Option<f64>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => Ok(Some(gpu_pool::used_high(cuda)? as f64 / (1 << 20) as f64)),
+        _ => Ok(None),
+    }
+}
+
+/// Starts a new peak of [`peak_gpu_memory_mb`] (nothing on the CPU).
+pub fn reset_peak_gpu_memory(device: &Device) -> Result<()> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => gpu_pool::reset_used_high(cuda),
+        _ => Ok(()),
+    }
+}
+
+/// The CUDA driver's default memory pool, which candle allocates from (cudarc's
+/// `cuMemAllocAsync`).
+#[cfg(feature = "cuda")]
+mod gpu_pool {
+    use crate::error::{Error, Result};
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::CudaDevice;
+    use std::ffi::c_void;
+
+    fn driver(what: &str, r: sys::CUresult) -> Result<()> {
+        r.result()
+            .map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))
+    }
+
+    fn default_pool(dev: &CudaDevice) -> Result<sys::CUmemoryPool> {
+        let stream = dev.cuda_stream();
+        let ctx = stream.context();
+        ctx.bind_to_thread()
+            .map_err(|e| Error::InvalidArgument(format!("binding the CUDA context: {e}")))?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: an out-pointer to a pool handle, and the context's own device
+        let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+        driver("cuDeviceGetDefaultMemPool", r)?;
+        Ok(pool)
+    }
+
+    fn set(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute, mut value: u64) -> Result<()> {
+        // SAFETY: both attributes used here take a cuuint64_t
+        let r = unsafe {
+            sys::cuMemPoolSetAttribute(pool, attr, &mut value as *mut u64 as *mut c_void)
+        };
+        driver("cuMemPoolSetAttribute", r)
+    }
+
+    /// Keeps freed memory in the pool. By default the pool hands every unused byte back to the
+    /// system at each synchronisation — each read of a loss or a gradient norm, several a
+    /// step — so the next step maps its activations afresh, at milliseconds per GiB. PyTorch's
+    /// caching allocator keeps them; with this, so does candle.
+    pub fn keep_freed_memory(dev: &CudaDevice) -> Result<()> {
+        let pool = default_pool(dev)?;
+        set(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            u64::MAX,
+        )
+    }
+
+    /// The pool's high-water mark of memory in use (allocated to tensors), in bytes.
+    pub fn used_high(dev: &CudaDevice) -> Result<u64> {
+        let pool = default_pool(dev)?;
+        let mut value = 0u64;
+        // SAFETY: CU_MEMPOOL_ATTR_USED_MEM_HIGH is a cuuint64_t
+        let r = unsafe {
+            sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut value as *mut u64 as *mut c_void,
+            )
+        };
+        driver("cuMemPoolGetAttribute", r)?;
+        Ok(value)
+    }
+
+    /// Resets the high-water mark to the memory in use now (the driver takes only 0).
+    pub fn reset_used_high(dev: &CudaDevice) -> Result<()> {
+        let pool = default_pool(dev)?;
+        set(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            0,
+        )
+    }
 }
 
 /// The process-wide choice of `--base-dtype`, when the user made one.
@@ -85,5 +186,11 @@ mod tests {
             assert!(e.contains("without CUDA"), "{e}");
         }
         assert_eq!(base_dtype(&Device::Cpu), DType::F32);
+    }
+
+    #[test]
+    fn no_gpu_memory_figure_on_the_cpu() {
+        reset_peak_gpu_memory(&Device::Cpu).unwrap();
+        assert_eq!(peak_gpu_memory_mb(&Device::Cpu).unwrap(), None);
     }
 }

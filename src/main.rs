@@ -453,8 +453,13 @@ fn run(cli: Cli) -> Result<()> {
                 println!(
                     "{shape}, LoRA r={rank} all-linear, batch {batch}x{seq}, median of {steps} steps"
                 );
+                let gpu = if device.is_cuda() {
+                    format!(" {:>12}", "peak GPU MB")
+                } else {
+                    String::new()
+                };
                 println!(
-                    "{:<12} {:>10} {:>10} {:>10} {:>9} {:>6} {:>12}",
+                    "{:<12} {:>10} {:>10} {:>10} {:>9} {:>6} {:>12}{gpu}",
                     "method", "s/step", "tokens/s", "relative", "TFLOP/s", "MFU", "peak RSS MB"
                 );
             }
@@ -467,8 +472,11 @@ fn run(cli: Cli) -> Result<()> {
                     let mfu = r
                         .mfu
                         .map_or("-".to_string(), |u| format!("{:.1}%", 100.0 * u));
+                    let gpu = r
+                        .peak_gpu_mb
+                        .map_or(String::new(), |mb| format!(" {mb:>12.0}"));
                     println!(
-                        "{:<12} {:>10.3} {:>10.0} {:>9.2}x {:>9.2} {:>6} {:>12.0}",
+                        "{:<12} {:>10.3} {:>10.0} {:>9.2}x {:>9.2} {:>6} {:>12.0}{gpu}",
                         r.method,
                         r.seconds_per_step,
                         r.tokens_per_second,
