@@ -518,10 +518,20 @@ fn run(cli: Cli) -> Result<()> {
                     println!("{:<64} {:>10.2e} {:>10}", t.name, t.vs_cpu, r);
                 }
                 println!(
+                    "two AdamW steps from the same gradients: {} of the LoRA weights' elements differ from the cpu's",
+                    report.optimizer_step_mismatches
+                );
+                println!(
                     "worst {:.2e} ({}): {}",
                     report.worst,
                     report.worst_name,
                     if report.pass { "PASS" } else { "FAIL" }
+                );
+            }
+            if report.optimizer_step_mismatches > 0 {
+                bail!(
+                    "parity: after two AdamW steps {} elements of the LoRA weights differ from the cpu's (the optimizer should be exact)",
+                    report.optimizer_step_mismatches
                 );
             }
             if !report.pass {

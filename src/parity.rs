@@ -10,12 +10,17 @@
 //! PyTorch + PEFT itself, base weights in bf16, is 1.3e-2 off its own f32 logits and up to
 //! 2.4e-2 off its f32 LoRA gradients, so [`tolerance`] is 5e-2 there (about twice that) and
 //! 1e-4 in f32.
+//!
+//! It also takes two AdamW steps from the CPU's weights and gradients on both devices: the
+//! optimizer's kernels are exact (src/cuda/adamw.cu), so the weights after them must agree bit
+//! for bit, in any base dtype.
 use crate::error::{Error, Result};
 use crate::lora::{load_adapter, lora_vars};
 use crate::model::ops::causal_lm_loss;
 use crate::model::weights::WeightStore;
 use crate::model::{Decoder, ForwardOptions, ModelInput};
-use candle_core::{DType, Device, Tensor};
+use crate::train::optim::{AdamW, AdamWConfig};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +53,9 @@ pub struct ParityReport {
     /// the largest difference of all (either comparison)
     pub worst: f64,
     pub worst_name: String,
+    /// elements of the LoRA weights whose bits differ between the CPU and this device after
+    /// two AdamW steps from the same gradients (0: the same optimizer step bit for bit)
+    pub optimizer_step_mismatches: usize,
     pub pass: bool,
 }
 
@@ -59,11 +67,13 @@ pub fn tolerance(dtype: DType) -> f64 {
     }
 }
 
-/// Logits, loss and LoRA gradients (PEFT names) of one run, copied to the CPU in f32.
+/// Logits, loss and LoRA gradients (PEFT names) of one run, copied to the CPU in f32, and the
+/// LoRA weights they are the gradients of.
 struct Run {
     logits: Tensor,
     loss: Tensor,
     grads: Vec<(String, Tensor)>,
+    weights: Vec<Tensor>,
 }
 
 fn compute(req: &ParityRequest, device: &Device, dtype: DType, batch: &Batch) -> Result<Run> {
@@ -83,7 +93,9 @@ fn compute(req: &ParityRequest, device: &Device, dtype: DType, batch: &Batch) ->
     let to_cpu =
         |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?) };
     let mut named = Vec::new();
+    let mut weights = Vec::new();
     for (name, var) in lora_vars(&model) {
+        weights.push(to_cpu(var.as_tensor())?);
         let g = grads.get(var.as_tensor()).ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "parity: no gradient reached {name} (the adapter in {} is not on the loss path)",
@@ -96,7 +108,50 @@ fn compute(req: &ParityRequest, device: &Device, dtype: DType, batch: &Batch) ->
         logits: to_cpu(&logits)?,
         loss: to_cpu(&loss)?,
         grads: named,
+        weights,
     })
+}
+
+/// Elements of the LoRA weights whose bits differ between the CPU and `device` after two
+/// AdamW steps (weight decay, a clipped gradient) from the same weights and gradients: 0 when
+/// the device's optimizer kernels (src/cuda/adamw.cu) take the CPU's step bit for bit.
+fn optimizer_step_mismatches(
+    weights: &[Tensor],
+    grads: &[Tensor],
+    device: &Device,
+) -> Result<usize> {
+    let cfg = AdamWConfig {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
+    let mut after = Vec::new();
+    for dev in [&Device::Cpu, device] {
+        let vars = weights
+            .iter()
+            .map(|w| Ok(Var::from_tensor(&w.to_device(dev)?.copy()?)?))
+            .collect::<Result<Vec<_>>>()?;
+        let grads = grads
+            .iter()
+            .map(|g| g.to_device(dev))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut opt = AdamW::new(cfg, &vars)?;
+        opt.step_scaled(&vars, &grads, 1.0, 1e-3)?;
+        opt.step_scaled(&vars, &grads, 0.37, 5e-4)?;
+        let mut bits = Vec::new();
+        for v in &vars {
+            let values = v.as_tensor().to_device(&Device::Cpu)?.flatten_all()?;
+            bits.extend(values.to_vec1::<f32>()?.into_iter().map(f32::to_bits));
+        }
+        after.push(bits);
+    }
+    Ok(after[0]
+        .iter()
+        .zip(&after[1])
+        .filter(|(a, b)| a != b)
+        .count())
 }
 
 struct Batch {
@@ -239,12 +294,16 @@ pub fn check(req: &ParityRequest) -> Result<ParityReport> {
             }
         });
     let tolerance = tolerance(req.dtype);
+    let cpu_grads: Vec<Tensor> = cpu.grads.iter().map(|(_, g)| g.clone()).collect();
+    let optimizer_step_mismatches =
+        optimizer_step_mismatches(&cpu.weights, &cpu_grads, &req.device)?;
     Ok(ParityReport {
         device: device_label(&req.device),
         dtype: format!("{:?}", req.dtype).to_lowercase(),
         tolerance,
         tensors,
-        pass: worst <= tolerance,
+        pass: worst <= tolerance && optimizer_step_mismatches == 0,
+        optimizer_step_mismatches,
         worst,
         worst_name,
     })

@@ -33,6 +33,7 @@ fn f32_matches_peft_and_bf16_stays_within_its_tolerance() {
             assert!(r <= 1e-5, "{base} {}: {r} from PEFT", t.name);
         }
         assert!(f32_report.pass);
+        assert_eq!(f32_report.optimizer_step_mismatches, 0);
 
         // bf16 base weights: really rounded (not zero error), within twice PyTorch's own bf16
         // error on these fixtures (2.4e-2 worst gradient)
@@ -121,6 +122,7 @@ fn cli_passes_on_agreement_and_fails_with_the_tensor_named() {
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(report["dtype"], dtype);
         assert_eq!(report["pass"], true);
+        assert_eq!(report["optimizer_step_mismatches"], 0);
     }
 
     // PEFT's gradient of one LoRA B scaled by 1.1: ‖g − 1.1g‖ / ‖1.1g‖ = 0.1 / 1.1 there
