@@ -497,7 +497,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let dtype = unlearn::device::base_dtype(&device);
             let report = unlearn::parity::check(&unlearn::parity::ParityRequest {
-                model,
+                model: model_dir(&model)?,
                 adapter,
                 reference,
                 device,

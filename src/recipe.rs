@@ -237,7 +237,17 @@ impl Recipe {
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let recipe: Recipe = parse_toml(path, overrides)?;
         recipe.validate(path)?;
-        Ok(recipe.resolve_paths(path))
+        let recipe = recipe.resolve_paths(path);
+        // the method's own keys, checked now rather than after the model has loaded, and
+        // named with the file they are in
+        crate::methods::build(&recipe.method.name, &recipe.method.params).map_err(|e| {
+            let msg = match e {
+                Error::InvalidArgument(msg) => msg,
+                other => other.to_string(),
+            };
+            Error::config(path, format!("[method] {msg}"))
+        })?;
+        Ok(recipe)
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
@@ -692,6 +702,21 @@ dir = "out"
             .unwrap_err()
             .to_string();
         assert!(e.contains("bogus"), "{e}");
+        // a method's own keys: checked at load, with the file named
+        let e = Recipe::load(&p, &["method.betta=0.2".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("r.toml") && e.contains("[method]") && e.contains("betta"),
+            "{e}"
+        );
+        let e = Recipe::load(&p, &["method.name=\"nosuch\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("r.toml") && e.contains("unknown method 'nosuch'"),
+            "{e}"
+        );
     }
 }
 

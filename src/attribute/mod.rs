@@ -125,7 +125,9 @@ struct ItemStats {
 /// Run an attribute recipe: write `<dir>/shadow/` (PEFT adapter), `report.json`, `report.md`.
 pub fn run(recipe: &AttributeRecipe, device: &Device, progress: bool) -> Result<AttributeReport> {
     let started = std::time::Instant::now();
-    let model_dir = Path::new(&recipe.model.path);
+    // a local checkpoint directory or a hub id, as in every recipe
+    let model_dir = crate::train::trainer::model_path(&recipe.model.path)?;
+    let model_dir = model_dir.as_path();
     let tok = ChatTokenizer::from_dir(model_dir)?.with_prompt_style(recipe.data.prompt_style());
     let pad_id = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);
     let a = &recipe.attribute;
