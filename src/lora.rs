@@ -7,7 +7,7 @@ use crate::rng::Rng;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Which modules get an adapter, with PEFT's matching rules.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -187,8 +187,8 @@ pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
             "missing: an adapter directory needs adapter_config.json",
         ));
     }
-    let raw: Value = crate::error::read_json(&cfg_path)?;
-    let cfg = config_from_peft(&raw, &cfg_path)?;
+    let file_cfg = PeftConfigFile::read(&cfg_path)?;
+    let cfg = file_cfg.cfg.clone();
     let st_path = dir.join("adapter_model.safetensors");
     if !st_path.exists() {
         let hint = if dir.join("adapter_model.bin").exists() {
@@ -242,6 +242,8 @@ pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
                 ),
             ));
         }
+        file_cfg.check_module(&embed_name, ra, &st_path)?;
+        check_finite(&embed_name, &a, &b, &st_path)?;
         let dev = model.embed.device().clone();
         model.embed_lora = Some(LoraWeights::from_tensors(
             &a.to_device(&dev)?,
@@ -276,6 +278,8 @@ pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
                 ),
             ));
         }
+        file_cfg.check_module(&lin.name, ra, &st_path)?;
+        check_finite(&lin.name, &a, &b, &st_path)?;
         let dev = lin.weight.device().clone();
         lin.lora = Some(LoraWeights::from_tensors(
             &a.to_device(&dev)?,
@@ -401,28 +405,122 @@ fn read_f32(file: &SafetensorsFile, name: &str, path: &Path) -> Result<Tensor> {
     )
 }
 
-/// Parse PEFT's adapter_config.json into our config, rejecting what we cannot honour.
+/// An adapter's A and B must be finite: a NaN one (a diverged run's) would show only later,
+/// as a NaN loss with no file named.
+fn check_finite(module: &str, a: &Tensor, b: &Tensor, st_path: &Path) -> Result<()> {
+    if !crate::model::ops::all_finite(&[a.clone(), b.clone()])? {
+        return Err(Error::adapter(
+            st_path,
+            format!("module '{module}': its LoRA A or B holds NaN or infinite values"),
+        ));
+    }
+    Ok(())
+}
+
+/// An adapter_config.json as read: our config, and what the adapter's tensors must agree with.
+pub struct PeftConfigFile {
+    pub cfg: LoraConfig,
+    path: PathBuf,
+    /// a non-empty rank_pattern: each module has its own rank, which PEFT scales by alpha / its
+    /// rank as [`LoraConfig::scale_for_rank`] does
+    per_module_ranks: bool,
+}
+
+impl PeftConfigFile {
+    pub fn read(path: &Path) -> Result<Self> {
+        let raw: Value = crate::error::read_json(path)?;
+        let cfg = config_from_peft(&raw, path)?;
+        let per_module_ranks = raw
+            .get("rank_pattern")
+            .and_then(Value::as_object)
+            .is_some_and(|m| !m.is_empty());
+        Ok(PeftConfigFile {
+            cfg,
+            path: path.to_path_buf(),
+            per_module_ranks,
+        })
+    }
+
+    /// A module's weights in `st_path` against the config, as PEFT would check them when it
+    /// loads them: rank r unless a rank_pattern gives ranks, and a layer that
+    /// layers_to_transform selects.
+    pub fn check_module(&self, module: &str, rank: usize, st_path: &Path) -> Result<()> {
+        if !self.per_module_ranks && rank != self.cfg.r {
+            return Err(Error::adapter(
+                st_path,
+                format!(
+                    "module '{module}' has rank {rank} but {} says r = {} (and has no rank_pattern)",
+                    self.path.display(),
+                    self.cfg.r
+                ),
+            ));
+        }
+        if let (Some(layers), Some(i)) = (&self.cfg.layers, layer_index(module)) {
+            if !layers.contains(&i) {
+                return Err(Error::adapter(
+                    st_path,
+                    format!(
+                        "has weights for '{module}', in layer {i}, which layers_to_transform {layers:?} in {} leaves out",
+                        self.path.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parse PEFT's adapter_config.json into our config, rejecting what we cannot honour. A field
+/// of the wrong JSON type is an error, not its default: a `"lora_alpha": "16"` read as PEFT's
+/// default 8 would silently halve the adapter. `null` is PEFT's "not set".
 pub fn config_from_peft(raw: &Value, path: &Path) -> Result<LoraConfig> {
     let obj = raw
         .as_object()
         .ok_or_else(|| Error::adapter(path, "must be a JSON object"))?;
     let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
-    match get("peft_type").and_then(Value::as_str) {
-        Some("LORA") | None => {}
+    let wrong = |k: &str, what: &str, v: &Value| {
+        Error::adapter(path, format!("'{k}' must be {what}, not {v}"))
+    };
+    let number = |k: &str, default: f64| -> Result<f64> {
+        match get(k) {
+            None => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| wrong(k, "a number", v)),
+        }
+    };
+    let boolean = |k: &str| -> Result<bool> {
+        match get(k) {
+            None => Ok(false),
+            Some(v) => v.as_bool().ok_or_else(|| wrong(k, "true or false", v)),
+        }
+    };
+    let string = |k: &str| -> Result<Option<&str>> {
+        match get(k) {
+            None => Ok(None),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| wrong(k, "a string", v)),
+        }
+    };
+    match string("peft_type")? {
+        Some("LORA") => {}
         Some(other) => {
             return Err(Error::adapter(
                 path,
                 format!("peft_type '{other}' is not supported (only LORA)"),
             ))
         }
+        None => {
+            return Err(Error::adapter(
+                path,
+                "missing 'peft_type' (PEFT writes \"LORA\")",
+            ))
+        }
     }
-    if get("use_dora").and_then(Value::as_bool) == Some(true) {
+    if boolean("use_dora")? {
         return Err(Error::adapter(
             path,
             "DoRA adapters (use_dora = true) are not supported",
         ));
     }
-    if let Some(b) = get("bias").and_then(Value::as_str) {
+    if let Some(b) = string("bias")? {
         if b != "none" {
             return Err(Error::adapter(
                 path,
@@ -433,51 +531,66 @@ pub fn config_from_peft(raw: &Value, path: &Path) -> Result<LoraConfig> {
     if get("modules_to_save").is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
         return Err(Error::adapter(path, "modules_to_save is not supported"));
     }
-    if get("alpha_pattern")
-        .and_then(Value::as_object)
-        .is_some_and(|m| !m.is_empty())
-    {
-        return Err(Error::adapter(path, "alpha_pattern is not supported"));
+    for pattern in ["alpha_pattern", "rank_pattern"] {
+        match get(pattern) {
+            None => {}
+            Some(Value::Object(m)) if m.is_empty() => {}
+            Some(Value::Object(_)) if pattern == "rank_pattern" => {}
+            Some(Value::Object(_)) => {
+                return Err(Error::adapter(path, format!("{pattern} is not supported")))
+            }
+            Some(v) => return Err(wrong(pattern, "an object", v)),
+        }
     }
-    let r = get("r")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| Error::adapter(path, "missing or invalid 'r'"))? as usize;
-    let alpha = get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+    let r = match get("r") {
+        Some(v) => v
+            .as_u64()
+            .filter(|&r| r > 0)
+            .ok_or_else(|| wrong("r", "a positive integer", v))? as usize,
+        None => return Err(Error::adapter(path, "missing 'r'")),
+    };
+    // PEFT's default
+    let alpha = number("lora_alpha", 8.0)?;
+    let dropout = number("lora_dropout", 0.0)?;
+    let strings = |k: &str, a: &[Value]| -> Result<Vec<String>> {
+        a.iter()
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| wrong(k, "a list of strings", &Value::Array(a.to_vec())))
+            })
+            .collect()
+    };
     let target_modules = match get("target_modules") {
         Some(Value::String(s)) if s == "all-linear" => {
             TargetModules::Names(vec!["all-linear".into()])
         }
         Some(Value::String(s)) => TargetModules::Regex(s.clone()),
-        Some(Value::Array(a)) => TargetModules::Names(
-            a.iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect(),
-        ),
-        _ => return Err(Error::adapter(path, "missing or invalid 'target_modules'")),
+        Some(Value::Array(a)) => TargetModules::Names(strings("target_modules", a)?),
+        Some(v) => return Err(wrong("target_modules", "a string or a list of strings", v)),
+        None => return Err(Error::adapter(path, "missing 'target_modules'")),
+    };
+    let layer = |v: &Value| {
+        v.as_u64()
+            .map(|x| x as usize)
+            .ok_or_else(|| wrong("layers_to_transform", "a layer index or a list of them", v))
     };
     let layers = match get("layers_to_transform") {
         None => None,
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as usize]),
-        Some(Value::Array(a)) => Some(
-            a.iter()
-                .filter_map(|x| x.as_u64().map(|x| x as usize))
-                .collect(),
-        ),
-        Some(v) => {
-            return Err(Error::adapter(
-                path,
-                format!("invalid layers_to_transform {v}"),
-            ))
-        }
+        Some(Value::Array(a)) => Some(a.iter().map(layer).collect::<Result<Vec<_>>>()?),
+        Some(v) => Some(vec![layer(v)?]),
     };
-    Ok(LoraConfig {
+    let cfg = LoraConfig {
         r,
         alpha,
-        use_rslora: get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
-        dropout: get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+        use_rslora: boolean("use_rslora")?,
+        dropout,
         target_modules,
         layers,
-    })
+    };
+    cfg.validate()
+        .map_err(|e| Error::adapter(path, e.to_string()))?;
+    Ok(cfg)
 }
 
 /// adapter_config.json as PEFT writes it.
@@ -488,6 +601,24 @@ pub fn config_to_peft(cfg: &LoraConfig, model: &Decoder, base_model_name: Option
         TargetModules::Regex(r) => json!(r),
     };
     let fan_in_fan_out = model.linears().iter().any(|l| l.lora.is_some() && l.conv1d);
+    // modules whose rank is not r (a shadow adapter cut per module): PEFT reads their rank
+    // from rank_pattern, full module paths matching as patterns
+    let mut rank_pattern = serde_json::Map::new();
+    let embedding = model
+        .embed_lora
+        .as_ref()
+        .map(|l| (model.embed_name.clone(), l));
+    let linears = model.linears_with_head();
+    let modules = linears
+        .iter()
+        .filter_map(|lin| lin.lora.as_ref().map(|l| (lin.name.clone(), l)))
+        .chain(embedding);
+    for (name, lora) in modules {
+        let rank = lora.a.as_tensor().dims()[0];
+        if rank != cfg.r {
+            rank_pattern.insert(name, json!(rank));
+        }
+    }
     json!({
         "base_model_name_or_path": base_model_name,
         "bias": "none",
@@ -501,7 +632,7 @@ pub fn config_to_peft(cfg: &LoraConfig, model: &Decoder, base_model_name: Option
         "modules_to_save": null,
         "peft_type": "LORA",
         "r": cfg.r,
-        "rank_pattern": {},
+        "rank_pattern": rank_pattern,
         "alpha_pattern": {},
         "revision": null,
         "target_modules": target,

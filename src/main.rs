@@ -828,6 +828,10 @@ fn drive_recipe(
     let started = std::time::Instant::now();
     let (summary, product) = job(&opts)?;
     report_end(command, &summary, started, &product);
+    if summary.interrupted {
+        // checkpointed, but not finished: `unlearn run … && unlearn eval …` must not go on
+        std::process::exit(130);
+    }
     Ok(())
 }
 
@@ -849,6 +853,13 @@ fn report_end(
             // the resolved recipe carries every --set override of this run
             summary.out_dir.join("recipe.toml").display(),
             summary.out_dir.display()
+        );
+    } else if logs.is_empty() {
+        // resumed at its last step: nothing was left to train
+        eprintln!(
+            "done: already at step {}, nothing left to train\nwrote: {}",
+            summary.steps,
+            product.display()
         );
     } else {
         eprintln!(

@@ -4,7 +4,7 @@
 //! This works on the files, not on a loaded model, so it needs memory for one shard at a time
 //! and keeps every tensor name, dtype and the config exactly as the base has them.
 use crate::error::{Error, Result};
-use crate::lora::config_from_peft;
+use crate::lora::PeftConfigFile;
 use crate::model::config::{ArchConfig, Family};
 use crate::model::weights::{
     tmp_path, write_atomic, write_safetensors, OwnedView, SafetensorsFile, WeightStore,
@@ -264,7 +264,8 @@ fn read_adapter(
             "missing: an adapter directory needs adapter_config.json",
         ));
     }
-    let cfg = config_from_peft(&crate::error::read_json(&cfg_path)?, &cfg_path)?;
+    let file_cfg = PeftConfigFile::read(&cfg_path)?;
+    let cfg = &file_cfg.cfg;
     let st_path: PathBuf = adapter_dir.join("adapter_model.safetensors");
     if !st_path.exists() {
         return Err(Error::adapter(&st_path, "missing"));
@@ -381,6 +382,13 @@ fn read_adapter(
                     b.dims(),
                     base_shape
                 ),
+            ));
+        }
+        file_cfg.check_module(&module, ra, &st_path)?;
+        if !crate::model::ops::all_finite(&[a.clone(), b.clone()])? {
+            return Err(Error::adapter(
+                &st_path,
+                format!("module '{module}': lora_A or lora_B holds NaN or infinite values"),
             ));
         }
         out.insert(

@@ -252,6 +252,7 @@ impl Recipe {
 
     fn validate(&self, path: &Path) -> Result<()> {
         let bad = |m: String| Err(Error::config(path, m));
+        check_output_dir(path, &self.output.dir)?;
         self.train.validate(path)?;
         self.lora.validate(path)?;
         if self.data.max_length < 2 {
@@ -514,6 +515,7 @@ impl TrainRecipe {
         if recipe.data.max_length < 2 {
             return bad("data.max_length must be ≥ 2");
         }
+        check_output_dir(path, &recipe.output.dir)?;
         recipe.train.validate(path)?;
         if let Some(l) = &recipe.lora {
             l.validate(path)?;
@@ -576,6 +578,18 @@ fn apply_override(root: &mut toml::Value, spec: &str) -> std::result::Result<(),
         node = table
             .entry(part.to_string())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    }
+    Ok(())
+}
+
+/// An empty output.dir would put a run's outputs in the working directory, and a run clears
+/// the outputs of an earlier one there.
+fn check_output_dir(path: &Path, dir: &str) -> Result<()> {
+    if dir.trim().is_empty() {
+        return Err(Error::config(
+            path,
+            "output.dir is empty: name the directory the run writes to",
+        ));
     }
     Ok(())
 }
@@ -708,6 +722,13 @@ dir = "out"
             .to_string();
         assert!(
             e.contains("r.toml") && e.contains("[method]") && e.contains("betta"),
+            "{e}"
+        );
+        let e = Recipe::load(&p, &["output.dir=\"\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("r.toml") && e.contains("output.dir is empty"),
             "{e}"
         );
         let e = Recipe::load(&p, &["method.name=\"nosuch\"".into()])
@@ -929,6 +950,7 @@ pub struct AttributeOutputSection {
 impl AttributeRecipe {
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let mut recipe: AttributeRecipe = parse_toml(path, overrides)?;
+        check_output_dir(path, &recipe.output.dir)?;
         let bad = |m: String| Err(Error::config(path, m));
         let a = &recipe.attribute;
         if recipe.subspace.r == 0 {

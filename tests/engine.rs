@@ -582,20 +582,22 @@ fn exploding_loss_stops_with_a_clear_error_and_keeps_the_checkpoint() {
 #[test]
 fn bad_recipes_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
+    // the method and its keys are checked when the recipe loads, before any model does
     let p = write_recipe(tmp.path(), "nosuchmethod", "", "steps = 1");
-    let e = run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default())
-        .unwrap_err()
-        .to_string();
+    let e = Recipe::load(&p, &[]).unwrap_err().to_string();
     assert!(
-        e.contains("unknown method 'nosuchmethod'") && e.contains("graddiff"),
+        e.contains("unknown method 'nosuchmethod'")
+            && e.contains("graddiff")
+            && e.contains(&p.display().to_string()),
         "{e}"
     );
 
     let p = write_recipe(tmp.path(), "npo", "betta = 0.2", "steps = 1");
-    let e = run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default())
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("betta"), "{e}");
+    let e = Recipe::load(&p, &[]).unwrap_err().to_string();
+    assert!(
+        e.contains("betta") && e.contains(&p.display().to_string()),
+        "{e}"
+    );
 
     let p = write_recipe(tmp.path(), "npo", "", "steps = 1\nbatchsize = 3");
     let e = Recipe::load(&p, &[]).unwrap_err().to_string();
@@ -767,4 +769,95 @@ fn evaluation_during_the_run_logs_summaries_and_selects_the_best_step() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(steps, vec!["step-000002"]);
+}
+
+#[test]
+fn diverged_weights_are_never_written() {
+    // one step at an absurd rate overflows the weights before any loss is NaN
+    let tmp = tempfile::tempdir().unwrap();
+    let p = write_recipe(
+        tmp.path(),
+        "graddiff",
+        "",
+        "steps = 1\nlr = 1e38\nmax_grad_norm = 1e30",
+    );
+    let e = run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NaN or infinite") && e.contains("step 1"), "{e}");
+    let out = tmp.path().join("out");
+    assert!(!out.join("adapter").exists());
+    assert!(!out.join("checkpoints/step-000001").exists());
+}
+
+#[test]
+fn resume_refuses_a_changed_adapter_or_a_finished_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = write_recipe(
+        tmp.path(),
+        "graddiff",
+        "",
+        "steps = 2\ncheckpoint_every = 1",
+    );
+    run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default()).unwrap();
+    let out = tmp.path().join("out");
+    let resume = |overrides: &[&str]| {
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        let opts = RunOptions {
+            resume: Some(out.join("checkpoints/step-000002")),
+            ..RunOptions::default()
+        };
+        run(&Recipe::load(&p, &overrides).unwrap(), &opts)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let e = resume(&["lora.alpha=16"]).unwrap_err();
+    assert!(
+        e.contains("adapter_config.json") && e.contains("lora.alpha"),
+        "{e}"
+    );
+    let other = fixture("llama-tied").display().to_string();
+    let e = resume(&[&format!("model.path=\"{other}\"")]).unwrap_err();
+    assert!(
+        e.contains("trained on") || e.contains("does not match"),
+        "{e}"
+    );
+    let e = resume(&["train.steps=1"]).unwrap_err();
+    assert!(e.contains("at step 2, past the recipe's 1 steps"), "{e}");
+    resume(&["train.steps=3"]).unwrap();
+}
+
+#[test]
+fn a_fresh_run_clears_what_an_earlier_run_left_in_its_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    for stale in ["merged", "evals/step-000007", "plots"] {
+        std::fs::create_dir_all(out.join(stale)).unwrap();
+    }
+    let p = write_recipe(tmp.path(), "graddiff", "", "steps = 1");
+    run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default()).unwrap();
+    assert!(out.join("adapter/adapter_model.safetensors").exists());
+    for stale in ["merged", "evals", "plots"] {
+        assert!(
+            !out.join(stale).exists(),
+            "{stale} is left from another run"
+        );
+    }
+}
+
+#[test]
+fn a_selection_key_the_evaluation_lacks_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let eval = format!(
+        "[eval]\nsuite = \"perplexity\"\ndata = [\"forget={}\"]\nevery = 1\nselect = \"forget_nl\"\n",
+        unlearn_data("forget.jsonl").display(),
+    );
+    let p = write_recipe_with(tmp.path(), "gradascent", "", "steps = 1", &eval);
+    let e = run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("eval.select 'forget_nl'") && e.contains("forget_nll"),
+        "{e}"
+    );
 }

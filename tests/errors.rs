@@ -478,3 +478,82 @@ fn llama_adapter_on_gpt2_base() {
     assert_mentions(&adapter_err("gpt2", &adapter), &needles);
     assert_mentions(&merge_err(&fixture("gpt2"), &adapter), &needles);
 }
+
+#[test]
+fn adapter_config_fields_of_the_wrong_type_are_errors_not_defaults() {
+    // "lora_alpha": "16" read as PEFT's default 8 would halve the adapter without a word
+    let cases: [(&str, serde_json::Value); 8] = [
+        ("lora_alpha", "16".into()),
+        ("lora_dropout", "0.1".into()),
+        ("use_rslora", "yes".into()),
+        ("use_dora", 1.into()),
+        ("peft_type", 5.into()),
+        ("bias", 5.into()),
+        ("target_modules", serde_json::json!(["q_proj", 1])),
+        ("layers_to_transform", serde_json::json!(["0"])),
+    ];
+    for (key, value) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let adapter = copy_fixture("llama-lora", tmp.path());
+        edit_json(&adapter.join("adapter_config.json"), |m| {
+            m.insert(key.into(), value.clone());
+        });
+        let cfg = path_str(&adapter.join("adapter_config.json"));
+        let msg = adapter_err("llama", &adapter);
+        assert_mentions(&msg, &[cfg.as_str(), &format!("'{key}' must be")]);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = copy_fixture("llama-lora", tmp.path());
+    edit_json(&adapter.join("adapter_config.json"), |m| {
+        m.remove("peft_type");
+    });
+    assert_mentions(&adapter_err("llama", &adapter), &["missing 'peft_type'"]);
+}
+
+#[test]
+fn adapter_whose_tensors_contradict_its_config() {
+    // r = 8 in the config, rank-4 tensors: PEFT refuses to load it, and alpha / r would be off
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = copy_fixture("llama-lora", tmp.path());
+    edit_json(&adapter.join("adapter_config.json"), |m| {
+        m.insert("r".into(), 8.into());
+    });
+    let st = path_str(&adapter.join("adapter_model.safetensors"));
+    let needles = [st.as_str(), "has rank 4", "r = 8"];
+    assert_mentions(&adapter_err("llama", &adapter), &needles);
+    assert_mentions(&merge_err(&fixture("llama"), &adapter), &needles);
+
+    // weights in layer 1 that layers_to_transform = [0] leaves out
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = copy_fixture("llama-lora", tmp.path());
+    edit_json(&adapter.join("adapter_config.json"), |m| {
+        m.insert("layers_to_transform".into(), serde_json::json!([0]));
+    });
+    let needles = [st.as_str(), "in layer 1", "layers_to_transform [0]"];
+    let needles = [
+        path_str(&adapter.join("adapter_model.safetensors")),
+        needles[1].into(),
+        needles[2].into(),
+    ];
+    let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+    assert_mentions(&adapter_err("llama", &adapter), &needles);
+}
+
+#[test]
+fn adapter_with_nan_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = copy_fixture("llama-lora", tmp.path());
+    let st = adapter.join("adapter_model.safetensors");
+    let poisoned = format!("{LORA}.0.self_attn.k_proj.lora_B.weight");
+    rewrite_safetensors(&st, |n, mut v| {
+        if n == poisoned {
+            // one element of an f32 tensor
+            v.data[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+        Some((n.to_string(), v))
+    });
+    let st_s = path_str(&st);
+    let needles = [st_s.as_str(), "model.layers.0.self_attn.k_proj", "NaN"];
+    assert_mentions(&adapter_err("llama", &adapter), &needles);
+    assert_mentions(&merge_err(&fixture("llama"), &adapter), &needles);
+}

@@ -1464,6 +1464,20 @@ impl CustomOp2 for SwigluPackedGrad {
 
 // ---- a tensor and a scalar, rounded as PyTorch rounds them ------------------------------------
 
+/// Whether every element of `tensors` is finite, with one read back: 0·x is 0 for a finite x
+/// and NaN for ±inf and NaN, and a sum keeps a NaN.
+pub fn all_finite(tensors: &[Tensor]) -> candle_core::Result<bool> {
+    if tensors.is_empty() {
+        return Ok(true);
+    }
+    let sums = tensors
+        .iter()
+        .map(|t| (t * 0.0)?.sum_all()?.to_dtype(DType::F32))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let total = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?;
+    Ok(total == 0.0)
+}
+
 /// `x · s` as PyTorch computes a tensor times a Python float: in f32 for half-precision `x`,
 /// rounded once to its dtype. candle's scalar product rounds `s` itself to the dtype first,
 /// which in bf16 moves a scale of 1/√128 by 2e-4 and 1/√37 by 2e-3.

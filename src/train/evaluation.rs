@@ -194,6 +194,19 @@ impl RunEvaluator {
         );
         let out = evaluate(&req)?;
         write_outputs(&self.root.join(format!("step-{step:06}")), &out)?;
+        // a mistyped key would otherwise select nothing, silently
+        for (what, key) in [
+            ("eval.select", &self.section.select),
+            ("eval.floor_key", &self.section.floor_key),
+        ] {
+            if let Some(key) = key.as_deref().filter(|k| !out.summary.contains_key(*k)) {
+                let have: Vec<&str> = out.summary.keys().map(String::as_str).collect();
+                return Err(Error::InvalidArgument(format!(
+                    "{what} '{key}' is not a key of the evaluation's summary (it has: {})",
+                    have.join(", ")
+                )));
+            }
+        }
         self.consider(step, &out.summary);
         Ok(out.summary)
     }

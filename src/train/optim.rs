@@ -14,6 +14,7 @@
 //! an ulp) is not correctly rounded; see scripts/fixtures/adamw.py and the tests below.
 use crate::error::{Error, Result};
 use crate::model::launch::Launch;
+pub use crate::model::ops::all_finite;
 use crate::recipe::Schedule;
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
 
@@ -82,6 +83,11 @@ impl AdamW {
                     "{what} is {:?}, its variable {:?}",
                     t.dims(),
                     shape.dims()
+                )));
+            }
+            if !all_finite(std::slice::from_ref(t))? {
+                return Err(Error::InvalidArgument(format!(
+                    "{what} holds NaN or infinite values"
                 )));
             }
         }
@@ -565,6 +571,13 @@ mod tests {
             err.contains("exp_avg_sq is [6], its variable [2, 3]"),
             "{err}"
         );
+        let nan = Tensor::new(&[[1f32, f32::NAN, 0.0], [0.0, 0.0, 0.0]], &dev).unwrap();
+        let err = opt.set_moments(0, &nan, &m).unwrap_err().to_string();
+        assert!(err.contains("exp_avg holds NaN"), "{err}");
+        let inf = Tensor::new(&[[1f32, f32::INFINITY, 0.0], [0.0, 0.0, 0.0]], &dev).unwrap();
+        assert!(opt.set_moments(0, &m, &inf).is_err());
+        assert!(all_finite(std::slice::from_ref(&m)).unwrap());
+        assert!(!all_finite(&[m.clone(), nan]).unwrap());
         opt.set_moments(0, &m, &(&m * 2.0).unwrap()).unwrap();
         assert_eq!(elems(&opt.exp_avg_sq(0).unwrap()), vec![2.0; 6]);
         assert_eq!(opt.exp_avg(0).unwrap().dims(), &[2, 3]);

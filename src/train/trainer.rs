@@ -16,7 +16,7 @@ use crate::recipe::{Recipe, TrainSection};
 use crate::rng::Rng;
 use crate::tokenizer::ChatTokenizer;
 use crate::train::batch::{draw, Dataset, ItemBatch, PairedBatch};
-use crate::train::optim::{clip_scale, lr_at, AdamW, AdamWConfig};
+use crate::train::optim::{all_finite, clip_scale, lr_at, AdamW, AdamWConfig};
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -106,10 +106,24 @@ impl Trainable {
     /// Set `vars` from a checkpoint written by [`Trainable::write`].
     fn restore(&self, ckpt: &Path, model: &Decoder, names: &[String], vars: &[Var]) -> Result<()> {
         let saved: Vec<(String, Tensor)> = match self {
-            Trainable::Lora { .. } => {
+            Trainable::Lora { cfg, base } => {
                 let mut restored = model.clone();
                 crate::lora::detach_lora(&mut restored);
-                load_adapter(&mut restored, ckpt)?;
+                let saved_cfg = load_adapter(&mut restored, ckpt)?;
+                // the tensors' shapes pin r, the targets and the layers (checked below); these
+                // would change the trajectory without changing a shape
+                let changed = [
+                    ("lora.alpha", saved_cfg.alpha != cfg.alpha),
+                    ("lora.use_rslora", saved_cfg.use_rslora != cfg.use_rslora),
+                    ("lora.dropout", saved_cfg.dropout != cfg.dropout),
+                ];
+                if let Some((key, _)) = changed.iter().find(|(_, differs)| *differs) {
+                    return Err(Error::config(
+                        ckpt.join("adapter_config.json"),
+                        format!("the checkpoint was trained with another {key} than the recipe's"),
+                    ));
+                }
+                check_same_base(ckpt, base)?;
                 lora_vars(&restored)
                     .into_iter()
                     .map(|(n, v)| (n, v.as_tensor().clone()))
@@ -145,6 +159,27 @@ impl Trainable {
         }
         Ok(())
     }
+}
+
+/// The base model a LoRA checkpoint was trained on (its adapter_config.json's
+/// `base_model_name_or_path`) must be the recipe's: the same directory, or the same hub id.
+fn check_same_base(ckpt: &Path, base: &str) -> Result<()> {
+    let cfg_path = ckpt.join("adapter_config.json");
+    let raw: serde_json::Value = crate::error::read_json(&cfg_path)?;
+    let Some(saved) = raw.get("base_model_name_or_path").and_then(|v| v.as_str()) else {
+        return Ok(());
+    };
+    let same = |a: &str, b: &str| match (Path::new(a).canonicalize(), Path::new(b).canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    };
+    if !same(saved, base) {
+        return Err(Error::config(
+            cfg_path,
+            format!("the checkpoint was trained on '{saved}', the recipe's model is '{base}'"),
+        ));
+    }
+    Ok(())
 }
 
 /// A model directory transformers can load: config.json, model.safetensors (f32) and the
@@ -382,6 +417,20 @@ pub(crate) fn drive(s: &mut Session, opts: &RunOptions) -> Result<LoopEnd> {
     s.method.prepare_text(s.tok)?;
     s.method.prepare(&s.model, &s.primary.examples, pad_id)?;
 
+    if start_step > total_steps {
+        return Err(Error::InvalidArgument(format!(
+            "the checkpoint is at step {start_step}, past the recipe's {total_steps} steps (raise train.steps or train.epochs to go on from it)"
+        )));
+    }
+    // What a previous run ending here wrote describes its end, not this run's: the adapter,
+    // the merged model and charts are written again when this one ends; its evaluations
+    // after the resumed step go below, and all of them when this run does not evaluate.
+    for stale in ["adapter", "merged", "plots"] {
+        remove_dir_if_exists(&out_dir.join(stale))?;
+    }
+    if s.evaluator.is_none() {
+        remove_dir_if_exists(&out_dir.join("evals"))?;
+    }
     let metrics_path = out_dir.join("metrics.jsonl");
     truncate_metrics(&metrics_path, start_step)?;
     drop_checkpoints_after(&out_dir.join("checkpoints"), start_step)?;
@@ -642,6 +691,19 @@ fn save_checkpoint(
     var_names: &[String],
 ) -> Result<()> {
     let root = s.out_dir.join("checkpoints");
+    // every checkpoint, and so the adapter or model written at the end (after the last step's
+    // checkpoint), holds finite weights: a step can overflow them without a NaN loss yet
+    let weights: Vec<Tensor> = s
+        .params
+        .iter()
+        .map(|(_, v)| v.as_tensor().clone())
+        .collect();
+    if !all_finite(&weights)? {
+        return Err(Error::InvalidArgument(format!(
+            "step {step}: the trained weights hold NaN or infinite values (is the learning rate too high?); not writing them (the last good checkpoint, if any, is in {})",
+            root.display()
+        )));
+    }
     std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
     let final_dir = root.join(format!("step-{step:06}"));
     let staging = root.join(format!(".step-{step:06}.tmp"));
