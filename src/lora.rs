@@ -105,6 +105,20 @@ pub fn peft_name(module_path: &str, which: char) -> String {
 /// B = 0, so the adapted model starts equal to the base model. Returns how many modules got one.
 pub fn attach_lora(model: &mut Decoder, cfg: &LoraConfig, rng: &mut Rng) -> Result<usize> {
     cfg.validate()?;
+    if let Some(layers) = &cfg.layers {
+        let n = model.layers.len();
+        if layers.is_empty() {
+            return Err(Error::InvalidArgument(
+                "LoRA layers is an empty list: name layers, or leave the key out for all".into(),
+            ));
+        }
+        if let Some(bad) = layers.iter().find(|&&i| i >= n) {
+            return Err(Error::InvalidArgument(format!(
+                "LoRA layers names layer {bad}, but the model has {n} (0 to {})",
+                n.saturating_sub(1)
+            )));
+        }
+    }
     let mut count = 0;
     let available: Vec<String> = model
         .linears()

@@ -672,6 +672,10 @@ fn run_recipe(
     })
 }
 
+/// More histogram bins than any ensemble has models per position only measures the ε floor
+/// (and each costs memory per position).
+const MAX_KLOM_BINS: usize = 10_000;
+
 #[allow(clippy::too_many_arguments)]
 fn klom_command(
     oracles: &[PathBuf],
@@ -686,6 +690,13 @@ fn klom_command(
     max_length: usize,
     device: Device,
 ) -> Result<()> {
+    // checked before any model is scored
+    if bins == 0 || bins > MAX_KLOM_BINS {
+        bail!("--bins must be from 1 to {MAX_KLOM_BINS} (the paper uses 20), not {bins}");
+    }
+    if !(0.0..=100.0).contains(&pct) {
+        bail!("--percentile must be in [0, 100], not {pct}");
+    }
     let tok = unlearn::tokenizer::ChatTokenizer::from_dir(&oracles[0])?;
     let pad = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);
     let mut splits = Vec::new();
@@ -695,9 +706,6 @@ fn klom_command(
             .with_context(|| format!("--data '{entry}' must look like SPLIT=PATH"))?;
         let ds = unlearn::train::batch::Dataset::load(Path::new(path), &tok, max_length)?;
         splits.push((name.to_string(), ds.examples));
-    }
-    if bins == 0 {
-        bail!("--bins must be ≥ 1");
     }
     let kind = if gaussian {
         unlearn::eval::klom::KlomKind::Gaussian

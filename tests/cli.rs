@@ -319,3 +319,33 @@ fn klom_command_zero_on_identical_ensembles_and_high_for_the_target() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("SPLIT=PATH"));
 }
+
+#[test]
+fn klom_rejects_absurd_bins_and_percentiles_before_scoring() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("data/models/target").display().to_string();
+    let data = format!("forget={}", root.join("data/tofu/forget10.jsonl").display());
+    for (flag, value, needle) in [
+        ("--bins", "0", "--bins must be from 1 to 10000"),
+        ("--bins", "4000000000", "--bins must be from 1 to 10000"),
+        ("--percentile", "200", "--percentile must be in [0, 100]"),
+    ] {
+        let args = [
+            "klom",
+            flag,
+            value,
+            "--oracle",
+            &model,
+            "--unlearned",
+            &model,
+            "--data",
+            &data,
+        ];
+        let o = unlearn(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(needle),
+            "{flag} {value}: {err}"
+        );
+    }
+}

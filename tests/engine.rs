@@ -861,3 +861,28 @@ fn a_selection_key_the_evaluation_lacks_is_an_error() {
         "{e}"
     );
 }
+
+#[test]
+fn a_bad_eval_section_fails_before_the_output_dir_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-such.jsonl");
+    let eval = format!(
+        "[eval]\nsuite = \"perplexity\"\ndata = [\"forget={}\"]\nevery = 1\n",
+        missing.display()
+    );
+    let p = write_recipe_with(tmp.path(), "gradascent", "", "steps = 1", &eval);
+    let e = run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&missing.display().to_string()), "{e}");
+    assert!(!tmp.path().join("out").exists(), "nothing written");
+    let p = write_recipe_with(
+        tmp.path(),
+        "gradascent",
+        "",
+        "steps = 1",
+        &eval.replace("perplexity", "no-such-suite"),
+    );
+    assert!(run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default()).is_err());
+    assert!(!tmp.path().join("out").exists(), "nothing written");
+}

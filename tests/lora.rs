@@ -357,3 +357,27 @@ fn embedding_and_tied_head_adapters_match_peft() {
         "{e}"
     );
 }
+
+#[test]
+fn lora_layers_outside_the_model_are_errors() {
+    let mut model = Decoder::load(&fixture("llama"), DType::F32, &cpu()).unwrap();
+    let mut cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        use_rslora: false,
+        dropout: 0.0,
+        target_modules: TargetModules::Names(vec!["all-linear".into()]),
+        layers: Some(vec![0, 7]),
+    };
+    let e = attach_lora(&mut model, &cfg, &mut Rng::new(0))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("layer 7, but the model has 2 (0 to 1)"), "{e}");
+    cfg.layers = Some(vec![]);
+    let e = attach_lora(&mut model, &cfg, &mut Rng::new(0))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("empty list"), "{e}");
+    cfg.layers = Some(vec![1]);
+    assert_eq!(attach_lora(&mut model, &cfg, &mut Rng::new(0)).unwrap(), 7);
+}

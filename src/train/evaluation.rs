@@ -56,6 +56,19 @@ impl RunEvaluator {
             .iter()
             .map(|d| DataArg::parse(d))
             .collect::<Result<Vec<_>>>()?;
+        // a missing data file is found now, before the run writes anything, not at its first
+        // evaluation
+        for arg in &data {
+            if let Some(spec) = &arg.spec {
+                crate::hub::resolve_file(spec).map_err(|e| match e {
+                    Error::Io { path, source } => Error::Data {
+                        path,
+                        msg: format!("eval.data split '{}': {source}", arg.split),
+                    },
+                    other => other,
+                })?;
+            }
+        }
         let root = out_dir.join("evals");
         let mut ev = RunEvaluator {
             section: section.clone(),

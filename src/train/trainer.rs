@@ -283,10 +283,8 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         None => None,
     };
 
-    // Output dir: the resolved recipe first, so a run can always be repeated.
-    std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
-    write_atomic(&out_dir.join("recipe.toml"), recipe.to_toml()?.as_bytes())?;
-
+    // The evaluation's suite, data and retain model are checked before the output dir is
+    // written to (a retain model's evaluation is cached there).
     let evaluator = match &recipe.eval {
         Some(section) => Some(crate::train::evaluation::RunEvaluator::new(
             section,
@@ -298,6 +296,9 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<RunSummary> {
         )?),
         None => None,
     };
+    // Output dir: the resolved recipe first, so a run can always be repeated.
+    std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+    write_atomic(&out_dir.join("recipe.toml"), recipe.to_toml()?.as_bytes())?;
     let params = lora_vars(&model);
     let mut session = Session {
         model,
