@@ -2,7 +2,7 @@
 # Rebuild the offline default from nothing: the fictional benchmark and its tokenizer (data/),
 # the retain model and the target model (data/models/). Deterministic on a given machine; the
 # benchmark and tokenizer are byte-identical everywhere (tests/bundled.rs checks them).
-# About 15 minutes on 2 cores.
+# 15 to 22 minutes on 2 cores, depending on the machine's load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release
