@@ -1038,11 +1038,22 @@ fn first_last_eval(run: &Path) -> Result<(serde_json::Value, serde_json::Value)>
     let path = run.join("metrics.jsonl");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let evals: Vec<serde_json::Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v.get("eval").is_some())
-        .collect();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut evals = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(v) if v.get("eval").is_some() => evals.push(v),
+            Ok(_) => {}
+            // a run killed while writing leaves a cut last line; anywhere else it is damage
+            Err(_) if i + 1 == lines.len() => {
+                eprintln!(
+                    "note: {}: the last line is cut off (a run stopped while writing it); ignored",
+                    path.display()
+                )
+            }
+            Err(e) => anyhow::bail!("{} line {}: not a JSON record ({e})", path.display(), i + 1),
+        }
+    }
     match (evals.first(), evals.last()) {
         (Some(a), Some(b)) if evals.len() >= 2 => Ok((a.clone(), b.clone())),
         _ => anyhow::bail!(
@@ -1066,9 +1077,13 @@ fn compare(runs: &[PathBuf], keys: &[String], as_json: bool) -> Result<()> {
     let mut rows = vec![];
     for run in runs {
         let (first, last) = first_last_eval(run)?;
-        let recipe = unlearn::recipe::Recipe::load(&run.join("recipe.toml"), &[])
-            .map(|r| r.method.name)
-            .unwrap_or_else(|_| "?".into());
+        let recipe = match unlearn::recipe::Recipe::load(&run.join("recipe.toml"), &[]) {
+            Ok(r) => r.method.name,
+            Err(e) => {
+                eprintln!("note: the method of {} is unknown: {e}", run.display());
+                "?".into()
+            }
+        };
         rows.push((run.clone(), recipe, first, last));
     }
     let keys: Vec<String> = if keys.is_empty() {
@@ -1078,6 +1093,26 @@ fn compare(runs: &[PathBuf], keys: &[String], as_json: bool) -> Result<()> {
             .map(|k| k.to_string())
             .collect()
     } else {
+        // a key no run has is a typo, not a column of dashes
+        for k in keys {
+            let known = rows
+                .iter()
+                .any(|r| r.2["eval"].get(k).is_some() || r.3["eval"].get(k).is_some());
+            if !known {
+                let mut have: Vec<&String> = rows
+                    .iter()
+                    .filter_map(|r| r.3["eval"].as_object())
+                    .flat_map(|o| o.keys())
+                    .collect();
+                have.sort();
+                have.dedup();
+                let have: Vec<&str> = have.iter().map(|k| k.as_str()).collect();
+                anyhow::bail!(
+                    "--keys: '{k}' is in no run's evaluations (they have: {})",
+                    have.join(", ")
+                );
+            }
+        }
         keys.to_vec()
     };
     let num = |v: &serde_json::Value| match v.as_f64() {
@@ -1100,19 +1135,26 @@ fn compare(runs: &[PathBuf], keys: &[String], as_json: bool) -> Result<()> {
         }
         return Ok(());
     }
-    println!("| run | method | steps | {} |", keys.join(" | "));
-    println!("|{}", " --- |".repeat(keys.len() + 3));
+    let header: Vec<&str> = ["run", "method", "steps"]
+        .into_iter()
+        .chain(keys.iter().map(String::as_str))
+        .collect();
+    println!("| {} |", header.join(" | "));
+    println!("|{}", " --- |".repeat(header.len()));
     for (run, method, first, last) in &rows {
         let cells: Vec<String> = keys
             .iter()
             .map(|k| format!("{} → {}", num(&first["eval"][k]), num(&last["eval"][k])))
             .collect();
-        println!(
-            "| {} | {method} | {} | {} |",
-            run.display(),
-            last["step"],
-            cells.join(" | ")
-        );
+        let row: Vec<String> = [
+            run.display().to_string(),
+            method.clone(),
+            last["step"].to_string(),
+        ]
+        .into_iter()
+        .chain(cells)
+        .collect();
+        println!("| {} |", row.join(" | "));
     }
     Ok(())
 }

@@ -349,3 +349,46 @@ fn klom_rejects_absurd_bins_and_percentiles_before_scoring() {
         );
     }
 }
+
+#[test]
+fn compare_and_plot_on_odd_metrics_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let metrics = run.join("metrics.jsonl");
+    let good = "{\"step\":0,\"eval\":{\"foo\":1.0}}\n{\"step\":1,\"loss\":0.5}\n{\"step\":2,\"eval\":{\"foo\":2.0}}\n";
+    std::fs::write(&metrics, good).unwrap();
+    let dir = run.display().to_string();
+    // none of the default keys: a well-formed three-column table
+    let o = unlearn(&["compare", &dir]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout).into_owned();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines[0], "| run | method | steps |");
+    assert_eq!(lines[1], "| --- | --- | --- |");
+    let o = unlearn(&["compare", &dir, "--keys", "foo"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("1.0000 → 2.0000"));
+    let o = unlearn(&["compare", &dir, "--keys", "fo"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("'fo' is in no run's evaluations (they have: foo)"),
+        "{err}"
+    );
+    // a damaged line in the middle is an error; a cut last line only a note
+    std::fs::write(
+        &metrics,
+        good.replace("{\"step\":1,\"loss\":0.5}", "{\"step\":1,\"lo"),
+    )
+    .unwrap();
+    let o = unlearn(&["compare", &dir, "--keys", "foo"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("line 2"), "{err}");
+    std::fs::write(&metrics, format!("{good}{{\"step\":3,\"lo")).unwrap();
+    let o = unlearn(&["compare", &dir, "--keys", "foo"]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stderr).contains("cut off"));
+    // nothing to plot: an error, and no empty plots/ left behind
+    std::fs::write(&metrics, "").unwrap();
+    let o = unlearn(&["plot", &dir]);
+    assert!(!o.status.success());
+    assert!(!run.join("plots").exists());
+}

@@ -844,7 +844,13 @@ pub fn plot_run(run_dir: &Path) -> Result<RunPlots> {
         ..Default::default()
     };
     let dir = run_dir.join(PLOTS_DIR);
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    // created with the first chart: a run with nothing to plot gets no empty plots/
+    let write = |name: &str, svg: &str| -> Result<PathBuf> {
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let p = dir.join(name);
+        write_atomic(&p, svg.as_bytes())?;
+        Ok(p)
+    };
     let name = run_dir
         .canonicalize()
         .ok()
@@ -855,9 +861,7 @@ pub fn plot_run(run_dir: &Path) -> Result<RunPlots> {
             .push("no per-step lines in metrics.jsonl: no training curves".into());
     } else {
         let svg = training_svg(&log, &format!("Training curves: {name}"))?;
-        let p = dir.join(TRAINING_SVG);
-        write_atomic(&p, svg.as_bytes())?;
-        out.written.push(p);
+        out.written.push(write(TRAINING_SVG, &svg)?);
     }
     if !log.evals.is_empty() {
         match tradeoff_keys(&log.evals) {
@@ -873,9 +877,7 @@ pub fn plot_run(run_dir: &Path) -> Result<RunPlots> {
                     &points,
                     (&format!("forget metric: {fk}"), &format!("utility: {uk}")),
                 );
-                let p = dir.join(TRADEOFF_SVG);
-                write_atomic(&p, svg.as_bytes())?;
-                out.written.push(p);
+                out.written.push(write(TRADEOFF_SVG, &svg)?);
             }
             None => out.notes.push(
                 "no trade-off chart: the evaluation lines lack a forget_* or a model_utility/retain_* metric".into(),
