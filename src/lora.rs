@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 
 /// Which modules get an adapter, with PEFT's matching rules.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a list of module names, \"all-linear\", or a regular expression string"
+)]
 pub enum TargetModules {
     /// a list of module names: a module matches when its path equals a name or ends with `.name`;
     /// the single entry "all-linear" means every linear layer except the output head

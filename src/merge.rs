@@ -98,6 +98,12 @@ pub fn merge(
     crate::model::Decoder::validate_store(&arch, &store)?;
     let lora = read_adapter(adapter_dir, &store, arch.family)?;
 
+    if out_dir.exists() && !out_dir.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "--out {} is a file; give a new or empty directory",
+            out_dir.display()
+        )));
+    }
     if out_dir.exists()
         && std::fs::read_dir(out_dir)
             .map(|mut d| d.next().is_some())

@@ -121,7 +121,7 @@ pub struct DataSection {
 
 /// One path or a list of paths: `"a.jsonl"` or `["a.jsonl", "b.jsonl"]`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a file path or a list of file paths")]
 pub enum Paths {
     One(String),
     Many(Vec<String>),
@@ -338,9 +338,25 @@ fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, overrides: &[String])
     for o in overrides {
         apply_override(&mut value, o).map_err(|m| Error::config(path, m))?;
     }
-    value
-        .try_into()
-        .map_err(|e: toml::de::Error| Error::config(path, e.message().to_string()))
+    value.clone().try_into().map_err(|e: toml::de::Error| {
+        // a Value carries no positions: parse the text again for the line and the key at
+        // fault (the file itself, or the recipe as the --set overrides made it)
+        let located = if overrides.is_empty() {
+            toml::from_str::<T>(&text).err().map(|e| e.to_string())
+        } else {
+            toml::to_string(&value)
+                .ok()
+                .and_then(|t| toml::from_str::<T>(&t).err())
+                .map(|e| format!("{e}(in the recipe with the --set overrides applied)"))
+        };
+        Error::config(
+            path,
+            located
+                .unwrap_or_else(|| e.message().to_string())
+                .trim_end()
+                .to_string(),
+        )
+    })
 }
 
 /// A relative path as given when it exists from the working directory, else relative to the
@@ -693,10 +709,22 @@ dir = "out"
         let (_d, p) = write(&BASIC.replace("epochs = 2", "epochs = 2\nepoch = 3"));
         let e = Recipe::load(&p, &[]).unwrap_err().to_string();
         assert!(e.contains("r.toml") && e.contains("epoch"), "{e}");
+        // a value of the wrong type: the line, the key and what was expected
         let (_d, p) = write(&BASIC.replace("lr = 1e-4", "lr = \"fast\""));
         let e = Recipe::load(&p, &[]).unwrap_err().to_string();
         assert!(
-            e.contains("r.toml") && e.contains("lr") || e.contains("invalid type"),
+            e.contains("r.toml")
+                && e.contains("line 18")
+                && e.contains("lr = \"fast\"")
+                && e.contains("expected f64"),
+            "{e}"
+        );
+        let (_d, p) = write(BASIC);
+        let e = Recipe::load(&p, &["data.retain=5".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("retain = 5") && e.contains("a file path or a list of file paths"),
             "{e}"
         );
         let (_d, p) = write(BASIC);

@@ -392,3 +392,45 @@ fn compare_and_plot_on_odd_metrics_files() {
     assert!(!o.status.success());
     assert!(!run.join("plots").exists());
 }
+
+#[test]
+fn outputs_in_places_that_cannot_take_them_are_named() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let model = root.join("tests/fixtures/hf/llama").display().to_string();
+    let adapter = root
+        .join("tests/fixtures/hf/llama-lora")
+        .display()
+        .to_string();
+    let data = root.join("tests/fixtures/unlearn/forget.jsonl");
+    // the file asked for, not the temporary name it is first written under
+    let out = tmp.path().join("no-such-dir/scores.jsonl");
+    let o = unlearn(&[
+        "score",
+        "--model",
+        &model,
+        "--data",
+        &data.display().to_string(),
+        "--out",
+        &out.display().to_string(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("{}:", out.display())) && !err.contains("scores.jsonl.tmp"),
+        "{err}"
+    );
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let o = unlearn(&[
+        "merge",
+        "--model",
+        &model,
+        "--adapter",
+        &adapter,
+        "--out",
+        &file.display().to_string(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("is a file"), "{err}");
+}

@@ -385,9 +385,12 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, OwnedView)]) -> Result
         Some(meta),
         &tmp,
     )
-    .map_err(|e| Error::Safetensors {
-        path: tmp.clone(),
-        msg: e.to_string(),
+    .map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::Safetensors {
+            path: path.to_path_buf(),
+            msg: format!("cannot write it: {e}"),
+        }
     })?;
     // safetensors creates the file owner-only (0600); a checkpoint is meant to be shared like
     // the config and tokenizer files next to it
@@ -403,8 +406,12 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, OwnedView)]) -> Result
 /// Write bytes to `path` through a temporary file in the same directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    // the error names the file asked for (its directory missing, say), not our temporary name
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(path, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
 }
 
 /// Remove a directory (and everything in it) if it exists, e.g. a stale staging directory.
