@@ -434,3 +434,30 @@ fn outputs_in_places_that_cannot_take_them_are_named() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("is a file"), "{err}");
 }
+
+#[test]
+fn a_config_that_leaves_weights_unused_is_reported() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("llama");
+    std::fs::create_dir_all(&model).unwrap();
+    for entry in std::fs::read_dir(root.join("tests/fixtures/hf/llama")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    let dir = model.display().to_string();
+    let o = unlearn(&["inspect", &dir]);
+    assert!(o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("not used"));
+    // two layers stored, one configured: a smaller model, said out loud
+    let cfg_path = model.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["num_hidden_layers"] = 1.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let o = unlearn(&["inspect", &dir]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("tensor(s) are not used") && err.contains("model.layers.1."),
+        "{err}"
+    );
+}

@@ -542,6 +542,9 @@ impl Decoder {
                 };
             }
         }
+        if let Source::Store(store) | Source::CheckOnly(store) = &l.source {
+            warn_unread(store, &cfg);
+        }
         let vars = l.trainable.map(|v| v.into_inner()).unwrap_or_default();
         let embed_name = match cfg.family {
             Family::Gpt2 => "transformer.wte",
@@ -1138,6 +1141,33 @@ fn rope_tables(
     let cos = Tensor::from_vec(cos, (b, 1, t, half), device)?.to_dtype(dtype)?;
     let sin = Tensor::from_vec(sin, (b, 1, t, half), device)?.to_dtype(dtype)?;
     Ok((cos, sin))
+}
+
+/// Tensors of a checkpoint that the model its config.json describes never read: a config
+/// that disagrees with its weights (fewer layers, say) would otherwise give a smaller model
+/// without a word. transformers warns likewise ("Some weights … were not used"). Buffers that
+/// are not weights, and a stored head the config ties to the embedding, are expected.
+fn warn_unread(store: &WeightStore, cfg: &ArchConfig) {
+    let expected = |n: &str| {
+        n.ends_with("rotary_emb.inv_freq")
+            || n.ends_with(".attn.bias")
+            || n.ends_with(".attn.masked_bias")
+            || n.ends_with(".attention.bias")
+            || n.ends_with(".attention.masked_bias")
+            || (cfg.tie_word_embeddings && (n == "lm_head.weight" || n == "embed_out.weight"))
+    };
+    let unread: Vec<String> = store
+        .unread()
+        .into_iter()
+        .filter(|n| !expected(n))
+        .collect();
+    if let Some(first) = unread.first() {
+        tracing::warn!(
+            "{}: {} tensor(s) are not used by the model its config.json describes (first: {first}); do config.json and the weights belong together?",
+            store.origin.display(),
+            unread.len()
+        );
+    }
 }
 
 #[cfg(test)]

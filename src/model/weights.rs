@@ -78,6 +78,8 @@ pub struct WeightStore {
     by_name: HashMap<String, usize>,
     /// what to name in "missing weight" errors: the index file or the single safetensors file
     pub origin: PathBuf,
+    /// the names read so far, for [`WeightStore::unread`]
+    read: std::cell::RefCell<std::collections::HashSet<String>>,
 }
 
 impl WeightStore {
@@ -152,6 +154,7 @@ impl WeightStore {
             files,
             by_name,
             origin,
+            read: Default::default(),
         })
     }
 
@@ -169,8 +172,23 @@ impl WeightStore {
         &self.files
     }
 
+    /// The stored tensors nobody has read, sorted: after a model is built from the store, what
+    /// its config did not ask for.
+    pub fn unread(&self) -> Vec<String> {
+        let read = self.read.borrow();
+        let mut v: Vec<String> = self
+            .by_name
+            .keys()
+            .filter(|n| !read.contains(*n))
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
     /// dtype, shape and bytes of a stored tensor
     pub fn raw(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8], &Path)> {
+        self.read.borrow_mut().insert(name.to_string());
         let i = *self.by_name.get(name).ok_or_else(|| Error::MissingWeight {
             name: name.to_string(),
             path: self.origin.clone(),
