@@ -415,14 +415,15 @@ pub(crate) fn drive(s: &mut Session, opts: &RunOptions) -> Result<LoopEnd> {
         tracing::info!("resuming from {} at step {start_step}", ckpt.display());
     }
 
-    s.method.prepare_text(s.tok)?;
-    s.method.prepare(&s.model, &s.primary.examples, pad_id)?;
-
     if start_step > total_steps {
         return Err(Error::InvalidArgument(format!(
             "the checkpoint is at step {start_step}, past the recipe's {total_steps} steps (raise train.steps or train.epochs to go on from it)"
         )));
     }
+
+    s.method.prepare_text(s.tok)?;
+    s.method.prepare(&s.model, &s.primary.examples, pad_id)?;
+
     // What a previous run ending here wrote describes its end, not this run's: the adapter,
     // the merged model and charts are written again when this one ends; its evaluations
     // after the resumed step go below, and all of them when this run does not evaluate.
