@@ -697,6 +697,20 @@ fn klom_command(
     if !(0.0..=100.0).contains(&pct) {
         bail!("--percentile must be in [0, 100], not {pct}");
     }
+    // every member is scored on the first oracle's token ids: they must share its tokenizer
+    let reference = oracles[0].join("tokenizer.json");
+    if let Ok(first) = std::fs::read(&reference) {
+        for dir in oracles.iter().chain(unlearned).skip(1) {
+            let path = dir.join("tokenizer.json");
+            if std::fs::read(&path).is_ok_and(|other| other != first) {
+                bail!(
+                    "{} differs from {}: the ensembles must share one tokenizer",
+                    path.display(),
+                    reference.display()
+                );
+            }
+        }
+    }
     let tok = unlearn::tokenizer::ChatTokenizer::from_dir(&oracles[0])?;
     let pad = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);
     let mut splits = Vec::new();

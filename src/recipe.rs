@@ -615,6 +615,21 @@ pub fn method_params<T: serde::de::DeserializeOwned>(
     method: &str,
     params: &toml::Table,
 ) -> Result<T> {
+    // TOML has nan and inf; no method parameter means them (a NaN gamma showed only as a NaN
+    // loss at step 1)
+    fn non_finite(v: &toml::Value) -> bool {
+        match v {
+            toml::Value::Float(f) => !f.is_finite(),
+            toml::Value::Array(a) => a.iter().any(non_finite),
+            toml::Value::Table(t) => t.values().any(non_finite),
+            _ => false,
+        }
+    }
+    if let Some((key, value)) = params.iter().find(|(_, v)| non_finite(v)) {
+        return Err(Error::InvalidArgument(format!(
+            "method '{method}': {key} = {value} is not a finite number"
+        )));
+    }
     toml::Value::Table(params.clone())
         .try_into()
         .map_err(|e: toml::de::Error| {
@@ -750,6 +765,13 @@ dir = "out"
             .to_string();
         assert!(
             e.contains("r.toml") && e.contains("[method]") && e.contains("betta"),
+            "{e}"
+        );
+        let e = Recipe::load(&p, &["method.beta=nan".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("r.toml") && e.contains("beta = nan is not a finite number"),
             "{e}"
         );
         let e = Recipe::load(&p, &["output.dir=\"\"".into()])

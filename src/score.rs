@@ -88,7 +88,8 @@ pub fn score_examples(
             let tokens = counts[k] as usize;
             if !sums[k].is_finite() {
                 return Err(Error::InvalidArgument(format!(
-                    "example {i}: the NLL is not finite"
+                    "example {i}: the NLL under the model {} is not finite (are its weights finite?)",
+                    model.dir.display()
                 )));
             }
             rows[i] = Some(ScoreRow {

@@ -348,6 +348,23 @@ fn klom_rejects_absurd_bins_and_percentiles_before_scoring() {
             "{flag} {value}: {err}"
         );
     }
+    // a member with another tokenizer would be scored on token ids that are not its own
+    let other = root.join("tests/fixtures/hf/llama").display().to_string();
+    let args = [
+        "klom",
+        "--oracle",
+        &model,
+        "--unlearned",
+        &other,
+        "--data",
+        &data,
+    ];
+    let o = unlearn(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("must share one tokenizer") && err.contains(&other),
+        "{err}"
+    );
 }
 
 #[test]
@@ -458,6 +475,38 @@ fn a_config_that_leaves_weights_unused_is_reported() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("tensor(s) are not used") && err.contains("model.layers.1."),
+        "{err}"
+    );
+}
+
+#[test]
+fn resuming_past_a_damaged_checkpoint_says_so() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let recipe = root.join("recipes/demo.toml").display().to_string();
+    let sets = [
+        "--set".to_string(),
+        format!("output.dir=\"{}\"", out.display()),
+        "--set".into(),
+        "train.steps=2".into(),
+        "--set".into(),
+        "train.checkpoint_every=1".into(),
+        "--set".into(),
+        "eval.every=0".into(),
+    ];
+    let mut args = vec!["run", &recipe];
+    args.extend(sets.iter().map(String::as_str));
+    let o = unlearn(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_file(out.join("checkpoints/step-000002/state.json")).unwrap();
+    let out_s = out.display().to_string();
+    args.extend(["--resume", &out_s]);
+    let o = unlearn(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("step-000002 has no state.json") && err.contains("step-000001"),
         "{err}"
     );
 }

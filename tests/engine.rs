@@ -886,3 +886,26 @@ fn a_bad_eval_section_fails_before_the_output_dir_is_written() {
     assert!(run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default()).is_err());
     assert!(!tmp.path().join("out").exists(), "nothing written");
 }
+
+#[test]
+fn a_batch_larger_than_the_data_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    // forget.jsonl has 6 examples
+    let p = write_recipe(tmp.path(), "graddiff", "", "steps = 1\nbatch_size = 7");
+    let p = {
+        let text = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("batch_size = 2\n", "");
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let e = run(&Recipe::load(&p, &[]).unwrap(), &RunOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("train.batch_size 7 is larger than the 6 examples of")
+            && e.contains("forget.jsonl")
+            && e.contains("at most 6"),
+        "{e}"
+    );
+}

@@ -154,7 +154,8 @@ pub fn score(
             let tokens = counts[k] as usize;
             if !sums[k].is_finite() {
                 return Err(Error::InvalidArgument(format!(
-                    "example {i}: the NLL is not finite"
+                    "example {i}: the NLL under the model {} is not finite (are its weights finite?)",
+                    lm.model.dir.display()
                 )));
             }
             out[i] = Some(Scored {

@@ -682,8 +682,9 @@ impl Decoder {
             let maxp = positions.iter().flatten().copied().max().unwrap_or(0) as usize;
             if maxp >= self.cfg.max_position_embeddings {
                 return Err(Error::InvalidArgument(format!(
-                    "sequence position {maxp} exceeds the model's {} learned positions",
-                    self.cfg.max_position_embeddings
+                    "sequence position {maxp} exceeds the {} learned positions of the model {} (lower --max-length or data.max_length)",
+                    self.cfg.max_position_embeddings,
+                    self.dir.display()
                 )));
             }
             let flat: Vec<u32> = positions.iter().flatten().copied().collect();

@@ -364,6 +364,19 @@ pub(crate) fn drive(s: &mut Session, opts: &RunOptions) -> Result<LoopEnd> {
     let t = s.train;
     let out_dir = s.out_dir.clone();
     let pad_id = s.tok.pad_token_id().or(s.tok.eos_token_id()).unwrap_or(0);
+    // draw() fills a batch from further epochs when it outgrows the data, so a batch larger
+    // than the data would hold examples twice (and an absurd one exhausts memory)
+    for ds in std::iter::once(&s.primary).chain(s.retain.as_ref()) {
+        if t.batch_size > ds.examples.len() {
+            return Err(Error::InvalidArgument(format!(
+                "train.batch_size {} is larger than the {} examples of {}: a batch would hold some twice (use at most {})",
+                t.batch_size,
+                ds.examples.len(),
+                ds.name,
+                ds.examples.len()
+            )));
+        }
+    }
     let per_step = t.batch_size * t.grad_accum;
     let total_steps = t
         .steps
@@ -759,9 +772,33 @@ pub fn find_checkpoint(path: &Path) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     let root = path.join("checkpoints");
-    checkpoint_dirs(&root)?
+    let latest = checkpoint_dirs(&root)?
         .pop()
-        .ok_or_else(|| Error::config(&root, "no checkpoint (step-*/state.json) to resume from"))
+        .ok_or_else(|| Error::config(&root, "no checkpoint (step-*/state.json) to resume from"))?;
+    // checkpoints are renamed into place whole, so a later step-* without state.json was
+    // damaged afterwards: resuming from the one before it is right, but should be said
+    let mut damaged: Vec<PathBuf> = std::fs::read_dir(&root)
+        .map_err(|e| Error::io(&root, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n.starts_with("step-")
+                    && latest
+                        .file_name()
+                        .is_some_and(|l| *n > *l.to_string_lossy())
+            }) && !p.join("state.json").exists()
+        })
+        .collect();
+    damaged.sort();
+    if let Some(newest) = damaged.last() {
+        tracing::warn!(
+            "{} has no state.json (damaged?); resuming from the latest complete checkpoint, {}",
+            newest.display(),
+            latest.display()
+        );
+    }
+    Ok(latest)
 }
 
 /// Remove the checkpoints of steps after `step` under `root`, as metrics.jsonl is truncated
