@@ -59,6 +59,37 @@ impl Default for BenchConfig {
     }
 }
 
+impl BenchConfig {
+    /// Sizes a step can run with: a bad one would otherwise fail deep inside the step with a
+    /// message about empty batches or missing gradients.
+    pub fn validate(&self) -> Result<()> {
+        let mut sizes = vec![
+            ("--batch", self.batch, 1),
+            ("--seq", self.seq, 2),
+            ("--steps", self.steps, 1),
+            ("--rank", self.rank, 1),
+        ];
+        if self.config.is_none() {
+            sizes.extend([
+                ("--hidden", self.hidden, 1),
+                ("--layers", self.layers, 1),
+                ("--heads", self.heads, 1),
+                ("--kv-heads", self.kv_heads, 1),
+                ("--intermediate", self.intermediate, 1),
+                ("--vocab", self.vocab, 2),
+            ]);
+        }
+        for (flag, value, least) in sizes {
+            if value < least {
+                return Err(Error::InvalidArgument(format!(
+                    "bench: {flag} must be at least {least}, not {value}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
     /// the method name as given (`eupmu-fast` = EUPMU with fast = true)
@@ -208,6 +239,7 @@ pub fn peak_rss_mb() -> f64 {
 }
 
 pub fn bench_method(c: &BenchConfig, label: &str, device: &Device) -> Result<BenchResult> {
+    c.validate()?;
     reset_peak_rss();
     crate::device::reset_peak_gpu_memory(device)?;
     let (name, params) = method_spec(label)?;
@@ -352,6 +384,39 @@ mod tests {
 
     /// The VmHWM reset. (The block is mmapped, so dropping it unmaps it; `malloc_trim`'s part,
     /// heap pages the tuned allocator would keep, is not exercised here.)
+    #[test]
+    fn sizes_a_step_cannot_run_with_are_named() {
+        let ok = super::BenchConfig::default();
+        ok.validate().unwrap();
+        let cases = [
+            (
+                super::BenchConfig {
+                    batch: 0,
+                    ..ok.clone()
+                },
+                "--batch must be at least 1, not 0",
+            ),
+            (
+                super::BenchConfig {
+                    seq: 1,
+                    ..ok.clone()
+                },
+                "--seq must be at least 2, not 1",
+            ),
+            (
+                super::BenchConfig {
+                    intermediate: 0,
+                    ..ok.clone()
+                },
+                "--intermediate must be at least 1",
+            ),
+        ];
+        for (c, flag) in cases {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(flag), "{e}");
+        }
+    }
+
     #[test]
     fn peak_rss_is_measured_anew_after_a_reset() {
         let block = vec![1u8; 300 << 20];

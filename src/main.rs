@@ -423,6 +423,8 @@ fn run(cli: Cli) -> Result<()> {
                 config,
                 peak_tflops,
             };
+            // before the table's header is printed
+            cfg.validate()?;
             if let Some(new_tokens) = generate {
                 let r = unlearn::bench::bench_generate(&cfg, new_tokens, &device)?;
                 if json {

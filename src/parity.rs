@@ -192,6 +192,25 @@ fn read_reference(path: &Path) -> Result<Batch> {
             ),
         });
     }
+    // the loss shifts by one: a label counts from the second position on
+    let seq = labels.dims()[1];
+    let counted = if seq < 2 {
+        0
+    } else {
+        labels
+            .narrow(1, 1, seq - 1)?
+            .flatten_all()?
+            .to_vec1::<i64>()?
+            .into_iter()
+            .filter(|&l| l != -100)
+            .count()
+    };
+    if counted == 0 {
+        return Err(Error::Config {
+            path: path.to_path_buf(),
+            msg: "'labels' is -100 at every position a next-token loss takes: there is no loss or gradient to compare".into(),
+        });
+    }
     Ok(Batch {
         input_ids,
         attention_mask,

@@ -166,6 +166,22 @@ fn cli_passes_on_agreement_and_fails_with_the_tensor_named() {
         err.contains("reference.safetensors") && err.contains("input_ids"),
         "{err}"
     );
+
+    // …and one whose labels take no loss anywhere
+    let tmp3 = tempfile::tempdir().unwrap();
+    let no_labels = edited_reference(tmp3.path(), |n, t| {
+        Some(if n == "labels" {
+            (t.ones_like().unwrap() * -100.0).unwrap()
+        } else {
+            t
+        })
+    });
+    let (out, err) = parity(&no_labels, &[], false);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("reference.safetensors") && err.contains("-100 at every position"),
+        "{err}"
+    );
 }
 
 /// The per-step losses of a 6-step `method` run with the base weights in `dtype`, and its
