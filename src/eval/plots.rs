@@ -90,7 +90,8 @@ impl Axis {
     /// Ticks over the finite range `lo..hi` (padded when empty); `integer` keeps ticks whole.
     fn new(lo: f64, hi: f64, integer: bool) -> Axis {
         let (mut lo, mut hi) = if lo.is_finite() && hi.is_finite() && lo <= hi {
-            (lo, hi)
+            // room for the padding and rounding below without overflowing to inf
+            (lo.clamp(-1e300, 1e300), hi.clamp(-1e300, 1e300))
         } else {
             (0.0, 1.0)
         };
@@ -896,6 +897,22 @@ pub fn plot_run(run_dir: &Path) -> Result<RunPlots> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn axes_near_the_largest_float_stay_finite() {
+        for (lo, hi) in [(0.0, 1e308), (1e308, 1e308), (-1.7e308, 1.7e308)] {
+            let a = Axis::new(lo, hi, false);
+            assert!(
+                a.lo.is_finite() && a.hi.is_finite() && a.step.is_finite(),
+                "{lo} {hi}"
+            );
+            assert!(
+                a.ticks.iter().all(|t| t.is_finite()),
+                "{lo} {hi}: {:?}",
+                a.ticks
+            );
+        }
+    }
 
     #[test]
     fn ticks_are_nice_and_cover_the_range() {
