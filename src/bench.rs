@@ -382,8 +382,6 @@ pub fn bench_generate(
 mod tests {
     use super::{peak_rss_mb, reset_peak_rss};
 
-    /// The VmHWM reset. (The block is mmapped, so dropping it unmaps it; `malloc_trim`'s part,
-    /// heap pages the tuned allocator would keep, is not exercised here.)
     #[test]
     fn sizes_a_step_cannot_run_with_are_named() {
         let ok = super::BenchConfig::default();
@@ -417,6 +415,8 @@ mod tests {
         }
     }
 
+    /// The VmHWM reset. (The block is mmapped, so dropping it unmaps it; `malloc_trim`'s part,
+    /// heap pages the tuned allocator would keep, is not exercised here.)
     #[test]
     fn peak_rss_is_measured_anew_after_a_reset() {
         let block = vec![1u8; 300 << 20];
