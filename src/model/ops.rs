@@ -1462,7 +1462,7 @@ impl CustomOp2 for SwigluPackedGrad {
     }
 }
 
-// ---- a tensor and a scalar, rounded as PyTorch rounds them ------------------------------------
+// ---- checks ----------------------------------------------------------------------------------
 
 /// Whether every element of `tensors` is finite, with one read back: 0·x is 0 for a finite x
 /// and NaN for ±inf and NaN, and a sum keeps a NaN.
@@ -1477,6 +1477,8 @@ pub fn all_finite(tensors: &[Tensor]) -> candle_core::Result<bool> {
     let total = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?;
     Ok(total == 0.0)
 }
+
+// ---- a tensor and a scalar, rounded as PyTorch rounds them ------------------------------------
 
 /// `x · s` as PyTorch computes a tensor times a Python float: in f32 for half-precision `x`,
 /// rounded once to its dtype. candle's scalar product rounds `s` itself to the dtype first,
