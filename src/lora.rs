@@ -259,8 +259,7 @@ pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
                 ),
             ));
         }
-        file_cfg.check_module(&embed_name, ra, &st_path)?;
-        check_finite(&embed_name, &a, &b, &st_path)?;
+        file_cfg.check_module(&embed_name, &a, &b, &st_path)?;
         let dev = model.embed.device().clone();
         model.embed_lora = Some(LoraWeights::from_tensors(
             &a.to_device(&dev)?,
@@ -295,8 +294,7 @@ pub fn load_adapter(model: &mut Decoder, dir: &Path) -> Result<LoraConfig> {
                 ),
             ));
         }
-        file_cfg.check_module(&lin.name, ra, &st_path)?;
-        check_finite(&lin.name, &a, &b, &st_path)?;
+        file_cfg.check_module(&lin.name, &a, &b, &st_path)?;
         let dev = lin.weight.device().clone();
         lin.lora = Some(LoraWeights::from_tensors(
             &a.to_device(&dev)?,
@@ -422,18 +420,6 @@ fn read_f32(file: &SafetensorsFile, name: &str, path: &Path) -> Result<Tensor> {
     )
 }
 
-/// An adapter's A and B must be finite: a NaN one (a diverged run's) would show only later,
-/// as a NaN loss with no file named.
-fn check_finite(module: &str, a: &Tensor, b: &Tensor, st_path: &Path) -> Result<()> {
-    if !crate::model::ops::all_finite(&[a.clone(), b.clone()])? {
-        return Err(Error::adapter(
-            st_path,
-            format!("module '{module}': its LoRA A or B holds NaN or infinite values"),
-        ));
-    }
-    Ok(())
-}
-
 /// An adapter_config.json as read: our config, and what the adapter's tensors must agree with.
 pub struct PeftConfigFile {
     pub cfg: LoraConfig,
@@ -458,10 +444,18 @@ impl PeftConfigFile {
         })
     }
 
-    /// A module's weights in `st_path` against the config, as PEFT would check them when it
-    /// loads them: rank r unless a rank_pattern gives ranks, and a layer that
-    /// layers_to_transform selects.
-    pub fn check_module(&self, module: &str, rank: usize, st_path: &Path) -> Result<()> {
+    /// A module's weights in `st_path` (A [rank, ·], B [·, rank]) against the config, as PEFT
+    /// would check them when it loads them: rank r unless a rank_pattern gives ranks, and a
+    /// layer that layers_to_transform selects. They must be finite too: a NaN adapter (a
+    /// diverged run's) would show only later, as a NaN loss with no file named.
+    pub fn check_module(&self, module: &str, a: &Tensor, b: &Tensor, st_path: &Path) -> Result<()> {
+        if !crate::model::ops::all_finite(&[a.clone(), b.clone()])? {
+            return Err(Error::adapter(
+                st_path,
+                format!("module '{module}': its LoRA A or B holds NaN or infinite values"),
+            ));
+        }
+        let rank = a.dims()[0];
         if !self.per_module_ranks && rank != self.cfg.r {
             return Err(Error::adapter(
                 st_path,

@@ -390,13 +390,7 @@ fn read_adapter(
                 ),
             ));
         }
-        file_cfg.check_module(&module, ra, &st_path)?;
-        if !crate::model::ops::all_finite(&[a.clone(), b.clone()])? {
-            return Err(Error::adapter(
-                &st_path,
-                format!("module '{module}': lora_A or lora_B holds NaN or infinite values"),
-            ));
-        }
+        file_cfg.check_module(&module, &a, &b, &st_path)?;
         out.insert(
             base_name,
             LoraPair {

@@ -472,7 +472,11 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
 }
 
 /// The contiguous f32 data of a custom op's input, or an error naming the op.
-fn f32_input<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn f32_input<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
     contiguous_f32(s, l)
         .ok_or_else(|| candle_core::Error::Msg(format!("{op}: f32 contiguous input expected")))
 }
@@ -1464,18 +1468,29 @@ impl CustomOp2 for SwigluPackedGrad {
 
 // ---- checks ----------------------------------------------------------------------------------
 
-/// Whether every element of `tensors` is finite, with one read back: 0·x is 0 for a finite x
-/// and NaN for ±inf and NaN, and a sum keeps a NaN.
-pub fn all_finite(tensors: &[Tensor]) -> candle_core::Result<bool> {
+/// Σ of `per_tensor(t)` (a scalar tensor each, in its own dtype) over `tensors`, added in f64
+/// on the device and read back once: one synchronisation on a GPU, not one per tensor.
+pub fn sum_over(
+    tensors: &[Tensor],
+    per_tensor: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<f64> {
     if tensors.is_empty() {
-        return Ok(true);
+        return Ok(0.0);
     }
     let sums = tensors
         .iter()
-        .map(|t| (t * 0.0)?.sum_all()?.to_dtype(DType::F32))
+        .map(|t| per_tensor(t)?.to_dtype(DType::F32))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let total = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?;
-    Ok(total == 0.0)
+    Tensor::stack(&sums, 0)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()
+}
+
+/// Whether every element of `tensors` is finite: 0·x is 0 for a finite x and NaN for ±inf and
+/// NaN, and a sum keeps a NaN.
+pub fn all_finite(tensors: &[Tensor]) -> candle_core::Result<bool> {
+    Ok(sum_over(tensors, |t| (t * 0.0)?.sum_all())? == 0.0)
 }
 
 // ---- a tensor and a scalar, rounded as PyTorch rounds them ------------------------------------

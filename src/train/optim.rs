@@ -15,6 +15,7 @@
 use crate::error::{Error, Result};
 use crate::model::launch::Launch;
 pub use crate::model::ops::all_finite;
+use crate::model::ops::{f32_input, sum_over};
 use crate::recipe::Schedule;
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
 
@@ -240,14 +241,7 @@ pub fn kernel_plans(
     Ok(StepScalars::new(cfg, step, lr, grad_scale).plans(n)?)
 }
 
-/// A contiguous f32 storage's elements, for the in-place update of `what`.
-fn f32_elems<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("{what}: contiguous f32 expected"),
-    }
-}
-
+/// A contiguous f32 storage's elements, to update in place (`what` names it in the error).
 fn f32_elems_mut<'a>(
     s: &'a mut CpuStorage,
     l: &Layout,
@@ -274,7 +268,7 @@ impl InplaceOp2 for MomentsUpdate {
         grad: &CpuStorage,
         grad_l: &Layout,
     ) -> candle_core::Result<()> {
-        let grad = f32_elems(grad, grad_l, "adamw gradient")?;
+        let grad = f32_input(grad, grad_l, "adamw gradient")?;
         let moments = f32_elems_mut(moments, moments_l, "adamw moments")?;
         let (m, v) = moments.split_at_mut(grad.len());
         for ((g, m), v) in grad.iter().zip(m).zip(v) {
@@ -318,7 +312,7 @@ impl InplaceOp2 for ParamUpdate {
         moments: &CpuStorage,
         moments_l: &Layout,
     ) -> candle_core::Result<()> {
-        let moments = f32_elems(moments, moments_l, "adamw moments")?;
+        let moments = f32_input(moments, moments_l, "adamw moments")?;
         let param = f32_elems_mut(param, param_l, "adamw variable")?;
         let (m, v) = moments.split_at(param.len());
         for ((p, m), v) in param.iter_mut().zip(m).zip(v) {
@@ -367,18 +361,7 @@ pub fn lr_at(schedule: Schedule, base: f64, step: usize, warmup: usize, total: u
 /// the device, and a single read back (one synchronisation a step on a GPU, not one per
 /// variable).
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
-    if grads.is_empty() {
-        return Ok(0.0);
-    }
-    let sums = grads
-        .iter()
-        .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F32))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let total = Tensor::stack(&sums, 0)?
-        .to_dtype(DType::F64)?
-        .sum_all()?
-        .to_scalar::<f64>()?;
-    Ok(total.sqrt())
+    Ok(sum_over(grads, |g| g.sqr()?.sum_all())?.sqrt())
 }
 
 /// The gradients' global norm and the factor that clips it to `max_norm` (torch's
