@@ -310,6 +310,9 @@ pub fn bench_method(c: &BenchConfig, label: &str, device: &Device) -> Result<Ben
             micro: 0,
         };
         method.after_update(&ctx, std::slice::from_ref(&batch))?;
+        // the step's graph goes with its gradients: freeing it is part of every training step
+        // (PyTorch's backward frees its graph as it goes), so it is timed
+        drop(grads);
         device.synchronize()?;
         if step >= c.warmup {
             times.push(started.elapsed().as_secs_f64());
