@@ -82,19 +82,12 @@ fn contiguous_view<'a, T>(
 pub(crate) mod attention {
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
     use candle_core::cuda_backend::{CudaStorage, Map2, Map3};
-    use candle_core::{CpuStorage, CudaDevice, Layout, Shape, Tensor, WithDType};
+    use candle_core::{CudaDevice, Layout, Shape, WithDType};
 
     use crate::model::launch as plan;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
     const MODULE: &str = "unlearn_attention";
-    /// Whether the fused kernels take this call: `cuda_fusable` scores [B, H, T, C] with a mask
-    /// of the same dtype and shape [B, 1, T, C] that the kernels' plan accepts.
-    pub fn applies(scores: &Tensor, mask: &Tensor) -> bool {
-        crate::model::ops::cuda_fusable(scores)
-            && mask.dtype() == scores.dtype()
-            && plan::attention(scores.dims(), mask.dims(), 1.0).is_ok()
-    }
 
     /// Runs the attention.cu kernel `root` (its `_f32`, `_bf16` or `_f16` form, for T) over the
     /// rows of the scores, as [`plan::attention`] lays it out.
@@ -108,11 +101,6 @@ pub(crate) mod attention {
     ) -> candle_core::Result<CudaSlice<T>> {
         let plan = plan::attention(scores.dims(), mask.dims(), scale)?;
         super::launch(dev, (PTX, MODULE), root, inputs, &plan)
-    }
-
-    /// softmax(scores · scale + mask); the backward is [`MaskedSoftmaxGrad`].
-    pub struct MaskedSoftmax {
-        pub scale: f32,
     }
 
     struct Forward(f32);
@@ -133,49 +121,15 @@ pub(crate) mod attention {
         }
     }
 
-    impl candle_core::CustomOp2 for MaskedSoftmax {
-        fn name(&self) -> &'static str {
-            "masked-softmax"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!("masked-softmax: CUDA only (the CPU uses the composed form)")
-        }
-
-        fn cuda_fwd(
-            &self,
-            s1: &CudaStorage,
-            l1: &Layout,
-            s2: &CudaStorage,
-            l2: &Layout,
-        ) -> candle_core::Result<(CudaStorage, Shape)> {
-            super::map::map2(&Forward(self.scale), s1, l1, s2, l2)
-        }
-
-        fn bwd(
-            &self,
-            scores: &Tensor,
-            mask: &Tensor,
-            _probs: &Tensor,
-            grad: &Tensor,
-        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-            let op = MaskedSoftmaxGrad { scale: self.scale };
-            let d_scores = scores.apply_op3_no_bwd(mask, &grad.contiguous()?, &op)?;
-            // the mask is a constant of the batch, never trained
-            Ok((Some(d_scores), None))
-        }
-    }
-
-    /// ∂scores of [`MaskedSoftmax`]: scale · p ⊙ (g − Σ g⊙p), p recomputed in f32 from the
-    /// scores.
-    struct MaskedSoftmaxGrad {
+    /// softmax(scores · scale + mask) (`ops::MaskedSoftmax` on CUDA).
+    pub fn forward(
+        scores: &CudaStorage,
+        scores_l: &Layout,
+        mask: &CudaStorage,
+        mask_l: &Layout,
         scale: f32,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        super::map::map2(&Forward(scale), scores, scores_l, mask, mask_l)
     }
 
     struct Backward(f32);
@@ -206,34 +160,27 @@ pub(crate) mod attention {
         }
     }
 
-    impl candle_core::CustomOp3 for MaskedSoftmaxGrad {
-        fn name(&self) -> &'static str {
-            "masked-softmax-grad"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!("masked-softmax-grad: CUDA only")
-        }
-
-        fn cuda_fwd(
-            &self,
-            s1: &CudaStorage,
-            l1: &Layout,
-            s2: &CudaStorage,
-            l2: &Layout,
-            s3: &CudaStorage,
-            l3: &Layout,
-        ) -> candle_core::Result<(CudaStorage, Shape)> {
-            super::map::map3(&Backward(self.scale), s1, l1, s2, l2, s3, l3)
-        }
+    /// ∂scores of `ops::MaskedSoftmax` on CUDA: scale · p ⊙ (g − Σ g⊙p), p recomputed in f32
+    /// from the scores.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        scores: &CudaStorage,
+        scores_l: &Layout,
+        mask: &CudaStorage,
+        mask_l: &Layout,
+        grad: &CudaStorage,
+        grad_l: &Layout,
+        scale: f32,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        super::map::map3(
+            &Backward(scale),
+            scores,
+            scores_l,
+            mask,
+            mask_l,
+            grad,
+            grad_l,
+        )
     }
 }
 

@@ -1530,13 +1530,12 @@ pub fn softcap(x: &Tensor, cap: f64) -> candle_core::Result<Tensor> {
 /// dtype, then `softmax(dtype=float32)`. `scores` is the unscaled q·kᵀ [B, H, T, C], `mask` the
 /// additive [B, 1, T, C].
 ///
-/// On CUDA this is one kernel forward and one backward (src/cuda/attention.cu) instead of the
-/// composed product, add, casts and softmax, each a full pass over the [B, H, T, C] scores (see
-/// `cuda_fusable`).
+/// On the CPU in f32 and on CUDA this is one op forward and one backward ([`MaskedSoftmax`])
+/// instead of the composed product, add, casts and softmax, each a full pass over the
+/// [B, H, T, C] scores; elsewhere (CPU half types, f64) the composed form.
 pub fn masked_softmax(scores: &Tensor, scale: f64, mask: &Tensor) -> candle_core::Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if cuda_attention::applies(scores, mask) {
-        let op = cuda_attention::MaskedSoftmax {
+    if masked_softmax_fusable(scores, mask) {
+        let op = MaskedSoftmax {
             scale: scale as f32,
         };
         return scores.contiguous()?.apply_op2(&mask.contiguous()?, op);
@@ -1548,6 +1547,284 @@ pub fn masked_softmax(scores: &Tensor, scale: f64, mask: &Tensor) -> candle_core
         mul_scalar(scores, scale)?
     };
     softmax(&scaled.broadcast_add(mask)?.to_dtype(accum_dtype(dtype))?)?.to_dtype(dtype)
+}
+
+/// Whether [`MaskedSoftmax`] takes these scores and mask: f32 on the CPU, or what the CUDA
+/// kernels take (`cuda_fusable`), with a mask of the scores' dtype and shape [B, 1, T, C].
+fn masked_softmax_fusable(scores: &Tensor, mask: &Tensor) -> bool {
+    (fusable(scores) || cuda_fusable(scores))
+        && mask.dtype() == scores.dtype()
+        && mask.device().same_device(scores.device())
+        && crate::model::launch::attention(scores.dims(), mask.dims(), 1.0).is_ok()
+}
+
+/// softmax(scores · scale + mask) as one op each way: one pass over the [B, H, T, C] scores
+/// forward and one backward, where the composed form makes about a dozen, each a fresh
+/// scores-sized buffer that candle's graph keeps until the backward is over (the scaled
+/// scores, the masked scores, the cast: 64 MB each per layer at 8×8 heads of 512 tokens). On
+/// the CPU in f32; on CUDA src/cuda/attention.cu, rounded as transformers' eager attention
+/// rounds in half types.
+struct MaskedSoftmax {
+    scale: f32,
+}
+
+/// Row `row` of contiguous scores [B, H, T, C] is (b, h, i) with row = (b·H + h)·T + i; its
+/// mask row in the contiguous [B, 1, T, C] mask is b·T + i (as attention.cu's `mask_row`).
+fn mask_row(row: usize, heads: usize, t_q: usize) -> usize {
+    (row / (heads * t_q)) * t_q + row % t_q
+}
+
+/// The (heads, t_q, cols) of scores [B, H, T, C] whose mask is [B, 1, T, C].
+fn attention_dims(scores: &Layout, mask: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    crate::model::launch::attention(scores.dims(), mask.dims(), 1.0)?;
+    let &[_, heads, t_q, cols] = scores.dims() else {
+        candle_core::bail!(
+            "masked-softmax: scores {:?} are not [B, H, T, C]",
+            scores.dims()
+        );
+    };
+    Ok((heads, t_q, cols))
+}
+
+/// Writes softmax(scores · scale + mask) of one row into `out`, as the composed form computes
+/// it in f32: the product, then the mask added, then [`FusedSoftmax`]'s max, exp and sum.
+fn masked_softmax_row(out: &mut [f32], scores: &[f32], mask: &[f32], scale: f32) {
+    for ((o, &s), &m) in out.iter_mut().zip(scores).zip(mask) {
+        *o = s * scale + m;
+    }
+    let max = row_max(out);
+    for o in out.iter_mut() {
+        *o = fast_exp(*o - max);
+    }
+    let inv = 1.0 / out.iter().sum::<f32>();
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (heads, t_q, cols) = attention_dims(l1, l2)?;
+        let scores = f32_input(s1, l1, "masked-softmax scores")?;
+        let mask = f32_input(s2, l2, "masked-softmax mask")?;
+        let mut out = vec![0f32; scores.len()];
+        for_each_row_mut(&mut out, cols, |row, o| {
+            let m = mask_row(row, heads, t_q) * cols;
+            let s = &scores[row * cols..(row + 1) * cols];
+            masked_softmax_row(o, s, &mask[m..m + cols], self.scale);
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda_attention::forward(s1, l1, s2, l2, self.scale)
+    }
+
+    fn bwd(
+        &self,
+        scores: &Tensor,
+        mask: &Tensor,
+        _probs: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let op = MaskedSoftmaxGrad { scale: self.scale };
+        let d_scores = scores.apply_op3_no_bwd(mask, &grad.contiguous()?, &op)?;
+        // the mask is a constant of the batch, never trained
+        Ok((Some(d_scores), None))
+    }
+}
+
+/// ∂scores of [`MaskedSoftmax`]: scale · p ⊙ (g − Σ g⊙p), with p recomputed in f32 from the
+/// scores and the mask (on the CPU the same bits as the forward's; in half types on CUDA not
+/// the rounded probabilities, as transformers' f32 softmax backward has it).
+struct MaskedSoftmaxGrad {
+    scale: f32,
+}
+
+impl candle_core::CustomOp3 for MaskedSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "masked-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (heads, t_q, cols) = attention_dims(l1, l2)?;
+        if l3.shape() != l1.shape() {
+            candle_core::bail!(
+                "masked-softmax backward: gradient {:?} for scores {:?}",
+                l3.shape(),
+                l1.shape()
+            );
+        }
+        let scores = f32_input(s1, l1, "masked-softmax scores")?;
+        let mask = f32_input(s2, l2, "masked-softmax mask")?;
+        let grad = f32_input(s3, l3, "masked-softmax gradient")?;
+        let mut out = vec![0f32; scores.len()];
+        for_each_row_mut(&mut out, cols, |row, d| {
+            let m = mask_row(row, heads, t_q) * cols;
+            let span = row * cols..(row + 1) * cols;
+            // the probabilities go into `d` first, then their gradient over them
+            masked_softmax_row(d, &scores[span.clone()], &mask[m..m + cols], self.scale);
+            let g = &grad[span];
+            let dot: f32 = d.iter().zip(g).map(|(p, g)| p * g).sum();
+            for (d, &g) in d.iter_mut().zip(g) {
+                *d = *d * (g - dot) * self.scale;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda_attention::backward(s1, l1, s2, l2, s3, l3, self.scale)
+    }
+}
+
+#[cfg(test)]
+mod masked_softmax_tests {
+    use super::*;
+    use crate::rng::Rng;
+    use candle_core::{Device, Var};
+
+    /// Scores [B, H, T, C], a causal mask over a cache of C − T keys in which batch row 1's
+    /// first query sees no key at all, and a gradient of the probabilities.
+    fn case(b: usize, h: usize, t: usize, c: usize, seed: u64) -> (Tensor, Tensor, Tensor) {
+        let mut rng = Rng::new(seed);
+        let mut uniform = |n: usize, scale: f64| -> Vec<f32> {
+            (0..n)
+                .map(|_| ((rng.next_f64() * 2.0 - 1.0) * scale) as f32)
+                .collect()
+        };
+        let scores = Tensor::from_vec(uniform(b * h * t * c, 40.0), (b, h, t, c), &Device::Cpu);
+        let grad = Tensor::from_vec(uniform(b * h * t * c, 1.0), (b, h, t, c), &Device::Cpu);
+        let past = c - t;
+        let mut mask = vec![0f32; b * t * c];
+        for bi in 0..b {
+            for qi in 0..t {
+                for j in 0..c {
+                    if j > past + qi || j < bi * (past + 1) {
+                        mask[(bi * t + qi) * c + j] = -1e9;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, t, c), &Device::Cpu);
+        (scores.unwrap(), mask.unwrap(), grad.unwrap())
+    }
+
+    /// The composed form the op replaces: transformers' eager `q·kᵀ · scaling + mask`, then the
+    /// softmax.
+    fn composed(scores: &Tensor, scale: f64, mask: &Tensor) -> Tensor {
+        softmax(
+            &mul_scalar(scores, scale)
+                .unwrap()
+                .broadcast_add(mask)
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// The fused CPU op gives the composed form's probabilities bit for bit, and its gradient
+    /// within the rounding of the row sum Σ g⊙p (candle sums in SIMD lanes, the op in order);
+    /// a query that sees no key gets the uniform average, as eager attention gives it.
+    #[test]
+    fn cpu_masked_softmax_equals_the_composed_form() {
+        for (i, [b, h, t, c]) in [[2, 3, 5, 37], [3, 2, 7, 7], [2, 1, 3, 70]]
+            .into_iter()
+            .enumerate()
+        {
+            let scale = [0.125, 0.164_398_987_305_357_2][i % 2];
+            let (scores, mask, grad) = case(b, h, t, c, i as u64 + 1);
+            assert!(masked_softmax_fusable(&scores, &mask));
+            let var = Var::from_tensor(&scores).unwrap();
+            let fused = masked_softmax(var.as_tensor(), scale, &mask).unwrap();
+            let reference = composed(var.as_tensor(), scale, &mask);
+            let (got, want) = (values(&fused), values(&reference));
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits()),
+                "[{b}, {h}, {t}, {c}]: probabilities differ"
+            );
+            let masked_row = &got[(h * t) * c..(h * t + 1) * c];
+            assert!(
+                masked_row.iter().all(|&p| p == 1.0 / c as f32),
+                "{masked_row:?}"
+            );
+            let grad_of = |probs: &Tensor| {
+                let loss = (probs * &grad).unwrap().sum_all().unwrap();
+                values(loss.backward().unwrap().get(var.as_tensor()).unwrap())
+            };
+            let (got, want) = (grad_of(&fused), grad_of(&reference));
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).abs())
+                .fold(0f32, f32::max);
+            // g − Σ g⊙p cancels: each side's f32 error is about ε·|g| absolute, times the scale
+            assert!(
+                worst < 2e-7,
+                "[{b}, {h}, {t}, {c}]: gradient off by {worst}"
+            );
+            assert!(got.iter().any(|&d| d.abs() > 1e-3), "vanishing gradient");
+        }
+    }
+
+    /// Shapes the op does not cover take the composed form: no mask broadcast over heads, a
+    /// mask of another dtype, half types on the CPU.
+    #[test]
+    fn masked_softmax_composes_what_the_op_does_not_cover() {
+        let (scores, mask, _) = case(2, 2, 3, 3, 9);
+        let per_head = mask
+            .broadcast_as((2, 2, 3, 3))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        assert!(!masked_softmax_fusable(&scores, &per_head));
+        let half = mask.to_dtype(DType::BF16).unwrap();
+        assert!(!masked_softmax_fusable(&scores, &half));
+        let bf16 = scores.to_dtype(DType::BF16).unwrap();
+        assert!(!masked_softmax_fusable(&bf16, &half));
+        // and what it computes there is the composed form
+        let got = values(&masked_softmax(&scores, 0.5, &per_head).unwrap());
+        assert_eq!(got, values(&composed(&scores, 0.5, &per_head)));
+    }
 }
 
 #[cfg(test)]
