@@ -58,7 +58,10 @@
 //!   cached snapshot is incomplete. (A whole dataset, `hf://datasets/org/name`, is always listed
 //!   when online, since only the hub knows its files.)
 //! * Non-LFS files (etag = git blob sha1) are checked by size only; LFS files by size and
-//!   sha256. Files already in the cache are trusted, as huggingface_hub trusts them.
+//!   sha256. Files already in the cache are trusted, as huggingface_hub trusts them, with one
+//!   cheap check: a cached `.safetensors` file must be as long as its header says (a blob cut
+//!   short after its download would otherwise pass for the model). A damaged one is downloaded
+//!   again; offline it is an error naming it.
 use crate::error::{Error, Result};
 use std::collections::BTreeSet;
 use std::fmt;
@@ -660,6 +663,39 @@ impl<'a> RepoCache<'a> {
         write_file_atomic(&path, commit.as_bytes())
     }
 
+    /// A damaged cached file `file` of snapshot `snap`: offline an error that says so; online
+    /// its pointer and blob are removed, so that it is downloaded again. `path`: the file the
+    /// spec names, if any.
+    fn replace_damaged(
+        &self,
+        snap: &Path,
+        file: &str,
+        problem: &str,
+        path: Option<&str>,
+    ) -> Result<()> {
+        if self.settings.offline {
+            return Err(hub_error(format!(
+                "offline (HF_HUB_OFFLINE is set) and '{file}' of {} in the cache is damaged: \
+                 {problem}; fetch it again with network access to replace it: unlearn fetch {}",
+                self.describe(),
+                self.fetch_spec(path),
+            )));
+        }
+        tracing::warn!(
+            "'{file}' of {} in the cache is damaged ({problem}); downloading it again",
+            self.describe()
+        );
+        let pointer = snap.join(file);
+        // the blob a symlinked pointer resolves to, when it lies in this repository's cache
+        let blobs = self.dir.join("blobs");
+        if let Ok(blob) = std::fs::canonicalize(&pointer) {
+            if std::fs::canonicalize(&blobs).is_ok_and(|b| blob.starts_with(b)) {
+                std::fs::remove_file(&blob).map_err(|e| Error::io(&blob, e))?;
+            }
+        }
+        std::fs::remove_file(&pointer).map_err(|e| Error::io(&pointer, e))
+    }
+
     /// `missing`: the file the cache lacks; `path`: the file the spec names, if any.
     fn offline_error(&self, missing: &str, path: Option<&str>) -> Error {
         let never = if self.cached_commit().is_none() {
@@ -699,6 +735,29 @@ fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         Error::io(path, e)
     })
+}
+
+/// Why the safetensors file at `path` cannot be read (its header does not match its size, or
+/// is not a header), or `None` when it reads or is not a `.safetensors` file. Downloads are
+/// verified, but a blob can still be cut short afterwards (a cache copied onto a full disk,
+/// another tool writing it) and would pass for complete.
+fn safetensors_problem(path: &Path) -> Option<String> {
+    let is_safetensors = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if !is_safetensors {
+        return None;
+    }
+    crate::model::weights::SafetensorsFile::open(path)
+        .err()
+        .map(|e| e.to_string())
+}
+
+/// The first safetensors file of a cached snapshot that cannot be read, with the problem.
+fn damaged_safetensors(snap: &Path) -> Option<(String, String)> {
+    list_snapshot(snap)
+        .into_iter()
+        .find_map(|f| safetensors_problem(&snap.join(&f)).map(|problem| (f, problem)))
 }
 
 /// Every file below `dir` as a `/`-separated relative path (depth and count bounded).
@@ -807,10 +866,16 @@ fn fetch_snapshot(settings: &HubSettings, repo: &RepoCache, include: &[String]) 
         let whole_dataset = repo.kind == RepoKind::Dataset && include.is_empty();
         match snapshot_missing(&snap, repo.kind, include) {
             None if whole_dataset && !settings.offline => missing = "snapshot".into(),
-            None => {
-                tracing::debug!("{} found in the cache: {}", repo.describe(), snap.display());
-                return Ok(snap);
-            }
+            None => match damaged_safetensors(&snap) {
+                None => {
+                    tracing::debug!("{} found in the cache: {}", repo.describe(), snap.display());
+                    return Ok(snap);
+                }
+                Some((file, problem)) => {
+                    repo.replace_damaged(&snap, &file, &problem, None)?;
+                    missing = file;
+                }
+            },
             Some(m) => missing = m,
         }
     } else if repo.kind == RepoKind::Dataset {
@@ -889,9 +954,13 @@ fn fetch_snapshot(settings: &HubSettings, repo: &RepoCache, include: &[String]) 
 
 fn fetch_one_file(settings: &HubSettings, repo: &RepoCache, path: &str) -> Result<PathBuf> {
     if let Some(commit) = repo.cached_commit() {
-        let p = repo.snapshot(&commit).join(path);
+        let snap = repo.snapshot(&commit);
+        let p = snap.join(path);
         if p.is_file() {
-            return Ok(p);
+            match safetensors_problem(&p) {
+                None => return Ok(p),
+                Some(problem) => repo.replace_damaged(&snap, path, &problem, Some(path))?,
+            }
         }
     }
     if settings.offline {

@@ -405,6 +405,62 @@ fn offline_use_from_a_filled_cache() {
     assert!(e.contains("HF_HUB_OFFLINE") && e.contains(SHARD3), "{e}");
 }
 
+/// A cached weight file cut short after its download was verified (a cache copied onto a full
+/// disk, another tool writing it) is not passed off as the model: offline the error names the
+/// file and the problem, online the file is downloaded again, whole.
+#[test]
+fn a_damaged_cached_weight_file_is_an_error_offline_and_downloaded_again_online() {
+    let files = sharded_files();
+    let c1 = commit_id(1);
+    let hub = FakeHub::start(vec![FakeRepo::model("fake-org/llama-sharded").with_commit(
+        "main",
+        &c1,
+        files.clone(),
+    )]);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = settings(&hub, &tmp);
+    let snap = resolve_model_with(&s, "fake-org/llama-sharded").unwrap();
+    let shard = snap.join(SHARD3);
+    let whole = files[SHARD3].clone();
+    let cut = |path: &Path| {
+        // through the snapshot's symlink: the blob itself is cut
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.set_len(whole.len() as u64 - 100).unwrap();
+    };
+    let single = format!("hf://fake-org/llama-sharded/{SHARD3}");
+
+    cut(&shard);
+    s.offline = true;
+    for spec in ["fake-org/llama-sharded", single.as_str()] {
+        let e = err_text(fetch_with(&s, spec, None, &[]));
+        assert!(
+            e.contains(SHARD3)
+                && e.contains("damaged")
+                && e.contains("shorter or longer than its header says")
+                && e.contains("unlearn fetch"),
+            "{spec}: {e}"
+        );
+    }
+
+    s.offline = false;
+    let sha = sha256_hex(&whole);
+    hub.clear_log();
+    assert_eq!(
+        resolve_model_with(&s, "fake-org/llama-sharded").unwrap(),
+        snap
+    );
+    assert_eq!(std::fs::read(&shard).unwrap(), whole);
+    assert_eq!(cdn_requests(&hub, &sha).len(), 1, "{:?}", hub.log());
+    Decoder::load(&snap, DType::F32, &Device::Cpu).unwrap();
+
+    // the same through a spec that names the file
+    cut(&shard);
+    hub.clear_log();
+    assert_eq!(fetch_with(&s, &single, None, &[]).unwrap(), shard);
+    assert_eq!(std::fs::read(&shard).unwrap(), whole);
+    assert_eq!(cdn_requests(&hub, &sha).len(), 1, "{:?}", hub.log());
+}
+
 /// Write a cache exactly as Python's huggingface_hub does.
 #[cfg(unix)]
 fn python_cache(cache: &Path, folder: &str, commit: &str, files: &Files) {
