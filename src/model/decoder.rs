@@ -4,6 +4,7 @@
 //! residual layout, positions); `ArchConfig` describes them and this file follows it. Weights keep
 //! their Hugging Face names so adapters and merges line up with transformers and PEFT.
 use crate::error::{Error, Result};
+use crate::model::attention;
 use crate::model::config::{ArchConfig, Family, NormKind, RopeScaling};
 use crate::model::linear::Linear;
 pub use crate::model::linear::{ForwardOptions, LoraWeights};
@@ -845,25 +846,29 @@ impl Decoder {
         } else {
             (k, v)
         };
-        let q = q.contiguous()?;
-        // kᵀ as a view of contiguous k: the matmul takes transposed strides, so only a k that is
-        // itself a view (no RoPE: still [B, T, H, D] underneath) is copied
-        let kt = k.contiguous()?.transpose(2, 3)?;
-        let scores = q.matmul(&kt)?;
-        // the scale goes into the softmax op (one pass less each way over the scores on CUDA)
-        // unless Gemma 2's soft cap comes between them
-        let (scores, scale) = match cfg.attn_softcap {
+        let out = match cfg.attn_softcap {
+            // the scale goes into the softmax
+            None => attention::attention(
+                &q,
+                &k,
+                &v,
+                cfg.attn_scale,
+                &mask.additive,
+                mask.empty_rows.as_ref(),
+            )?,
+            // Gemma 2's soft cap comes between the scale and the softmax
             Some(cap) => {
+                // kᵀ as a view of contiguous k: the matmul takes transposed strides
+                let scores = q.contiguous()?.matmul(&k.contiguous()?.transpose(2, 3)?)?;
                 let scaled = ops::mul_scalar(&scores, cfg.attn_scale)?;
-                (ops::softcap(&scaled, cap)?, 1.0)
+                let capped = ops::softcap(&scaled, cap)?;
+                let mut probs = ops::masked_softmax(&capped, 1.0, &mask.additive)?;
+                if let Some(keep) = &mask.empty_rows {
+                    probs = probs.broadcast_mul(keep)?;
+                }
+                probs.matmul(&v.contiguous()?)?
             }
-            None => (scores, cfg.attn_scale),
         };
-        let mut probs = ops::masked_softmax(&scores, scale, &mask.additive)?;
-        if let Some(keep) = &mask.empty_rows {
-            probs = probs.broadcast_mul(keep)?;
-        }
-        let out = probs.matmul(&v.contiguous()?)?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         attn.o.forward(&out, opts)
     }

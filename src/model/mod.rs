@@ -1,4 +1,5 @@
 //! The decoder stack: configuration, weights, differentiable ops and the generic decoder.
+pub mod attention;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda_kernels;

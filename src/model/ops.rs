@@ -763,7 +763,7 @@ impl candle_core::CustomOp3 for RmsNormGrad {
     }
 }
 
-fn fusable(x: &Tensor) -> bool {
+pub(crate) fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
@@ -1551,7 +1551,7 @@ pub fn masked_softmax(scores: &Tensor, scale: f64, mask: &Tensor) -> candle_core
 
 /// Whether [`MaskedSoftmax`] takes these scores and mask: f32 on the CPU, or what the CUDA
 /// kernels take (`cuda_fusable`), with a mask of the scores' dtype and shape [B, 1, T, C].
-fn masked_softmax_fusable(scores: &Tensor, mask: &Tensor) -> bool {
+pub(crate) fn masked_softmax_fusable(scores: &Tensor, mask: &Tensor) -> bool {
     (fusable(scores) || cuda_fusable(scores))
         && mask.dtype() == scores.dtype()
         && mask.device().same_device(scores.device())
@@ -1564,8 +1564,8 @@ fn masked_softmax_fusable(scores: &Tensor, mask: &Tensor) -> bool {
 /// scores, the masked scores, the cast: 64 MB each per layer at 8×8 heads of 512 tokens). On
 /// the CPU in f32; on CUDA src/cuda/attention.cu, rounded as transformers' eager attention
 /// rounds in half types.
-struct MaskedSoftmax {
-    scale: f32,
+pub(crate) struct MaskedSoftmax {
+    pub(crate) scale: f32,
 }
 
 /// Row `row` of contiguous scores [B, H, T, C] is (b, h, i) with row = (b·H + h)·T + i; its
@@ -1602,6 +1602,28 @@ fn masked_softmax_row(out: &mut [f32], scores: &[f32], mask: &[f32], scale: f32)
     }
 }
 
+impl MaskedSoftmax {
+    /// The probabilities of f32 scores [B, H, T, C] and mask [B, 1, T, C] on the CPU.
+    pub(crate) fn cpu(
+        &self,
+        scores: &CpuStorage,
+        scores_l: &Layout,
+        mask: &CpuStorage,
+        mask_l: &Layout,
+    ) -> candle_core::Result<CpuStorage> {
+        let (heads, t_q, cols) = attention_dims(scores_l, mask_l)?;
+        let scores = f32_input(scores, scores_l, "masked-softmax scores")?;
+        let mask = f32_input(mask, mask_l, "masked-softmax mask")?;
+        let mut out = vec![0f32; scores.len()];
+        for_each_row_mut(&mut out, cols, |row, o| {
+            let m = mask_row(row, heads, t_q) * cols;
+            let s = &scores[row * cols..(row + 1) * cols];
+            masked_softmax_row(o, s, &mask[m..m + cols], self.scale);
+        });
+        Ok(CpuStorage::F32(out))
+    }
+}
+
 impl CustomOp2 for MaskedSoftmax {
     fn name(&self) -> &'static str {
         "masked-softmax"
@@ -1614,16 +1636,7 @@ impl CustomOp2 for MaskedSoftmax {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (heads, t_q, cols) = attention_dims(l1, l2)?;
-        let scores = f32_input(s1, l1, "masked-softmax scores")?;
-        let mask = f32_input(s2, l2, "masked-softmax mask")?;
-        let mut out = vec![0f32; scores.len()];
-        for_each_row_mut(&mut out, cols, |row, o| {
-            let m = mask_row(row, heads, t_q) * cols;
-            let s = &scores[row * cols..(row + 1) * cols];
-            masked_softmax_row(o, s, &mask[m..m + cols], self.scale);
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((self.cpu(s1, l1, s2, l2)?, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -1654,8 +1667,8 @@ impl CustomOp2 for MaskedSoftmax {
 /// ∂scores of [`MaskedSoftmax`]: scale · p ⊙ (g − Σ g⊙p), with p recomputed in f32 from the
 /// scores and the mask (on the CPU the same bits as the forward's; in half types on CUDA not
 /// the rounded probabilities, as transformers' f32 softmax backward has it).
-struct MaskedSoftmaxGrad {
-    scale: f32,
+pub(crate) struct MaskedSoftmaxGrad {
+    pub(crate) scale: f32,
 }
 
 impl candle_core::CustomOp3 for MaskedSoftmaxGrad {
