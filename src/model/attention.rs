@@ -119,21 +119,6 @@ impl FusedAttention {
     }
 }
 
-fn cpu_storage(storage: &Storage) -> Option<&CpuStorage> {
-    match storage {
-        Storage::Cpu(s) => Some(s),
-        _ => None,
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_storage(storage: &Storage) -> Option<&candle_core::CudaStorage> {
-    match storage {
-        Storage::Cuda(s) => Some(s),
-        _ => None,
-    }
-}
-
 impl CustomOp3 for FusedAttention {
     fn name(&self) -> &'static str {
         "attention"
@@ -152,7 +137,7 @@ impl CustomOp3 for FusedAttention {
         let cpu_softmax = |s: &CpuStorage, s_l: &Layout, m: &CpuStorage, m_l: &Layout| {
             softmax.cpu(s, s_l, m, m_l)
         };
-        self.forward(cpu_storage, cpu_softmax, (q, q_l), (k, k_l), (v, v_l))
+        self.forward(ops::cpu_storage, cpu_softmax, (q, q_l), (k, k_l), (v, v_l))
     }
 
     #[cfg(feature = "cuda")]
@@ -172,7 +157,13 @@ impl CustomOp3 for FusedAttention {
                             m_l: &Layout| {
             Ok(crate::model::cuda_kernels::attention::forward(s, s_l, m, m_l, scale)?.0)
         };
-        self.forward(cuda_storage, cuda_softmax, (q, q_l), (k, k_l), (v, v_l))
+        self.forward(
+            ops::cuda_storage,
+            cuda_softmax,
+            (q, q_l),
+            (k, k_l),
+            (v, v_l),
+        )
     }
 
     /// candle's backward of the composed form, op for op, with the scores and probabilities
@@ -215,7 +206,7 @@ impl CustomOp3 for FusedAttention {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::rng::Rng;
     use candle_core::{DType, Device, Var};
@@ -229,9 +220,9 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    /// A causal mask over C − T cached keys in which batch row 1's first query sees no key,
-    /// and the keep multiplier that zeroes that query.
-    fn mask_and_keep(b: usize, t: usize, c: usize) -> (Tensor, Tensor) {
+    /// A causal mask [B, 1, T, C] over C − T cached keys in which batch row 1's first query sees
+    /// no key, and the keep multiplier [B, 1, T, 1] that zeroes that query.
+    pub(crate) fn mask_and_keep(b: usize, t: usize, c: usize) -> (Tensor, Tensor) {
         let past = c - t;
         let mut mask = vec![0f32; b * t * c];
         let mut keep = vec![1f32; b * t];

@@ -271,21 +271,6 @@ impl LoraLinearOp {
     }
 }
 
-fn cpu_storage(storage: &Storage) -> Option<&CpuStorage> {
-    match storage {
-        Storage::Cpu(s) => Some(s),
-        _ => None,
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_storage(storage: &Storage) -> Option<&candle_core::CudaStorage> {
-    match storage {
-        Storage::Cuda(s) => Some(s),
-        _ => None,
-    }
-}
-
 impl CustomOp3 for LoraLinearOp {
     fn name(&self) -> &'static str {
         "lora-linear"
@@ -300,7 +285,7 @@ impl CustomOp3 for LoraLinearOp {
         b: &CpuStorage,
         b_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.forward(cpu_storage, (x, x_l), (a, a_l), (b, b_l))
+        self.forward(ops::cpu_storage, (x, x_l), (a, a_l), (b, b_l))
     }
 
     #[cfg(feature = "cuda")]
@@ -313,7 +298,7 @@ impl CustomOp3 for LoraLinearOp {
         b: &candle_core::CudaStorage,
         b_l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.forward(cuda_storage, (x, x_l), (a, a_l), (b, b_l))
+        self.forward(ops::cuda_storage, (x, x_l), (a, a_l), (b, b_l))
     }
 
     /// The gradients candle's backward gives the composed form, op for op: the base weight's

@@ -4,7 +4,7 @@
 //! backward and silently cut the gradient, so everything on the training path here is either
 //! composed from ops that have a backward or a custom op with an explicit `bwd`.
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor, D};
 
 use crate::model::config::Activation;
 #[cfg(feature = "cuda")]
@@ -760,6 +760,24 @@ impl candle_core::CustomOp3 for RmsNormGrad {
             plus_one: self.plus_one,
         };
         cuda_map::map3(&kernel, s1, l1, s2, l2, s3, l3)
+    }
+}
+
+/// The CPU storage in a [`Storage`]: for a custom op that reads tensors of its own (a frozen
+/// weight, a mask) besides its inputs.
+pub(crate) fn cpu_storage(storage: &Storage) -> Option<&CpuStorage> {
+    match storage {
+        Storage::Cpu(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// The CUDA storage in a [`Storage`], as [`cpu_storage`].
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_storage(storage: &Storage) -> Option<&candle_core::CudaStorage> {
+    match storage {
+        Storage::Cuda(s) => Some(s),
+        _ => None,
     }
 }
 
@@ -1742,19 +1760,8 @@ mod masked_softmax_tests {
         };
         let scores = Tensor::from_vec(uniform(b * h * t * c, 40.0), (b, h, t, c), &Device::Cpu);
         let grad = Tensor::from_vec(uniform(b * h * t * c, 1.0), (b, h, t, c), &Device::Cpu);
-        let past = c - t;
-        let mut mask = vec![0f32; b * t * c];
-        for bi in 0..b {
-            for qi in 0..t {
-                for j in 0..c {
-                    if j > past + qi || j < bi * (past + 1) {
-                        mask[(bi * t + qi) * c + j] = -1e9;
-                    }
-                }
-            }
-        }
-        let mask = Tensor::from_vec(mask, (b, 1, t, c), &Device::Cpu);
-        (scores.unwrap(), mask.unwrap(), grad.unwrap())
+        let (mask, _) = crate::model::attention::tests::mask_and_keep(b, t, c);
+        (scores.unwrap(), mask, grad.unwrap())
     }
 
     /// The composed form the op replaces: transformers' eager `q·kᵀ · scaling + mask`, then the
