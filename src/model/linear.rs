@@ -3,7 +3,7 @@ use crate::error::Result;
 use crate::model::ops;
 use crate::rng::Rng;
 use candle_core::backend::BackendStorage;
-use candle_core::op::Add;
+use candle_core::op::{Add, Mul};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, Var};
 use std::cell::RefCell;
 
@@ -112,7 +112,7 @@ impl Linear {
     }
 
     /// The base product, bias and LoRA branch as separate ops of the graph: what
-    /// [`LoraLinearOp`] computes in one, and the form for dropout, f64 and trainable bases.
+    /// [`LoraLinearOp`] computes in one, and the form for f64 and trainable bases.
     fn composed_forward(&self, x: &Tensor, opts: &ForwardOptions) -> Result<Tensor> {
         let mut y = ops::linear(x, &self.weight)?;
         if let Some(b) = &self.bias {
@@ -128,10 +128,8 @@ impl Linear {
                 DType::F32
             };
             let mut h = x.to_dtype(branch_dtype)?;
-            if lora.dropout > 0.0 {
-                if let Some(rng) = &opts.dropout_rng {
-                    h = dropout(&h, lora.dropout, &mut rng.borrow_mut())?;
-                }
+            if let Some(mask) = dropout_mask(&h, lora, opts)? {
+                h = (h * mask)?;
             }
             let dims = h.dims().to_vec();
             let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -155,8 +153,8 @@ impl Linear {
     }
 
     /// The base and LoRA branch as one [`LoraLinearOp`], when it computes what the composed
-    /// form above computes: no dropout drawn, a half or f32 base with f32 LoRA weights (f64
-    /// gradient-check models and trainable base weights take the composed form).
+    /// form above computes: a half or f32 base with f32 LoRA weights (f64 gradient-check
+    /// models and trainable base weights take the composed form).
     fn fused_lora_forward(
         &self,
         x: &Tensor,
@@ -165,9 +163,7 @@ impl Linear {
     ) -> Result<Option<Tensor>> {
         let dtype = x.dtype();
         let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
-        let dropout_drawn = lora.dropout > 0.0 && opts.dropout_rng.is_some();
-        let fusable = !dropout_drawn
-            && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+        let fusable = matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
             && a.dtype() == DType::F32
             && b.dtype() == DType::F32
             && self.weight.dtype() == dtype
@@ -189,6 +185,7 @@ impl Linear {
             weight: self.weight.clone(),
             bias: self.bias.clone(),
             scale: lora.scale,
+            dropout: dropout_mask(&x2, lora, opts)?,
         };
         let y = x2.apply_op3(&a, &b, op)?;
         let mut out_dims = dims;
@@ -204,15 +201,18 @@ impl Linear {
 /// base dtype, then their sum.
 ///
 /// Why: candle keeps every input of every node alive until the backward pass is over, and
-/// each node's gradient costs a zeroed buffer and an add. The composed form keeps the base
-/// output and the branch output, two [rows, out] tensors per linear, that no gradient needs
-/// (about 1.4 GB for an 8-layer model at 8×512 tokens), and makes seven nodes where this is
-/// one. Only x, A and B are kept here; the rank-r intermediate is recomputed in the backward.
+/// each node's gradient is a buffer of its own. The composed form keeps the base output and
+/// the branch output, two [rows, out] tensors per linear, that no gradient needs (about 1.4 GB
+/// for an 8-layer model at 8×512 tokens), and makes seven nodes where this is one. Only x, A, B
+/// and a drawn dropout mask are kept here; the rank-r intermediate is recomputed in the
+/// backward.
 struct LoraLinearOp {
     /// frozen [out, in]: no gradient (see `ops::linear`)
     weight: Tensor,
     bias: Option<Tensor>,
     scale: f64,
+    /// the inverted-dropout multiplier [rows, in] (f32) drawn for this forward, if any
+    dropout: Option<Tensor>,
 }
 
 impl LoraLinearOp {
@@ -251,12 +251,19 @@ impl LoraLinearOp {
             y = y.binary_impl::<Add>(bias, &rows_out, &bias_l.broadcast_as((m, n))?)?;
         }
         let widened;
-        let (h, h_l) = if x.dtype() == DType::F32 {
+        let (mut h, mut h_l) = if x.dtype() == DType::F32 {
             (x, x_l.clone())
         } else {
             widened = x.to_dtype(x_l, DType::F32)?;
             (&widened, Layout::contiguous((m, k)))
         };
+        let dropped;
+        if let Some(mask) = &self.dropout {
+            let (mask_storage, mask_l) = mask.storage_and_layout();
+            let mask = pick(&mask_storage).ok_or_else(|| held(&mask_storage, "dropout mask"))?;
+            dropped = h.binary_impl::<Mul>(mask, &h_l, mask_l)?;
+            (h, h_l) = (&dropped, Layout::contiguous((m, k)));
+        }
         let low_l = Layout::contiguous((m, r));
         let low = h.matmul(a, (1, m, r, k), &h_l, &a_l.transpose(0, 1)?)?;
         let low = low.affine(&low_l, self.scale, 0.0)?;
@@ -316,7 +323,10 @@ impl CustomOp3 for LoraLinearOp {
         let (x_tracked, a_tracked, b_tracked) = (tracked(x), tracked(a), tracked(b));
         // detached: the backward's own products need no graph
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
-        let h = x.to_dtype(DType::F32)?;
+        let mut h = x.to_dtype(DType::F32)?;
+        if let Some(mask) = &self.dropout {
+            h = (h * mask)?;
+        }
         let low = h.matmul(&a.t()?)?.affine(self.scale, 0.0)?;
         let g_up = g.to_dtype(DType::F32)?;
         let grad_b = low.t()?.matmul(&g_up)?.t()?;
@@ -324,7 +334,10 @@ impl CustomOp3 for LoraLinearOp {
         let grad_a = h.t()?.matmul(&grad_low)?.t()?;
         // an input that needs no gradient (layer 0's, from the frozen embedding) costs no GEMM
         let grad_x = if x_tracked {
-            let grad_h = grad_low.matmul(&a)?;
+            let mut grad_h = grad_low.matmul(&a)?;
+            if let Some(mask) = &self.dropout {
+                grad_h = (grad_h * mask)?;
+            }
             Some((g.matmul(&self.weight)? + grad_h.to_dtype(x.dtype())?)?)
         } else {
             None
@@ -337,15 +350,21 @@ impl CustomOp3 for LoraLinearOp {
     }
 }
 
-/// Inverted dropout with a mask drawn from our seeded generator.
-fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
-    let n = x.elem_count();
+/// The inverted-dropout multiplier (0 or 1/(1 − p), f32) for the LoRA branch's input `x`,
+/// drawn from the forward's seeded generator, or `None` when no dropout is drawn.
+fn dropout_mask(x: &Tensor, lora: &LoraWeights, opts: &ForwardOptions) -> Result<Option<Tensor>> {
+    let (p, Some(rng)) = (lora.dropout, &opts.dropout_rng) else {
+        return Ok(None);
+    };
+    if p <= 0.0 {
+        return Ok(None);
+    }
+    let mut rng = rng.borrow_mut();
     let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..n)
+    let mask: Vec<f32> = (0..x.elem_count())
         .map(|_| if rng.next_f64() < p { 0.0 } else { keep as f32 })
         .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
-    Ok((x * mask)?)
+    Ok(Some(Tensor::from_vec(mask, x.shape(), x.device())?))
 }
 
 #[cfg(test)]
@@ -372,75 +391,80 @@ mod tests {
     }
 
     /// The fused op gives the composed form's output and gradients bit for bit, in every base
-    /// dtype, with and without a bias, whether or not its input needs a gradient: the training
-    /// results do not depend on which form ran.
+    /// dtype, with and without a bias, with and without dropout drawn, whether or not its input
+    /// needs a gradient: the training results do not depend on which form ran.
     #[test]
     fn fused_lora_linear_equals_the_composed_form_bit_for_bit() {
         let (inp, out, r) = (24, 40, 4);
-        for dtype in [DType::F32, DType::BF16, DType::F16] {
-            for with_bias in [false, true] {
-                for x_tracked in [true, false] {
-                    let lora = LoraWeights::from_tensors(
-                        &random(&[r, inp], 1, DType::F32),
-                        &random(&[out, r], 2, DType::F32),
-                        16.0 / r as f64,
-                        0.0,
-                    )
+        let cases = [DType::F32, DType::BF16, DType::F16]
+            .into_iter()
+            .flat_map(|d| [(d, false), (d, true)])
+            .flat_map(|(d, bias)| [(d, bias, false), (d, bias, true)]);
+        for (dtype, with_bias, with_dropout) in cases {
+            for x_tracked in [true, false] {
+                let p = if with_dropout { 0.25 } else { 0.0 };
+                let lora = LoraWeights::from_tensors(
+                    &random(&[r, inp], 1, DType::F32),
+                    &random(&[out, r], 2, DType::F32),
+                    16.0 / r as f64,
+                    p,
+                )
+                .unwrap();
+                let linear = Linear {
+                    name: "model.layers.0.mlp.up_proj".into(),
+                    weight: random(&[out, inp], 3, dtype),
+                    bias: with_bias.then(|| random(&[out], 4, dtype)),
+                    lora: Some(lora.clone()),
+                    conv1d: false,
+                };
+                let x = random(&[2, 7, inp], 5, dtype);
+                let x = if x_tracked {
+                    Var::from_tensor(&x).unwrap().as_tensor().clone()
+                } else {
+                    x
+                };
+                // weights the loss so that every output element has its own gradient
+                let weights = random(&[2, 7, out], 6, DType::F32);
+                // the same seed: both forms draw the same dropout mask
+                let opts = || ForwardOptions::training(Rng::new(11));
+                let fused = linear
+                    .fused_lora_forward(&x, &lora, &opts())
+                    .unwrap()
                     .unwrap();
-                    let linear = Linear {
-                        name: "model.layers.0.mlp.up_proj".into(),
-                        weight: random(&[out, inp], 3, dtype),
-                        bias: with_bias.then(|| random(&[out], 4, dtype)),
-                        lora: Some(lora.clone()),
-                        conv1d: false,
-                    };
-                    let x = random(&[2, 7, inp], 5, dtype);
-                    let x = if x_tracked {
-                        Var::from_tensor(&x).unwrap().as_tensor().clone()
-                    } else {
-                        x
-                    };
-                    // weights the loss so that every output element has its own gradient
-                    let weights = random(&[2, 7, out], 6, DType::F32);
-                    let opts = ForwardOptions::default();
-                    let fused = linear
-                        .fused_lora_forward(&x, &lora, &opts)
+                let composed = linear.composed_forward(&x, &opts()).unwrap();
+                let case =
+                    format!("{dtype:?}, bias {with_bias}, dropout {p}, x tracked {x_tracked}");
+                assert_eq!(bits(&fused), bits(&composed), "output, {case}");
+                let loss = |y: &Tensor| {
+                    (y.to_dtype(DType::F32).unwrap() * &weights)
                         .unwrap()
-                        .unwrap();
-                    let composed = linear.composed_forward(&x, &opts).unwrap();
-                    let case = format!("{dtype:?}, bias {with_bias}, x tracked {x_tracked}");
-                    assert_eq!(bits(&fused), bits(&composed), "output, {case}");
-                    let loss = |y: &Tensor| {
-                        (y.to_dtype(DType::F32).unwrap() * &weights)
-                            .unwrap()
-                            .sum_all()
-                            .unwrap()
-                    };
-                    let (gf, gc) = (
-                        loss(&fused).backward().unwrap(),
-                        loss(&composed).backward().unwrap(),
-                    );
-                    for (name, t) in [("A", lora.a.as_tensor()), ("B", lora.b.as_tensor())] {
-                        let (f, c) = (gf.get(t).unwrap(), gc.get(t).unwrap());
-                        assert_eq!(bits(f), bits(c), "gradient of {name}, {case}");
-                        assert!(bits(f).iter().any(|&b| b != 0), "zero gradient of {name}");
-                    }
-                    match (gf.get(&x), gc.get(&x)) {
-                        (Some(f), Some(c)) => assert_eq!(bits(f), bits(c), "gradient of x, {case}"),
-                        (None, None) => assert!(!x_tracked, "no gradient of x, {case}"),
-                        (f, c) => panic!(
-                            "gradient of x: fused {} composed {}, {case}",
-                            f.is_some(),
-                            c.is_some()
-                        ),
-                    }
+                        .sum_all()
+                        .unwrap()
+                };
+                let (gf, gc) = (
+                    loss(&fused).backward().unwrap(),
+                    loss(&composed).backward().unwrap(),
+                );
+                for (name, t) in [("A", lora.a.as_tensor()), ("B", lora.b.as_tensor())] {
+                    let (f, c) = (gf.get(t).unwrap(), gc.get(t).unwrap());
+                    assert_eq!(bits(f), bits(c), "gradient of {name}, {case}");
+                    assert!(bits(f).iter().any(|&b| b != 0), "zero gradient of {name}");
+                }
+                match (gf.get(&x), gc.get(&x)) {
+                    (Some(f), Some(c)) => assert_eq!(bits(f), bits(c), "gradient of x, {case}"),
+                    (None, None) => assert!(!x_tracked, "no gradient of x, {case}"),
+                    (f, c) => panic!(
+                        "gradient of x: fused {} composed {}, {case}",
+                        f.is_some(),
+                        c.is_some()
+                    ),
                 }
             }
         }
     }
 
-    /// A base weight that needs its own gradient (full-parameter training), f64 models and drawn
-    /// dropout take the composed form, which the fused op does not cover.
+    /// A base weight that needs its own gradient (full-parameter training) and f64 models take
+    /// the composed form, which the fused op does not cover.
     #[test]
     fn the_fused_op_declines_what_it_does_not_compute() {
         let lora = LoraWeights::from_tensors(
@@ -468,7 +492,7 @@ mod tests {
         assert!(frozen
             .fused_lora_forward(&x, &lora, &dropout)
             .unwrap()
-            .is_none());
+            .is_some());
         let trainable = Var::from_tensor(&random(&[8, 8], 3, DType::F32)).unwrap();
         let full = linear(trainable.as_tensor().clone());
         assert!(full
