@@ -737,10 +737,11 @@ fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// Why the safetensors file at `path` cannot be read (its header does not match its size, or
-/// is not a header), or `None` when it reads or is not a `.safetensors` file. Downloads are
-/// verified, but a blob can still be cut short afterwards (a cache copied onto a full disk,
-/// another tool writing it) and would pass for complete.
+/// Why the safetensors file at `path` is damaged (its header does not match its size, or is
+/// not a header), or `None` when it reads, is not a `.safetensors` file, or cannot be opened at
+/// all (a permission error is not damage: loading reports it, and the file stays). Downloads
+/// are verified, but a blob can still be cut short afterwards (a cache copied onto a full
+/// disk, another tool writing it) and would pass for complete.
 fn safetensors_problem(path: &Path) -> Option<String> {
     let is_safetensors = path
         .extension()
@@ -748,9 +749,10 @@ fn safetensors_problem(path: &Path) -> Option<String> {
     if !is_safetensors {
         return None;
     }
-    crate::model::weights::SafetensorsFile::open(path)
-        .err()
-        .map(|e| e.to_string())
+    match crate::model::weights::SafetensorsFile::open(path) {
+        Err(e @ Error::Safetensors { .. }) => Some(e.to_string()),
+        _ => None,
+    }
 }
 
 /// The first safetensors file of a cached snapshot that cannot be read, with the problem.
