@@ -10,8 +10,8 @@
 #      transformers + PEFT, with model FLOP utilisation and peak GPU memory; and PyTorch's step
 #      with eager attention (materialised scores, as unlearn's), to tell attention's share
 #   4. every bench method's step cost at that shape
-#   5. the step with UNLEARN_CUDA_FUSED=0 (composed attention softmax, RMSNorm, RoPE, SwiGLU and
-#      loss),
+#   5. the step with UNLEARN_CUDA_FUSED=0 (composed attention, attention softmax, LoRA linear,
+#      RMSNorm, RoPE, SwiGLU and loss),
 #      to measure the kernels of src/cuda/; if parity fails with them and passes without, 2–4
 #      run without them too
 # Everything printed goes to $OUT/gpu-checks.log as well; JSON results land in $OUT.

@@ -163,7 +163,9 @@ impl Linear {
     ) -> Result<Option<Tensor>> {
         let dtype = x.dtype();
         let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
-        let fusable = matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+        // on CUDA `UNLEARN_CUDA_FUSED=0` asks for every composed form, this one's too
+        let fusable = (x.device().is_cpu() || ops::cuda_fusable(x))
+            && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
             && a.dtype() == DType::F32
             && b.dtype() == DType::F32
             && self.weight.dtype() == dtype

@@ -786,8 +786,9 @@ pub(crate) fn fusable(x: &Tensor) -> bool {
 }
 
 /// Whether the CUDA kernels of src/cuda/ (attention softmax, RMSNorm, RoPE, SwiGLU, next-token
-/// loss) take `x`: a CUDA tensor in f32, bf16 or f16, unless `UNLEARN_CUDA_FUSED=0` asks for the
-/// composed forms (to compare speed, or to tell a kernel fault from anything else).
+/// loss) and the one-node ops (the LoRA linear, attention) take `x`: a CUDA tensor in f32, bf16
+/// or f16, unless `UNLEARN_CUDA_FUSED=0` asks for the composed forms (to compare speed, or to
+/// tell a fault of ours from anything else).
 pub(crate) fn cuda_fusable(x: &Tensor) -> bool {
     cfg!(feature = "cuda")
         && x.device().is_cuda()
