@@ -95,22 +95,16 @@ impl FusedAttention {
                 k_l.dims()
             );
         };
-        let elsewhere = |storage: &Storage, what: &str| {
-            candle_core::Error::Msg(format!(
-                "attention: the {what} is on {:?}, not on the input's device",
-                storage.device().location()
-            ))
-        };
         // the same products, layouts and batch count as Tensor::matmul gives the composed form
         let scores = q.matmul(k, (b * h, t, c, d), q_l, &k_l.transpose(2, 3)?)?;
         let probs_l = Layout::contiguous((b, h, t, c));
         let (mask, mask_l) = self.mask.storage_and_layout();
-        let mask = pick(&mask).ok_or_else(|| elsewhere(&mask, "mask"))?;
+        let mask = ops::held_storage(&mask, pick, "attention", "mask")?;
         let mut probs = softmax(&scores, &probs_l, mask, mask_l)?;
         drop(scores);
         if let Some(keep) = &self.keep {
             let (keep, keep_l) = keep.storage_and_layout();
-            let keep = pick(&keep).ok_or_else(|| elsewhere(&keep, "keep multiplier"))?;
+            let keep = ops::held_storage(&keep, pick, "attention", "keep multiplier")?;
             probs =
                 probs.binary_impl::<Mul>(keep, &probs_l, &keep_l.broadcast_as((b, h, t, c))?)?;
         }

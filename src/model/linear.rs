@@ -169,9 +169,8 @@ impl Linear {
             && a.dtype() == DType::F32
             && b.dtype() == DType::F32
             && self.weight.dtype() == dtype
-            && self.bias.as_ref().is_none_or(|bias| bias.dtype() == dtype)
             && !self.weight.track_op()
-            && self.bias.as_ref().is_none_or(|bias| !bias.track_op());
+            && (self.bias.as_ref()).is_none_or(|bias| bias.dtype() == dtype && !bias.track_op());
         if !fusable {
             return Ok(None);
         }
@@ -227,14 +226,8 @@ impl LoraLinearOp {
         (a, a_l): (&S, &Layout),
         (b, b_l): (&S, &Layout),
     ) -> candle_core::Result<(S, Shape)> {
-        let held = |storage: &Storage, what: &str| {
-            candle_core::Error::Msg(format!(
-                "lora-linear: the {what} is on {:?}, not on the input's device",
-                storage.device().location()
-            ))
-        };
         let (w_storage, w_l) = self.weight.storage_and_layout();
-        let w = pick(&w_storage).ok_or_else(|| held(&w_storage, "base weight"))?;
+        let w = ops::held_storage(&w_storage, pick, "lora-linear", "base weight")?;
         let (m, k) = x_l.shape().dims2()?;
         let (n, k_w) = w_l.shape().dims2()?;
         let (r, k_a) = a_l.shape().dims2()?;
@@ -249,7 +242,7 @@ impl LoraLinearOp {
         let mut y = x.matmul(w, (1, m, n, k), x_l, &w_l.transpose(0, 1)?)?;
         if let Some(bias) = &self.bias {
             let (bias_storage, bias_l) = bias.storage_and_layout();
-            let bias = pick(&bias_storage).ok_or_else(|| held(&bias_storage, "bias"))?;
+            let bias = ops::held_storage(&bias_storage, pick, "lora-linear", "bias")?;
             y = y.binary_impl::<Add>(bias, &rows_out, &bias_l.broadcast_as((m, n))?)?;
         }
         let widened;
@@ -262,7 +255,7 @@ impl LoraLinearOp {
         let dropped;
         if let Some(mask) = &self.dropout {
             let (mask_storage, mask_l) = mask.storage_and_layout();
-            let mask = pick(&mask_storage).ok_or_else(|| held(&mask_storage, "dropout mask"))?;
+            let mask = ops::held_storage(&mask_storage, pick, "lora-linear", "dropout mask")?;
             dropped = h.binary_impl::<Mul>(mask, &h_l, mask_l)?;
             (h, h_l) = (&dropped, Layout::contiguous((m, k)));
         }

@@ -772,6 +772,23 @@ pub(crate) fn cpu_storage(storage: &Storage) -> Option<&CpuStorage> {
     }
 }
 
+/// A custom op's own tensor's storage (`storage`, a frozen weight or a mask the op holds) on
+/// the input's backend `S`, which `pick` takes out of a [`Storage`]; an error naming the op and
+/// the tensor when it is on another device.
+pub(crate) fn held_storage<'a, S>(
+    storage: &'a Storage,
+    pick: fn(&'a Storage) -> Option<&'a S>,
+    op: &str,
+    what: &str,
+) -> candle_core::Result<&'a S> {
+    pick(storage).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "{op}: the {what} is on {:?}, not on the input's device",
+            storage.device().location()
+        ))
+    })
+}
+
 /// The CUDA storage in a [`Storage`], as [`cpu_storage`].
 #[cfg(feature = "cuda")]
 pub(crate) fn cuda_storage(storage: &Storage) -> Option<&candle_core::CudaStorage> {
