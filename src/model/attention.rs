@@ -8,7 +8,8 @@ use crate::model::ops::{self, MaskedSoftmax, MaskedSoftmaxGrad};
 /// `softmax(q·kᵀ · scale + mask) (⊙ keep) · v` over q [B, H, T, D] and k, v [B, H, C, D] (as
 /// many heads as q), with the additive `mask` [B, 1, T, C] and `keep` [B, 1, T, 1] zeroing the
 /// queries that see no key, as transformers' eager attention computes it (the softmax in f32,
-/// see [`ops::masked_softmax`]).
+/// see [`ops::masked_softmax`]). With Gemma 2's `softcap`, `cap · tanh(q·kᵀ · scale / cap)`
+/// takes the place of the scaled scores (the composed form).
 ///
 /// Where [`MaskedSoftmax`] takes the scores (f32 on the CPU; CUDA) this is one node of the graph
 /// that keeps only q, k and v, and recomputes the scores and probabilities in the backward, as
@@ -21,11 +22,12 @@ pub fn attention(
     k: &Tensor,
     v: &Tensor,
     scale: f64,
+    softcap: Option<f64>,
     mask: &Tensor,
     keep: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    if fusable(&q, &k, v.dims(), mask, keep) {
+    if softcap.is_none() && fusable(&q, &k, v.dims(), mask, keep) {
         let op = FusedAttention {
             scale: scale as f32,
             mask: mask.contiguous()?,
@@ -33,20 +35,27 @@ pub fn attention(
         };
         return q.apply_op3(&k, &v, op);
     }
-    composed(&q, &k, &v, scale, mask, keep)
+    composed(&q, &k, &v, scale, softcap, mask, keep)
 }
 
-/// The composed form: the scores, [`ops::masked_softmax`], the keep multiplier, the product.
+/// The composed form: the scores, the soft cap if any, [`ops::masked_softmax`], the keep
+/// multiplier, the product.
 fn composed(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
+    softcap: Option<f64>,
     mask: &Tensor,
     keep: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
     // kᵀ as a view of contiguous k: the matmul takes transposed strides
     let scores = q.matmul(&k.transpose(2, 3)?)?;
+    // the scale goes into the softmax unless the soft cap comes between them
+    let (scores, scale) = match softcap {
+        Some(cap) => (ops::softcap(&ops::mul_scalar(&scores, scale)?, cap)?, 1.0),
+        None => (scores, scale),
+    };
     let mut probs = ops::masked_softmax(&scores, scale, mask)?;
     if let Some(keep) = keep {
         probs = probs.broadcast_mul(keep)?;
@@ -266,10 +275,26 @@ pub(crate) mod tests {
                 let keep = with_keep.then_some(&keep);
                 let scale = 1.0 / (d as f64).sqrt() * 1.1;
                 assert!(fusable(&q_in, k.as_tensor(), v.dims(), &mask, keep));
-                let fused =
-                    attention(&q_in, k.as_tensor(), v.as_tensor(), scale, &mask, keep).unwrap();
-                let composed =
-                    composed(&q_in, k.as_tensor(), v.as_tensor(), scale, &mask, keep).unwrap();
+                let fused = attention(
+                    &q_in,
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    scale,
+                    None,
+                    &mask,
+                    keep,
+                )
+                .unwrap();
+                let composed = composed(
+                    &q_in,
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    scale,
+                    None,
+                    &mask,
+                    keep,
+                )
+                .unwrap();
                 let case = format!("C {c}, keep {with_keep}, q tracked {q_tracked}");
                 assert_eq!(bits(&fused), bits(&composed), "output, {case}");
                 if with_keep {
@@ -318,8 +343,26 @@ pub(crate) mod tests {
         let bf16 = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
         assert!(!fusable(&bf16(&q), &bf16(&k), k.dims(), &bf16(&mask), None));
         // the composed form runs there, with the same values
-        let got = attention(&bf16(&q), &bf16(&k), &bf16(&k), 0.5, &bf16(&mask), None).unwrap();
-        let want = composed(&bf16(&q), &bf16(&k), &bf16(&k), 0.5, &bf16(&mask), None).unwrap();
+        let got = attention(
+            &bf16(&q),
+            &bf16(&k),
+            &bf16(&k),
+            0.5,
+            None,
+            &bf16(&mask),
+            None,
+        )
+        .unwrap();
+        let want = composed(
+            &bf16(&q),
+            &bf16(&k),
+            &bf16(&k),
+            0.5,
+            None,
+            &bf16(&mask),
+            None,
+        )
+        .unwrap();
         assert_eq!(
             bits(&got.to_dtype(DType::F32).unwrap()),
             bits(&want.to_dtype(DType::F32).unwrap())

@@ -846,29 +846,15 @@ impl Decoder {
         } else {
             (k, v)
         };
-        let out = match cfg.attn_softcap {
-            // the scale goes into the softmax
-            None => attention::attention(
-                &q,
-                &k,
-                &v,
-                cfg.attn_scale,
-                &mask.additive,
-                mask.empty_rows.as_ref(),
-            )?,
-            // Gemma 2's soft cap comes between the scale and the softmax
-            Some(cap) => {
-                // kᵀ as a view of contiguous k: the matmul takes transposed strides
-                let scores = q.contiguous()?.matmul(&k.contiguous()?.transpose(2, 3)?)?;
-                let scaled = ops::mul_scalar(&scores, cfg.attn_scale)?;
-                let capped = ops::softcap(&scaled, cap)?;
-                let mut probs = ops::masked_softmax(&capped, 1.0, &mask.additive)?;
-                if let Some(keep) = &mask.empty_rows {
-                    probs = probs.broadcast_mul(keep)?;
-                }
-                probs.matmul(&v.contiguous()?)?
-            }
-        };
+        let out = attention::attention(
+            &q,
+            &k,
+            &v,
+            cfg.attn_scale,
+            cfg.attn_softcap,
+            &mask.additive,
+            mask.empty_rows.as_ref(),
+        )?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         attn.o.forward(&out, opts)
     }
