@@ -4,12 +4,15 @@ use candle_core::op::Mul;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 
 use crate::model::ops::{self, MaskedSoftmax, MaskedSoftmaxGrad};
+use crate::model::recompute::recompute3;
 
 /// `softmax(q·kᵀ · scale + mask) (⊙ keep) · v` over q [B, H, T, D] and k, v [B, H, C, D] (as
 /// many heads as q), with the additive `mask` [B, 1, T, C] and `keep` [B, 1, T, 1] zeroing the
 /// queries that see no key, as transformers' eager attention computes it (the softmax in f32,
 /// see [`ops::masked_softmax`]). With Gemma 2's `softcap`, `cap · tanh(q·kᵀ · scale / cap)`
-/// takes the place of the scaled scores (the composed form).
+/// takes the place of the scaled scores: that, and the inputs [`FusedAttention`] does not take,
+/// run the composed form as one node recomputed in the backward ([`recompute3`]), which keeps
+/// no [B, H, T, C] tensor either.
 ///
 /// Where [`MaskedSoftmax`] takes the scores (f32 on the CPU; CUDA) this is one node of the graph
 /// that keeps only q, k and v, and recomputes the scores and probabilities in the backward, as
@@ -35,7 +38,13 @@ pub fn attention(
         };
         return q.apply_op3(&k, &v, op);
     }
-    composed(&q, &k, &v, scale, softcap, mask, keep)
+    // the soft cap, and what the op does not take (CPU half types, f64): the composed form as
+    // one node recomputed in the backward, which keeps q, k and v where the composed form keeps
+    // about ten [B, H, T, C] tensors (the soft cap's product, division, tanh and their casts)
+    let (mask, keep) = (mask.clone(), keep.cloned());
+    recompute3(&q, &k, &v, move |q, k, v| {
+        composed(q, k, v, scale, softcap, &mask, keep.as_ref())
+    })
 }
 
 /// The composed form: the scores, the soft cap if any, [`ops::masked_softmax`], the keep
@@ -319,6 +328,79 @@ pub(crate) mod tests {
                         }
                         (None, None) => assert!(name == "q" && !q_tracked, "{name}, {case}"),
                         _ => panic!("gradient of {name} on one side only, {case}"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every value as f64 bits (exact for f32, bf16, f16 and f64).
+    fn bits64(t: &Tensor) -> Vec<u64> {
+        let v: Vec<f64> = t
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Gemma 2's soft cap and the inputs the fused op does not take (CPU bf16, f64) run the
+    /// composed form recomputed in the backward: its output and the gradients of q, k and v
+    /// are the composed form's with its whole graph, bit for bit.
+    #[test]
+    fn recomputed_attention_equals_the_composed_form_bit_for_bit() {
+        let (b, h, t, c, d) = (2, 3, 5, 7, 8);
+        for dtype in [DType::F32, DType::BF16, DType::F64] {
+            for softcap in [Some(1.5), None] {
+                for q_tracked in [true, false] {
+                    let var = |shape: &[usize], seed, s| {
+                        Var::from_tensor(&uniform(shape, seed, s).to_dtype(dtype).unwrap()).unwrap()
+                    };
+                    let (q, k, v) = (
+                        var(&[b, h, t, d], 1, 2.0),
+                        var(&[b, h, c, d], 2, 2.0),
+                        var(&[b, h, c, d], 3, 1.0),
+                    );
+                    let q_in = if q_tracked {
+                        q.as_tensor().clone()
+                    } else {
+                        q.as_tensor().detach()
+                    };
+                    let weights = uniform(&[b, h, t, d], 4, 1.0).to_dtype(dtype).unwrap();
+                    let (mask, keep) = mask_and_keep(b, t, c);
+                    let (mask, keep) =
+                        (mask.to_dtype(dtype).unwrap(), keep.to_dtype(dtype).unwrap());
+                    let case = format!("{dtype:?}, soft cap {softcap:?}, q tracked {q_tracked}");
+                    if softcap.is_none() && dtype == DType::F32 {
+                        continue; // the fused op's case, tested above
+                    }
+                    let scale = 1.0 / (d as f64).sqrt();
+                    let args = (&q_in, k.as_tensor(), v.as_tensor());
+                    let got = attention(args.0, args.1, args.2, scale, softcap, &mask, Some(&keep))
+                        .unwrap();
+                    let want = composed(args.0, args.1, args.2, scale, softcap, &mask, Some(&keep))
+                        .unwrap();
+                    assert_eq!(bits64(&got), bits64(&want), "output, {case}");
+                    let grads = |y: &Tensor| {
+                        (y * &weights)
+                            .unwrap()
+                            .sum_all()
+                            .unwrap()
+                            .backward()
+                            .unwrap()
+                    };
+                    let (gr, gc) = (grads(&got), grads(&want));
+                    for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+                        match (gr.get(var.as_tensor()), gc.get(var.as_tensor())) {
+                            (Some(r), Some(c)) => {
+                                assert_eq!(bits64(r), bits64(c), "gradient of {name}, {case}");
+                                assert!(bits64(r).iter().any(|&x| x != 0), "zero {name}, {case}");
+                            }
+                            (None, None) => assert!(name == "q" && !q_tracked, "{name}, {case}"),
+                            _ => panic!("gradient of {name} on one side only, {case}"),
+                        }
                     }
                 }
             }

@@ -7,6 +7,7 @@ pub mod decoder;
 pub mod launch;
 pub mod linear;
 pub mod ops;
+pub mod recompute;
 pub mod weights;
 
 pub use config::{ArchConfig, Family};
