@@ -43,6 +43,16 @@ pub enum Error {
         got: Vec<usize>,
     },
 
+    #[error(
+        "weight '{name}' in {path} holds a NaN or infinite value (element {index}): the \
+         checkpoint is damaged, or was saved from a run that diverged"
+    )]
+    NonFiniteWeight {
+        name: String,
+        path: PathBuf,
+        index: usize,
+    },
+
     #[error("{path}: invalid adapter: {msg}")]
     Adapter { path: PathBuf, msg: String },
 

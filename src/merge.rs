@@ -186,6 +186,8 @@ fn write_merged(
         let mut views = Vec::with_capacity(shard.len());
         for name in shard {
             let (dt, _, _, _) = store.raw(name)?;
+            // a NaN base weight would make a merged model that loads and computes NaN
+            store.ensure_finite(name)?;
             let stored = store.tensor_raw(name)?;
             let target_dtype = match (opts.dtype, is_float(dt)) {
                 (Some(d), true) => d,

@@ -272,6 +272,37 @@ fn weight_with_wrong_shape() {
     );
 }
 
+/// A NaN or infinite base weight is an error at load naming the weight, the file and the
+/// element, not a NaN score later; merging it too. f32 (NaN) and bf16 (+inf) checkpoints.
+#[test]
+fn weight_holding_nan_or_infinity() {
+    for (fixture_name, elem, bad) in [
+        ("llama", 4, f32::NAN.to_le_bytes().to_vec()),
+        ("llama-bf16", 2, half::bf16::INFINITY.to_le_bytes().to_vec()),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = copy_fixture(fixture_name, tmp.path());
+        let st = dir.join("model.safetensors");
+        let poisoned = "model.layers.1.self_attn.v_proj.weight";
+        rewrite_safetensors(&st, |n, mut v| {
+            if n == poisoned {
+                // element 37
+                v.data[37 * elem..38 * elem].copy_from_slice(&bad);
+            }
+            Some((n.to_string(), v))
+        });
+        let needles = [
+            path_str(&st),
+            poisoned.to_string(),
+            "NaN or infinite".into(),
+            "element 37".into(),
+        ];
+        let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+        assert_mentions(&load_err(&dir), &needles);
+        assert_mentions(&merge_err(&dir, &fixture("llama-lora")), &needles);
+    }
+}
+
 #[test]
 fn merge_rejects_a_base_that_contradicts_its_config() {
     let tmp = tempfile::tempdir().unwrap();
