@@ -15,7 +15,15 @@ fn main() {
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
-    for name in ["adamw", "attention", "nll", "rms_norm", "rope", "swiglu"] {
+    for name in [
+        "adamw",
+        "attention",
+        "nll",
+        "rms_norm",
+        "rope",
+        "softcap",
+        "swiglu",
+    ] {
         let src = format!("src/cuda/{name}.cu");
         let ptx = out_dir.join(format!("{name}.ptx"));
         // PTX for the virtual architecture: the driver compiles it for the GPU at load time

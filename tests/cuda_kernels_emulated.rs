@@ -652,6 +652,53 @@ fn swiglu_kernels_match_the_cpu_forward_and_autograd() {
     }
 }
 
+// ---- soft cap ----------------------------------------------------------------------------------
+
+fn softcap_kernel(root: &str, inputs: &[&Tensor], cap: f32) -> Vec<f32> {
+    let dtype = inputs[0].dtype();
+    let plan = plans::softcap(inputs[0].elem_count(), cap).unwrap();
+    let args = inputs.iter().map(|x| bytes(x)).collect();
+    run_plan(
+        Plain,
+        &format!("{root}_{}", suffix(dtype)),
+        &plan,
+        args,
+        dtype,
+    )
+}
+
+/// softcap.cu against candle's autograd through the composed ops on the CPU (a division, tanh
+/// and a product, each rounded in the dtype as transformers rounds them), in every dtype: the
+/// values and the gradient, with x spread over the cap's linear and saturated ranges.
+#[test]
+fn softcap_kernels_match_the_composed_cpu_forward_and_autograd() {
+    let mut rng = Rng::new(8);
+    let cap = 30.0;
+    for dtype in DTYPES {
+        let x = uniform(&mut rng, &[9, 301], -120.0, 120.0, dtype);
+        let grad = uniform(&mut rng, &[9, 301], -1.0, 1.0, dtype);
+        let var = Var::from_tensor(&x).unwrap();
+        let y = ops::composed_softcap(var.as_tensor(), cap as f64).unwrap();
+        let grads = (&y * &grad).unwrap().sum_all().unwrap().backward().unwrap();
+        let what = |op: &str| format!("{op} {dtype:?}");
+        let got = softcap_kernel("softcap", &[&x], cap);
+        // the host's tanhf against Rust's tanh: an ulp of f32 apart at most, so equal after
+        // rounding to a half type but at a boundary
+        assert_close(&what("softcap"), &got, &to_f32(&y), dtype, 2.0, 0.0);
+        let got = softcap_kernel("softcap_grad", &[&x, &grad], cap);
+        let want = to_f32(grads.get(var.as_tensor()).unwrap());
+        // t·t − 1 cancels near t = ±1 (saturation): an absolute floor of an ulp at 1 × |g|
+        assert_close(
+            &what("softcap_grad"),
+            &got,
+            &want,
+            dtype,
+            4.0,
+            2.0 * ulp(1.0, dtype),
+        );
+    }
+}
+
 /// Phi-3's packed [gate | up] rows: the packed kernels equal the separate ones on the halves
 /// to the last bit (the same device functions), for rows of an odd width.
 #[test]

@@ -497,6 +497,61 @@ pub(crate) mod map {
     }
 }
 
+/// Launches of src/cuda/softcap.cu for `SoftCap` and its gradient (src/model/ops.rs).
+pub(crate) mod softcap {
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+    use candle_core::cuda_backend::{Map1, Map2};
+    use candle_core::{CudaDevice, Layout, WithDType};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/softcap.ptx"));
+    const MODULE: &str = "unlearn_softcap";
+
+    /// `softcap` over x (Map1), `softcap_grad` over x and the output gradient (Map2).
+    pub struct Kernel {
+        pub cap: f32,
+    }
+
+    impl Map1 for Kernel {
+        fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+            &self,
+            x: &CudaSlice<T>,
+            dev: &CudaDevice,
+            x_l: &Layout,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let plan = crate::model::launch::softcap(x_l.shape().elem_count(), self.cap)?;
+            super::launch(
+                dev,
+                (PTX, MODULE),
+                "softcap",
+                &[(x, x_l, "softcap x")],
+                &plan,
+            )
+        }
+    }
+
+    impl Map2 for Kernel {
+        fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+            &self,
+            x: &CudaSlice<T>,
+            x_l: &Layout,
+            grad: &CudaSlice<T>,
+            grad_l: &Layout,
+            dev: &CudaDevice,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            if x_l.shape() != grad_l.shape() {
+                candle_core::bail!(
+                    "softcap-grad: x {:?} and gradient {:?}",
+                    x_l.shape(),
+                    grad_l.shape()
+                );
+            }
+            let plan = crate::model::launch::softcap(x_l.shape().elem_count(), self.cap)?;
+            let inputs = [(x, x_l, "softcap x"), (grad, grad_l, "softcap gradient")];
+            super::launch(dev, (PTX, MODULE), "softcap_grad", &inputs, &plan)
+        }
+    }
+}
+
 /// Launch of src/cuda/rope.cu for `FusedRope` (src/model/ops.rs).
 pub(crate) mod rope {
     use candle_core::backend::{BackendDevice, BackendStorage};

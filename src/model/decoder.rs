@@ -9,7 +9,6 @@ use crate::model::config::{ArchConfig, Family, NormKind, RopeScaling};
 use crate::model::linear::Linear;
 pub use crate::model::linear::{ForwardOptions, LoraWeights};
 use crate::model::ops;
-use crate::model::recompute::recompute1;
 use crate::model::weights::WeightStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 use std::path::{Path, PathBuf};
@@ -583,10 +582,7 @@ impl Decoder {
         let normed = self.final_norm.forward(hidden)?;
         let mut logits = self.lm_head.forward(&normed, opts)?;
         if let Some(cap) = self.cfg.final_softcap {
-            // recomputed in the backward: the composed cap keeps two more [tokens, vocab]
-            // tensors until the backward (the quotient and its tanh, and their f32 casts in
-            // half precision), 4 GB each for Gemma 2's 256k vocabulary at 8 × 512 tokens in f32
-            logits = recompute1(&logits, move |l| ops::softcap(l, cap))?;
+            logits = ops::softcap(&logits, cap)?;
         }
         Ok(logits)
     }

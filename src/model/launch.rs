@@ -149,6 +149,14 @@ pub fn rope(x: &[usize], cos: &[usize], sin: &[usize]) -> candle_core::Result<La
     Ok(grid_stride(n, n, scalars))
 }
 
+/// The soft-cap kernels of softcap.cu over n elements: (n, cap).
+pub fn softcap(n: usize, cap: f32) -> candle_core::Result<Launch> {
+    if n == 0 {
+        candle_core::bail!("softcap: empty input");
+    }
+    Ok(grid_stride(n, n, vec![Scalar::Usize(n), Scalar::F32(cap)]))
+}
+
 /// The element-wise kernels of swiglu.cu over n elements: (n).
 pub fn elementwise(root: &str, n: usize) -> candle_core::Result<Launch> {
     if n == 0 {

@@ -14,25 +14,11 @@
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Storage, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor, Var};
 
 use crate::model::ops;
 
 type Function = dyn Fn(&[Tensor]) -> candle_core::Result<Tensor> + Send + Sync;
-
-/// `f(x)`, recorded in the graph as one node that keeps only `x` and runs `f` again in its
-/// backward. Without a gradient to track (`x` neither a variable nor the result of a tracked op)
-/// it is `f(x)` itself.
-pub fn recompute1(
-    x: &Tensor,
-    f: impl Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
-) -> candle_core::Result<Tensor> {
-    if !x.track_op() {
-        return f(x);
-    }
-    let op = Recomputed::new(&[x], move |t: &[Tensor]| f(&t[0]))?;
-    x.apply_op1(op)
-}
 
 /// `f(a, b, c)`, recorded in the graph as one node that keeps only `a`, `b` and `c` and runs `f`
 /// again in its backward. Without a gradient to track (no input a variable or the result of a
@@ -116,29 +102,6 @@ impl Recomputed {
             .iter()
             .map(|leaf| leaf.as_ref().and_then(|t| grads.get(t).cloned()))
             .collect())
-    }
-}
-
-impl CustomOp1 for Recomputed {
-    fn name(&self) -> &'static str {
-        "recompute"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.take(ops::cpu_storage)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.take(ops::cuda_storage)
-    }
-
-    fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(self.backward(&[x], grad)?.pop().flatten())
     }
 }
 
@@ -250,30 +213,5 @@ mod tests {
             bits(&plain),
             bits(&f(&detached[0], &detached[1], &detached[2]).unwrap())
         );
-    }
-
-    /// The one-input form, on Gemma 2's soft cap: value and gradient bit for bit.
-    #[test]
-    fn recomputed_soft_cap_equals_the_composed_form_bit_for_bit() {
-        let dev = Device::Cpu;
-        let x = Var::from_vec(
-            (0..24).map(|i| 7.0 * (i as f32 * 0.7).sin()).collect(),
-            (4, 6),
-            &dev,
-        )
-        .unwrap();
-        let seed =
-            Tensor::from_vec((0..24).map(|i| (i as f32).cos()).collect(), (4, 6), &dev).unwrap();
-        let cap = |t: &Tensor| ops::softcap(t, 5.0);
-        let got = recompute1(x.as_tensor(), cap).unwrap();
-        let want = cap(x.as_tensor()).unwrap();
-        assert_eq!(bits(&got), bits(&want));
-        let grad = |y: &Tensor| {
-            let g = (y * &seed).unwrap().sum_all().unwrap().backward().unwrap();
-            bits(g.get(x.as_tensor()).unwrap())
-        };
-        assert_eq!(grad(&got), grad(&want));
-        let plain = recompute1(&x.as_tensor().detach(), cap).unwrap();
-        assert!(!plain.track_op());
     }
 }

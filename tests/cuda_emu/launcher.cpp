@@ -25,6 +25,7 @@
 #include "../../src/cuda/nll.cu"
 #include "../../src/cuda/rms_norm.cu"
 #include "../../src/cuda/rope.cu"
+#include "../../src/cuda/softcap.cu"
 #include "../../src/cuda/swiglu.cu"
 
 namespace {
@@ -113,6 +114,7 @@ const std::map<std::string, Launcher>& kernels() {
       FOR_DTYPES(nll_bwd),        FOR_DTYPES(rope),               FOR_DTYPES(swiglu),
       FOR_DTYPES(swiglu_gate_grad), FOR_DTYPES(swiglu_up_grad), FOR_DTYPES(rms_norm),
       FOR_DTYPES(rms_norm_bwd), FOR_DTYPES(swiglu_packed), FOR_DTYPES(swiglu_packed_bwd),
+      FOR_DTYPES(softcap), FOR_DTYPES(softcap_grad),
       {"adamw_moments_f32", wrap(adamw_moments_f32)}, {"adamw_param_f32", wrap(adamw_param_f32)},
   };
   return table;
