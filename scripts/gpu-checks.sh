@@ -4,14 +4,15 @@
 #   1. parity: logits, loss and LoRA gradients on CUDA against the CPU in f32 and against
 #      transformers + PEFT (tests/fixtures/hf/*-lora/reference.safetensors), base weights in f32
 #      and in bf16, and two AdamW steps that must leave the LoRA weights bit for bit as the
-#      CPU's; `unlearn parity` exits non-zero past the tolerance or on any differing bit
+#      CPU's; `unlearn parity` exits non-zero past the tolerance or on any differing bit; and
+#      Gemma 2 (soft caps) against the CPU alone, with a generated adapter
 #   2. the quickstart recipe, whole (train, evaluate, merge), on CUDA
 #   3. the Llama-3.2-1B-shape step (bf16, batch 8×512, LoRA r 8 on all linear layers) against
 #      transformers + PEFT, with model FLOP utilisation and peak GPU memory; and PyTorch's step
 #      with eager attention (materialised scores, as unlearn's), to tell attention's share
 #   4. every bench method's step cost at that shape
 #   5. the step with UNLEARN_CUDA_FUSED=0 (composed attention, attention softmax, LoRA linear,
-#      RMSNorm, RoPE, SwiGLU and loss),
+#      RMSNorm, RoPE, SwiGLU, soft cap and loss),
 #      to measure the kernels of src/cuda/; if parity fails with them and passes without, 2–4
 #      run without them too
 # Everything printed goes to $OUT/gpu-checks.log as well; JSON results land in $OUT.
@@ -93,6 +94,25 @@ print(f"{sys.argv[1].split('/')[-1]}: logits {logits['vs_cpu']:.2e} vs cpu, {vs_
       f"{'PASS' if r['pass'] else 'FAIL'}")
 PY
   done
+done
+
+# Gemma 2 (soft caps: the SoftCap kernels, the attention recomputed in its backward), against
+# the CPU only: the fixtures hold no PEFT gradients for it (scripts/gemma2-parity-inputs.py)
+"$PYTHON" scripts/gemma2-parity-inputs.py "$out/gemma2" || failed+=("gemma2 parity inputs")
+for dtype in f32 bf16; do
+  if ! "$bin" --device "$device" --base-dtype "$dtype" parity --model tests/fixtures/hf/gemma2 \
+    --adapter "$out/gemma2/gemma2-lora" --reference "$out/gemma2/gemma2-batch.safetensors" \
+    --json > "$out/parity-gemma2-$dtype.json"; then
+    failed+=("parity gemma2 $dtype")
+    if [ "$device" = cuda ] && UNLEARN_CUDA_FUSED=0 "$bin" --device "$device" --base-dtype "$dtype" \
+      parity --model tests/fixtures/hf/gemma2 --adapter "$out/gemma2/gemma2-lora" \
+      --reference "$out/gemma2/gemma2-batch.safetensors" --json > "$out/parity-gemma2-$dtype-composed.json"; then
+      echo "parity gemma2 $dtype passes with UNLEARN_CUDA_FUSED=0: the fused kernels are wrong"
+      fused_kernels_wrong=true
+    fi
+  fi
+  "$PYTHON" -c 'import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1].split("/")[-1] + ": worst of " + str(len(r["tensors"])) + " tensors vs cpu " + format(max(t["vs_cpu"] for t in r["tensors"]), ".2e") + ", " + str(r["optimizer_step_mismatches"]) + " differing bits after two AdamW steps: " + ("PASS" if r["pass"] else "FAIL"))' \
+    "$out/parity-gemma2-$dtype.json" || failed+=("parity gemma2 $dtype: no report")
 done
 
 # timings of a wrong kernel mean nothing: the rest runs on the composed form then
