@@ -311,25 +311,8 @@ pub(crate) mod tests {
                     let row = fused.get(1).unwrap().get(0).unwrap().get(0).unwrap();
                     assert!(bits(&row).iter().all(|&x| x == 0), "{case}");
                 }
-                let grads = |y: &Tensor| {
-                    (y * &weights)
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .backward()
-                        .unwrap()
-                };
-                let (gf, gc) = (grads(&fused), grads(&composed));
-                for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-                    match (gf.get(var.as_tensor()), gc.get(var.as_tensor())) {
-                        (Some(f), Some(c)) => {
-                            assert_eq!(bits(f), bits(c), "gradient of {name}, {case}");
-                            assert!(bits(f).iter().any(|&x| x != 0), "zero gradient of {name}");
-                        }
-                        (None, None) => assert!(name == "q" && !q_tracked, "{name}, {case}"),
-                        _ => panic!("gradient of {name} on one side only, {case}"),
-                    }
-                }
+                let qkv = [&q, &k, &v];
+                assert_same_gradients(&fused, &composed, &weights, qkv, q_tracked, &case);
             }
         }
     }
@@ -344,6 +327,37 @@ pub(crate) mod tests {
             .to_vec1()
             .unwrap();
         v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The gradients of q, k and v under `sum(y ⊙ weights)` from `got` and from `want` are
+    /// equal bit for bit and not all zero; only q, when it is not tracked, has none.
+    fn assert_same_gradients(
+        got: &Tensor,
+        want: &Tensor,
+        weights: &Tensor,
+        qkv: [&Var; 3],
+        q_tracked: bool,
+        case: &str,
+    ) {
+        let grads = |y: &Tensor| {
+            (y * weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (gg, gw) = (grads(got), grads(want));
+        for (name, var) in ["q", "k", "v"].into_iter().zip(qkv) {
+            match (gg.get(var.as_tensor()), gw.get(var.as_tensor())) {
+                (Some(g), Some(w)) => {
+                    assert_eq!(bits64(g), bits64(w), "gradient of {name}, {case}");
+                    assert!(bits64(g).iter().any(|&x| x != 0), "zero {name}, {case}");
+                }
+                (None, None) => assert!(name == "q" && !q_tracked, "{name}, {case}"),
+                _ => panic!("gradient of {name} on one side only, {case}"),
+            }
+        }
     }
 
     /// Gemma 2's soft cap and the inputs the fused op does not take (CPU bf16, f64) run the
@@ -383,25 +397,8 @@ pub(crate) mod tests {
                     let want = composed(args.0, args.1, args.2, scale, softcap, &mask, Some(&keep))
                         .unwrap();
                     assert_eq!(bits64(&got), bits64(&want), "output, {case}");
-                    let grads = |y: &Tensor| {
-                        (y * &weights)
-                            .unwrap()
-                            .sum_all()
-                            .unwrap()
-                            .backward()
-                            .unwrap()
-                    };
-                    let (gr, gc) = (grads(&got), grads(&want));
-                    for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-                        match (gr.get(var.as_tensor()), gc.get(var.as_tensor())) {
-                            (Some(r), Some(c)) => {
-                                assert_eq!(bits64(r), bits64(c), "gradient of {name}, {case}");
-                                assert!(bits64(r).iter().any(|&x| x != 0), "zero {name}, {case}");
-                            }
-                            (None, None) => assert!(name == "q" && !q_tracked, "{name}, {case}"),
-                            _ => panic!("gradient of {name} on one side only, {case}"),
-                        }
-                    }
+                    let qkv = [&q, &k, &v];
+                    assert_same_gradients(&got, &want, &weights, qkv, q_tracked, &case);
                 }
             }
         }
