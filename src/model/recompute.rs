@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor, Var};
 
 use crate::model::ops;
 
-type Function = dyn Fn(&[Tensor]) -> candle_core::Result<Tensor> + Send + Sync;
+type Function = dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync;
 
 /// `f(a, b, c)`, recorded in the graph as one node that keeps only `a`, `b` and `c` and runs `f`
 /// again in its backward. Without a gradient to track (no input a variable or the result of a
@@ -32,7 +32,12 @@ pub fn recompute3(
     if ![a, b, c].iter().any(|t| t.track_op()) {
         return f(a, b, c);
     }
-    let op = Recomputed::new(&[a, b, c], move |t: &[Tensor]| f(&t[0], &t[1], &t[2]))?;
+    // detached inputs: no op of f records anything
+    let out = f(&a.detach(), &b.detach(), &c.detach())?;
+    let op = Recomputed {
+        f: Box::new(f),
+        out: Mutex::new(Some(out)),
+    };
     a.apply_op3(b, c, op)
 }
 
@@ -44,21 +49,8 @@ struct Recomputed {
 }
 
 impl Recomputed {
-    /// `f` on the detached inputs (no op of `f` records anything), held for the node's forward.
-    fn new(
-        inputs: &[&Tensor],
-        f: impl Fn(&[Tensor]) -> candle_core::Result<Tensor> + Send + Sync + 'static,
-    ) -> candle_core::Result<Self> {
-        let detached: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
-        let out = f(&detached)?;
-        Ok(Self {
-            f: Box::new(f),
-            out: Mutex::new(Some(out)),
-        })
-    }
-
-    /// The result computed in [`Recomputed::new`], as a storage of backend `S` (a copy: a node
-    /// owns its storage; the result is the size of an output, not of every intermediate).
+    /// The result computed in [`recompute3`], as a storage of backend `S` (a copy: a node owns
+    /// its storage; the result is the size of an output, not of every intermediate).
     fn take<S: BackendStorage>(
         &self,
         pick: for<'a> fn(&'a Storage) -> Option<&'a S>,
@@ -72,36 +64,6 @@ impl Recomputed {
         let (storage, layout) = out.storage_and_layout();
         let storage = ops::held_storage(&storage, pick, "recompute", "result")?;
         Ok((storage.try_clone(layout)?, out.shape().clone()))
-    }
-
-    /// `f` again on copies of the inputs that need a gradient, made variables, and the backward
-    /// of `sum(f(…) ⊙ grad)`: its gradient at `f`'s result is `grad` exactly (1 · grad), so what
-    /// reaches the inputs is what the composed form's backward computes. `None` for an input
-    /// that needs no gradient or does not reach the result.
-    fn backward(
-        &self,
-        inputs: &[&Tensor],
-        grad: &Tensor,
-    ) -> candle_core::Result<Vec<Option<Tensor>>> {
-        let mut leaves = Vec::with_capacity(inputs.len());
-        for t in inputs {
-            leaves.push(if t.track_op() {
-                Some(Var::from_tensor(&t.detach())?.into_inner())
-            } else {
-                None
-            });
-        }
-        let args: Vec<Tensor> = inputs
-            .iter()
-            .zip(&leaves)
-            .map(|(t, leaf)| leaf.clone().unwrap_or_else(|| t.detach()))
-            .collect();
-        let out = (self.f)(&args)?;
-        let grads = (out * grad.detach())?.sum_all()?.backward()?;
-        Ok(leaves
-            .iter()
-            .map(|leaf| leaf.as_ref().and_then(|t| grads.get(t).cloned()))
-            .collect())
     }
 }
 
@@ -135,6 +97,10 @@ impl CustomOp3 for Recomputed {
         self.take(ops::cuda_storage)
     }
 
+    /// `f` again on copies of the inputs that need a gradient, made variables, and the backward
+    /// of `sum(f(…) ⊙ grad)`: its gradient at `f`'s result is `grad` exactly (1 · grad), so what
+    /// reaches the inputs is what the composed form's backward computes. `None` for an input
+    /// that needs no gradient or does not reach the result.
     fn bwd(
         &self,
         a: &Tensor,
@@ -143,8 +109,18 @@ impl CustomOp3 for Recomputed {
         _out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mut g = self.backward(&[a, b, c], grad)?.into_iter();
-        Ok((g.next().flatten(), g.next().flatten(), g.next().flatten()))
+        // (argument, whether it is a fresh variable whose gradient is wanted)
+        let leaf = |t: &Tensor| -> candle_core::Result<(Tensor, bool)> {
+            Ok(match t.track_op() {
+                true => (Var::from_tensor(&t.detach())?.into_inner(), true),
+                false => (t.detach(), false),
+            })
+        };
+        let (a, b, c) = (leaf(a)?, leaf(b)?, leaf(c)?);
+        let out = (self.f)(&a.0, &b.0, &c.0)?;
+        let grads = (out * grad.detach())?.sum_all()?.backward()?;
+        let grad_of = |(t, wanted): &(Tensor, bool)| grads.get(t).filter(|_| *wanted).cloned();
+        Ok((grad_of(&a), grad_of(&b), grad_of(&c)))
     }
 }
 
