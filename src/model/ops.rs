@@ -1590,8 +1590,8 @@ fn softcap_grad_f32(x: f32, g: f32, cap: f32) -> f32 {
 }
 
 /// `cap · tanh(x / cap)` over a contiguous x; keeps only x, recomputes tanh in the backward.
-pub(crate) struct SoftCap {
-    pub(crate) cap: f32,
+struct SoftCap {
+    cap: f32,
 }
 
 impl candle_core::CustomOp1 for SoftCap {
@@ -1623,8 +1623,8 @@ impl candle_core::CustomOp1 for SoftCap {
 }
 
 /// ∂x of [`SoftCap`] from x and the output gradient.
-pub(crate) struct SoftCapGrad {
-    pub(crate) cap: f32,
+struct SoftCapGrad {
+    cap: f32,
 }
 
 impl CustomOp2 for SoftCapGrad {
