@@ -233,7 +233,7 @@ impl WeightStore {
                 got,
             });
         }
-        self.ensure_finite(name)?;
+        check_finite(name, st_dtype, bytes, path)?;
         bytes_to_tensor(st_dtype, &got, bytes, path, name)?
             .to_dtype(dtype)?
             .to_device(device)
@@ -243,20 +243,25 @@ impl WeightStore {
     /// An error naming `name`, its file and the element when a value of `name` is NaN or ±∞.
     pub fn ensure_finite(&self, name: &str) -> Result<()> {
         let (dtype, _, bytes, path) = self.raw(name)?;
-        match first_non_finite(dtype, bytes) {
-            Some(index) => Err(Error::NonFiniteWeight {
-                name: name.to_string(),
-                path: path.to_path_buf(),
-                index,
-            }),
-            None => Ok(()),
-        }
+        check_finite(name, dtype, bytes, path)
     }
 
     /// Load `name` in its stored dtype and shape (for file-level work such as merging).
     pub fn tensor_raw(&self, name: &str) -> Result<Tensor> {
         let (st_dtype, shape, bytes, path) = self.raw(name)?;
         bytes_to_tensor(st_dtype, &shape, bytes, path, name)
+    }
+}
+
+/// [`Error::NonFiniteWeight`] for the first NaN or ±∞ in the stored bytes of `name`.
+fn check_finite(name: &str, dtype: Dtype, bytes: &[u8], path: &Path) -> Result<()> {
+    match first_non_finite(dtype, bytes) {
+        Some(index) => Err(Error::NonFiniteWeight {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            index,
+        }),
+        None => Ok(()),
     }
 }
 
