@@ -654,12 +654,12 @@ fn swiglu_kernels_match_the_cpu_forward_and_autograd() {
 
 // ---- soft cap ----------------------------------------------------------------------------------
 
-fn softcap_kernel(root: &str, inputs: &[&Tensor], cap: f32) -> Vec<f32> {
+fn softcap_kernel(build: Build, root: &str, inputs: &[&Tensor], cap: f32) -> Vec<f32> {
     let dtype = inputs[0].dtype();
     let plan = plans::softcap(inputs[0].elem_count(), cap).unwrap();
     let args = inputs.iter().map(|x| bytes(x)).collect();
     run_plan(
-        Plain,
+        build,
         &format!("{root}_{}", suffix(dtype)),
         &plan,
         args,
@@ -681,11 +681,11 @@ fn softcap_kernels_match_the_composed_cpu_forward_and_autograd() {
         let y = ops::composed_softcap(var.as_tensor(), cap as f64).unwrap();
         let grads = (&y * &grad).unwrap().sum_all().unwrap().backward().unwrap();
         let what = |op: &str| format!("{op} {dtype:?}");
-        let got = softcap_kernel("softcap", &[&x], cap);
+        let got = softcap_kernel(Plain, "softcap", &[&x], cap);
         // the host's tanhf against Rust's tanh: an ulp of f32 apart at most, so equal after
         // rounding to a half type but at a boundary
         assert_close(&what("softcap"), &got, &to_f32(&y), dtype, 2.0, 0.0);
-        let got = softcap_kernel("softcap_grad", &[&x, &grad], cap);
+        let got = softcap_kernel(Plain, "softcap_grad", &[&x, &grad], cap);
         let want = to_f32(grads.get(var.as_tensor()).unwrap());
         // t·t − 1 cancels near t = ±1 (saturation): an absolute floor of an ulp at 1 × |g|
         assert_close(
@@ -961,6 +961,8 @@ fn kernels_have_no_data_races() {
     let plan = plans::swiglu_packed(packed.dims(), Some(dy.dims()), 100).unwrap();
     let args = vec![bytes(&packed), bytes(&dy)];
     run_plan(Tsan, "swiglu_packed_bwd_f32", &plan, args, f32_);
+    softcap_kernel(Tsan, "softcap", &[&gate], 30.0);
+    softcap_kernel(Tsan, "softcap_grad", &[&gate, &dy], 30.0);
 
     let cfg = AdamWConfig {
         lr: 1e-3,
