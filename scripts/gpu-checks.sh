@@ -15,6 +15,8 @@
 #      RMSNorm, RoPE, SwiGLU, soft cap and loss),
 #      to measure the kernels of src/cuda/; if parity fails with them and passes without, 2–4
 #      run without them too
+#   6. the Gemma-2-2B-shape step (bf16, 8×512: soft caps, 256k vocabulary) against
+#      transformers + PEFT
 # Everything printed goes to $OUT/gpu-checks.log as well; JSON results land in $OUT.
 # DEVICE=cpu runs the same checks on the CPU with a small bench shape: a dry run of this script
 # on a machine without a GPU (UNLEARN_BIN=target/release/unlearn PYTHON=... for that).
@@ -157,6 +159,15 @@ if [ "$device" = cuda ] && ! $fused_kernels_wrong; then
   UNLEARN_CUDA_FUSED=0 "$bin" --device "$device" "${base_dtype[@]}" bench \
     --methods gradascent "${bench_shape[@]}" | tee "$out/bench-composed-kernels.txt" \
     || failed+=("bench composed kernels")
+fi
+
+if [ "$device" = cuda ]; then
+  # last, so that a run out of time loses only this: Gemma 2 has the soft caps and a 256k
+  # vocabulary, whose [tokens, vocab] logits dominate the step's memory
+  step "6. the Gemma-2-2B-shape step against transformers + PEFT (bf16, 8 × 512)"
+  scripts/bench-vs-peft.sh --device "$device" --config benches/gemma-2-2b/config.json \
+    --batch 8 --seq 512 --dtype bf16 --steps 3 --peak-tflops "${PEAK_TFLOPS:-989}" \
+    | tee "$out/bench-vs-peft-gemma2.txt" || failed+=("bench-vs-peft gemma2")
 fi
 
 echo
