@@ -575,17 +575,23 @@ fn rope_kernel_with_sin_negated_is_the_backward() {
 
 // ---- SwiGLU ------------------------------------------------------------------------------------
 
-fn swiglu_kernel(build: Build, root: &str, inputs: &[&Tensor]) -> Vec<f32> {
+/// An element-wise kernel of `root` (its form for the inputs' dtype) over `inputs`, as `plan`
+/// launches it; the output has the inputs' dtype.
+fn elementwise_kernel(build: Build, root: &str, plan: &Launch, inputs: &[&Tensor]) -> Vec<f32> {
     let dtype = inputs[0].dtype();
-    let plan = plans::elementwise(root, inputs[0].elem_count()).unwrap();
     let args = inputs.iter().map(|x| bytes(x)).collect();
     run_plan(
         build,
         &format!("{root}_{}", suffix(dtype)),
-        &plan,
+        plan,
         args,
         dtype,
     )
+}
+
+fn swiglu_kernel(build: Build, root: &str, inputs: &[&Tensor]) -> Vec<f32> {
+    let plan = plans::elementwise(root, inputs[0].elem_count()).unwrap();
+    elementwise_kernel(build, root, &plan, inputs)
 }
 
 #[test]
@@ -655,16 +661,8 @@ fn swiglu_kernels_match_the_cpu_forward_and_autograd() {
 // ---- soft cap ----------------------------------------------------------------------------------
 
 fn softcap_kernel(build: Build, root: &str, inputs: &[&Tensor], cap: f32) -> Vec<f32> {
-    let dtype = inputs[0].dtype();
     let plan = plans::softcap(inputs[0].elem_count(), cap).unwrap();
-    let args = inputs.iter().map(|x| bytes(x)).collect();
-    run_plan(
-        build,
-        &format!("{root}_{}", suffix(dtype)),
-        &plan,
-        args,
-        dtype,
-    )
+    elementwise_kernel(build, root, &plan, inputs)
 }
 
 /// softcap.cu against candle's autograd through the composed ops on the CPU (a division, tanh
