@@ -284,26 +284,9 @@ pub(crate) mod tests {
                 let keep = with_keep.then_some(&keep);
                 let scale = 1.0 / (d as f64).sqrt() * 1.1;
                 assert!(fusable(&q_in, k.as_tensor(), v.dims(), &mask, keep));
-                let fused = attention(
-                    &q_in,
-                    k.as_tensor(),
-                    v.as_tensor(),
-                    scale,
-                    None,
-                    &mask,
-                    keep,
-                )
-                .unwrap();
-                let composed = composed(
-                    &q_in,
-                    k.as_tensor(),
-                    v.as_tensor(),
-                    scale,
-                    None,
-                    &mask,
-                    keep,
-                )
-                .unwrap();
+                let (k_in, v_in) = (k.as_tensor(), v.as_tensor());
+                let fused = attention(&q_in, k_in, v_in, scale, None, &mask, keep).unwrap();
+                let composed = composed(&q_in, k_in, v_in, scale, None, &mask, keep).unwrap();
                 let case = format!("C {c}, keep {with_keep}, q tracked {q_tracked}");
                 assert_eq!(bits(&fused), bits(&composed), "output, {case}");
                 if with_keep {
