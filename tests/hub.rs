@@ -54,6 +54,12 @@ fn sharded_files() -> Files {
     files
 }
 
+/// A hub serving `files` as fake-org/llama-sharded, branch main at `commit_id(1)`.
+fn sharded_hub(files: &Files) -> FakeHub {
+    let repo = FakeRepo::model("fake-org/llama-sharded");
+    FakeHub::start(vec![repo.with_commit("main", &commit_id(1), files.clone())])
+}
+
 const SHARD3: &str = "model-00003-of-00012.safetensors";
 
 fn cdn_requests(hub: &FakeHub, sha: &str) -> Vec<hub_support::Request> {
@@ -67,11 +73,7 @@ fn cdn_requests(hub: &FakeHub, sha: &str) -> Vec<hub_support::Request> {
 fn sharded_model_download_fetches_only_the_needed_files_in_python_layout() {
     let files = sharded_files();
     let c1 = commit_id(1);
-    let hub = FakeHub::start(vec![FakeRepo::model("fake-org/llama-sharded").with_commit(
-        "main",
-        &c1,
-        files.clone(),
-    )]);
+    let hub = sharded_hub(&files);
     let tmp = tempfile::tempdir().unwrap();
     let s = settings(&hub, &tmp);
 
@@ -218,11 +220,7 @@ fn revision_pinning_by_tag_spec_and_commit() {
 fn interrupted_download_leaves_no_complete_looking_file_and_resumes() {
     let files = sharded_files();
     let c1 = commit_id(1);
-    let hub = FakeHub::start(vec![FakeRepo::model("fake-org/llama-sharded").with_commit(
-        "main",
-        &c1,
-        files.clone(),
-    )]);
+    let hub = sharded_hub(&files);
     let tmp = tempfile::tempdir().unwrap();
     let s = settings(&hub, &tmp); // no retries: the first call fails
     let repo_dir = tmp.path().join("hub/models--fake-org--llama-sharded");
@@ -269,11 +267,7 @@ fn interrupted_download_leaves_no_complete_looking_file_and_resumes() {
 #[test]
 fn interrupted_download_is_retried_within_one_call() {
     let files = sharded_files();
-    let hub = FakeHub::start(vec![FakeRepo::model("fake-org/llama-sharded").with_commit(
-        "main",
-        &commit_id(1),
-        files.clone(),
-    )]);
+    let hub = sharded_hub(&files);
     let tmp = tempfile::tempdir().unwrap();
     let mut s = settings(&hub, &tmp);
     s.max_retries = 2;
@@ -411,12 +405,7 @@ fn offline_use_from_a_filled_cache() {
 #[test]
 fn a_damaged_cached_weight_file_is_an_error_offline_and_downloaded_again_online() {
     let files = sharded_files();
-    let c1 = commit_id(1);
-    let hub = FakeHub::start(vec![FakeRepo::model("fake-org/llama-sharded").with_commit(
-        "main",
-        &c1,
-        files.clone(),
-    )]);
+    let hub = sharded_hub(&files);
     let tmp = tempfile::tempdir().unwrap();
     let mut s = settings(&hub, &tmp);
     let snap = resolve_model_with(&s, "fake-org/llama-sharded").unwrap();
