@@ -1478,13 +1478,12 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
-        let num_threads = crate::utils::get_num_threads();
-        let parallelism = if num_threads > 1 {
-            Parallelism::Rayon(num_threads)
-        } else {
-            Parallelism::None
-        };
+        // (patched, vendor/README.md §3) The products run single-threaded in gemm, split into
+        // blocks that candle's barrier pool hands out. Upstream passed Parallelism::Rayon to
+        // gemm: its rayon workers and the barrier pool's workers (which run every element-wise
+        // op and spin for a while after each) then competed for the cores, and the calling
+        // thread slept through the product. Each block is a whole gemm over k, so every
+        // element is the same sum, in the same order, as an unsplit product gives.
         let (b, m, n, k) = if b_skip == 0 && a_skip == m * k {
             // A batch-invariant rhs lets the batches of lhs stack into the rows of a single
             // (b * m, k) matrix, which the destination already matches row for row.
@@ -1499,34 +1498,84 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
-        for step in 0..b {
-            let lhs_p = &lhs[step * a_skip..];
-            let rhs_p = &rhs[step * b_skip..];
-            let dst_p = &mut dst[step * c_skip..];
-            unsafe {
-                gemm(
-                    /* m: usize = */ m,
-                    /* n: usize = */ n,
-                    /* k: usize = */ k,
-                    /* dst: *mut T = */ dst_p.as_mut_ptr(),
-                    /* dst_cs: isize = */ dst_cs as isize,
-                    /* dst_rs: isize = */ dst_rs as isize,
-                    /* read_dst: bool = */ false,
-                    /* lhs: *const T = */ lhs_p.as_ptr(),
-                    /* lhs_cs: isize = */ lhs_cs as isize,
-                    /* lhs_rs: isize = */ lhs_rs as isize,
-                    /* rhs: *const T = */ rhs_p.as_ptr(),
-                    /* rhs_cs: isize = */ rhs_cs as isize,
-                    /* rhs_rs: isize = */ rhs_rs as isize,
-                    /* alpha: T = */ T::zero(),
-                    /* beta: T = */ T::one(),
-                    /* conj_dst: bool = */ false,
-                    /* conj_lhs: bool = */ false,
-                    /* conj_rhs: bool = */ false,
-                    parallelism,
-                )
-            }
+        if b * m * n == 0 {
+            return Ok(vec![]);
         }
+        // Each batch's first operand element must be in the slices, as upstream's
+        // `&lhs[step * a_skip..]` checked; the blocks below only use pointers. (With k = 0
+        // nothing is read.)
+        if k > 0 && ((b - 1) * a_skip >= lhs.len() || (b - 1) * b_skip >= rhs.len()) {
+            Err(self.striding_error(lhs_l, rhs_l, "operand shorter than its batches"))?
+        }
+
+        // gemm writes every element (read_dst = false, and zeros when k = 0): no zero fill.
+        let mut dst: Vec<T> = Vec::with_capacity(b * m * n);
+        struct Ptrs<T>(*mut T, *const T, *const T);
+        // SAFETY: the blocks write disjoint parts of dst and only read lhs and rhs.
+        unsafe impl<T> Sync for Ptrs<T> {}
+        let ptrs = Ptrs(dst.as_mut_ptr(), lhs.as_ptr(), rhs.as_ptr());
+        // rows r0..r1 and columns c0..c1 of batch `step` of the product
+        let block = |step: usize, (r0, r1): (usize, usize), (c0, c1): (usize, usize)| unsafe {
+            let ptrs = &ptrs;
+            gemm(
+                /* m: usize = */ r1 - r0,
+                /* n: usize = */ c1 - c0,
+                /* k: usize = */ k,
+                /* dst: *mut T = */ ptrs.0.add(step * c_skip + r0 * dst_rs + c0 * dst_cs),
+                /* dst_cs: isize = */ dst_cs as isize,
+                /* dst_rs: isize = */ dst_rs as isize,
+                /* read_dst: bool = */ false,
+                /* lhs: *const T = */ ptrs.1.add(step * a_skip + r0 * lhs_rs),
+                /* lhs_cs: isize = */ lhs_cs as isize,
+                /* lhs_rs: isize = */ lhs_rs as isize,
+                /* rhs: *const T = */ ptrs.2.add(step * b_skip + c0 * rhs_cs),
+                /* rhs_cs: isize = */ rhs_cs as isize,
+                /* rhs_rs: isize = */ rhs_rs as isize,
+                /* alpha: T = */ T::zero(),
+                /* beta: T = */ T::one(),
+                /* conj_dst: bool = */ false,
+                /* conj_lhs: bool = */ false,
+                /* conj_rhs: bool = */ false,
+                Parallelism::None,
+            )
+        };
+
+        let pool = crate::utils::barrier_pool();
+        let n_threads = pool.n_workers() + 1;
+        // Below this many multiply-adds, waking the pool costs more than it saves. At
+        // m·n ≤ 256 gemm switches to a small-matrix kernel that sums in another order, so a
+        // product that small stays whole, and blocks are kept above that size.
+        const MIN_PARALLEL_WORK: usize = 1 << 17;
+        let work = (b * m * n).saturating_mul(k);
+        if n_threads == 1 || work < MIN_PARALLEL_WORK || m * n <= 256 {
+            for step in 0..b {
+                block(step, (0, m), (0, n));
+            }
+        } else {
+            // Two blocks per thread, so that a thread the OS preempts does not hold up the
+            // others; the larger dimension is split (gemm re-packs the operand it shares).
+            let splits = (2 * n_threads).div_ceil(b);
+            let (len, other) = if m >= n { (m, n) } else { (n, m) };
+            let size = len
+                .div_ceil(splits)
+                .next_multiple_of(16)
+                .max(256 / other + 1);
+            // the last block takes the remainder, so that none is smaller than `size`
+            let blocks = (len / size).max(1);
+            let split = |i: usize| (i * size, if i + 1 == blocks { len } else { (i + 1) * size });
+            pool.execute_chunked(b * blocks, |tasks| {
+                for t in tasks {
+                    let (step, i) = (t / blocks, t % blocks);
+                    if m >= n {
+                        block(step, split(i), (0, n))
+                    } else {
+                        block(step, (0, m), split(i))
+                    }
+                }
+            });
+        }
+        // SAFETY: the blocks covered every element of the b·m·n.
+        unsafe { dst.set_len(b * m * n) };
         Ok(dst)
     }
 

@@ -1,0 +1,136 @@
+//! The vendored candle's CPU matmul (vendor/README.md §3) splits a product into blocks that run
+//! single-threaded on candle's barrier pool. Each block must give every element the same bits as
+//! one unsplit single-threaded gemm call would: the split is then invisible in any result, and
+//! results do not depend on the number of threads.
+#![cfg(target_arch = "x86_64")]
+
+use candle_core::{Device, Tensor, WithDType};
+use gemm::Parallelism;
+
+/// xorshift, so the shapes cover the same cases on every run
+struct Shapes(u64);
+
+impl Shapes {
+    fn below(&mut self, hi: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 as usize) % hi + 1
+    }
+}
+
+/// Products of random shapes (batches 1–9, tiny to a few hundred per side, both operands
+/// transposed or not) through `Tensor::matmul`, against gemm called once per batch, unsplit and
+/// single-threaded, on the same buffers with the same strides; returns the failing cases.
+fn split_products_differ<T: WithDType>(trials: usize, seed: u64) -> Vec<String> {
+    let dev = Device::Cpu;
+    let mut shapes = Shapes(seed);
+    let mut failures = vec![];
+    for trial in 0..trials {
+        let bs = [1, 1, 2, 3, 5, 9][trial % 6];
+        let m = shapes.below(if trial % 3 == 0 { 64 } else { 500 });
+        let k = shapes.below(if trial % 5 == 0 { 16 } else { 300 });
+        let n = shapes.below(if trial % 7 == 0 { 64 } else { 500 });
+        let (a_transposed, b_transposed) = ((trial / 6) % 2 == 1, (trial / 12) % 2 == 1);
+        let a_buf: Vec<T> = Tensor::randn(0f32, 1., bs * m * k, &dev)
+            .unwrap()
+            .to_dtype(T::DTYPE)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b_buf: Vec<T> = Tensor::randn(0f32, 1., bs * n * k, &dev)
+            .unwrap()
+            .to_dtype(T::DTYPE)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let a = if a_transposed {
+            Tensor::from_slice(&a_buf, (bs, k, m), &dev)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+        } else {
+            Tensor::from_slice(&a_buf, (bs, m, k), &dev).unwrap()
+        };
+        let b = if b_transposed {
+            Tensor::from_slice(&b_buf, (bs, n, k), &dev)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+        } else {
+            Tensor::from_slice(&b_buf, (bs, k, n), &dev).unwrap()
+        };
+        let (a_cs, a_rs) = if a_transposed { (m, 1) } else { (1, k) };
+        let (b_cs, b_rs) = if b_transposed { (k, 1) } else { (1, n) };
+        let got: Vec<T> = a
+            .matmul(&b)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut want = vec![T::from_f64(0.0); bs * m * n];
+        for s in 0..bs {
+            // SAFETY: the buffers hold bs batches of the given shapes and strides.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    want[s * m * n..].as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    a_buf[s * m * k..].as_ptr(),
+                    a_cs as isize,
+                    a_rs as isize,
+                    b_buf[s * n * k..].as_ptr(),
+                    b_cs as isize,
+                    b_rs as isize,
+                    T::from_f64(0.0),
+                    T::from_f64(1.0),
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        }
+        let differing = got
+            .iter()
+            .zip(&want)
+            .filter(|(x, y)| x.to_f64().to_bits() != y.to_f64().to_bits())
+            .count();
+        if differing > 0 {
+            failures.push(format!(
+                "batch {bs}, m {m}, k {k}, n {n}, lhs transposed {a_transposed}, rhs transposed {b_transposed}: {differing} of {} elements differ",
+                got.len()
+            ));
+        }
+    }
+    failures
+}
+
+#[test]
+fn split_matmul_equals_one_single_threaded_gemm_bit_for_bit() {
+    let failures = split_products_differ::<f32>(600, 12345);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let failures = split_products_differ::<f64>(120, 999);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn matmul_over_an_empty_inner_dimension_is_zero() {
+    // gemm writes zeros for k = 0; the destination is no longer zero-filled before it
+    let a = Tensor::zeros((3, 70, 0), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::zeros((3, 0, 90), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let c: Vec<f32> = a
+        .matmul(&b)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(c.len(), 3 * 70 * 90);
+    assert!(c.iter().all(|&x| x.to_bits() == 0));
+}
