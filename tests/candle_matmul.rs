@@ -19,11 +19,34 @@ impl Shapes {
     }
 }
 
+/// A batch of random `rows × cols` matrices: the buffer, the tensor over it (stored as the
+/// transpose and viewed back when `transposed`) and the matrices' (column, row) strides.
+fn operand<T: WithDType>(
+    batch: usize,
+    rows: usize,
+    cols: usize,
+    transposed: bool,
+) -> (Vec<T>, Tensor, (usize, usize)) {
+    let dev = Device::Cpu;
+    let buf: Vec<T> = Tensor::randn(0f32, 1., batch * rows * cols, &dev)
+        .unwrap()
+        .to_dtype(T::DTYPE)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    if transposed {
+        let stored = Tensor::from_slice(&buf, (batch, cols, rows), &dev).unwrap();
+        (buf, stored.transpose(1, 2).unwrap(), (rows, 1))
+    } else {
+        let t = Tensor::from_slice(&buf, (batch, rows, cols), &dev).unwrap();
+        (buf, t, (1, cols))
+    }
+}
+
 /// Products of random shapes (batches 1–9, tiny to a few hundred per side, both operands
 /// transposed or not) through `Tensor::matmul`, against gemm called once per batch, unsplit and
 /// single-threaded, on the same buffers with the same strides; returns the failing cases.
 fn split_products_differ<T: WithDType>(trials: usize, seed: u64) -> Vec<String> {
-    let dev = Device::Cpu;
     let mut shapes = Shapes(seed);
     let mut failures = vec![];
     for trial in 0..trials {
@@ -32,36 +55,8 @@ fn split_products_differ<T: WithDType>(trials: usize, seed: u64) -> Vec<String> 
         let k = shapes.below(if trial % 5 == 0 { 16 } else { 300 });
         let n = shapes.below(if trial % 7 == 0 { 64 } else { 500 });
         let (a_transposed, b_transposed) = ((trial / 6) % 2 == 1, (trial / 12) % 2 == 1);
-        let a_buf: Vec<T> = Tensor::randn(0f32, 1., bs * m * k, &dev)
-            .unwrap()
-            .to_dtype(T::DTYPE)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let b_buf: Vec<T> = Tensor::randn(0f32, 1., bs * n * k, &dev)
-            .unwrap()
-            .to_dtype(T::DTYPE)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let a = if a_transposed {
-            Tensor::from_slice(&a_buf, (bs, k, m), &dev)
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-        } else {
-            Tensor::from_slice(&a_buf, (bs, m, k), &dev).unwrap()
-        };
-        let b = if b_transposed {
-            Tensor::from_slice(&b_buf, (bs, n, k), &dev)
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-        } else {
-            Tensor::from_slice(&b_buf, (bs, k, n), &dev).unwrap()
-        };
-        let (a_cs, a_rs) = if a_transposed { (m, 1) } else { (1, k) };
-        let (b_cs, b_rs) = if b_transposed { (k, 1) } else { (1, n) };
+        let (a_buf, a, (a_cs, a_rs)) = operand::<T>(bs, m, k, a_transposed);
+        let (b_buf, b, (b_cs, b_rs)) = operand::<T>(bs, k, n, b_transposed);
         let got: Vec<T> = a
             .matmul(&b)
             .unwrap()
