@@ -1553,23 +1553,37 @@ impl Map2 for MatMul {
             }
         } else {
             // Two blocks per thread, so that a thread the OS preempts does not hold up the
-            // others; the larger dimension is split (gemm re-packs the operand it shares).
+            // others. gemm computes the product transposed (the destination is row-major), so
+            // n is its row count and rhs the operand it packs, whole, in each call: splitting
+            // n gives each block its own slice of rhs to pack, splitting m would pack all of
+            // rhs once per block (for x·Wᵀ, the weight four times over). lhs is read in place
+            // (gemm packs it only past 128 × 64 rows). So n is split whenever its blocks can
+            // be full microkernel tiles (64 rows), m otherwise.
             let splits = (2 * n_threads).div_ceil(b);
-            let (len, other) = if m >= n { (m, n) } else { (n, m) };
-            let size = len
-                .div_ceil(splits)
-                .next_multiple_of(16)
-                .max(256 / other + 1);
-            // the last block takes the remainder, so that none is smaller than `size`
-            let blocks = (len / size).max(1);
-            let split = |i: usize| (i * size, if i + 1 == blocks { len } else { (i + 1) * size });
+            // Each block stays out of gemm's small-matrix paths, which sum in another order:
+            // m·n ≤ 256, and both sides ≤ 64 (its k blocking then differs past k = 512).
+            let min_len = |other: usize| (256 / other + 1).max(if other <= 64 { 65 } else { 0 });
+            // at most this many blocks of `len` rounded to `tile`s, each at least min_len
+            let fit = |len: usize, other: usize, tile: usize| len / (min_len(other) + tile);
+            let split_n = fit(n, m, 64) >= 2;
+            let (len, tile) = if split_n { (n, 64) } else { (m, 16) };
+            let blocks = splits.min(fit(len, if split_n { m } else { n }, tile)).max(1);
+            // block i covers [edge(i), edge(i + 1)): equal shares rounded to whole tiles
+            let edge = |i: usize| {
+                if i == blocks {
+                    len
+                } else {
+                    ((i * len + blocks * tile / 2) / (blocks * tile)) * tile
+                }
+            };
             pool.execute_chunked(b * blocks, |tasks| {
                 for t in tasks {
                     let (step, i) = (t / blocks, t % blocks);
-                    if m >= n {
-                        block(step, split(i), (0, n))
+                    let span = (edge(i), edge(i + 1));
+                    if split_n {
+                        block(step, (0, m), span)
                     } else {
-                        block(step, (0, m), split(i))
+                        block(step, span, (0, n))
                     }
                 }
             });
